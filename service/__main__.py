@@ -1,0 +1,81 @@
+"""`python -m service [serve|migrate]`: the process entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from dataclasses import replace as dataclasses_replace
+from typing import Any
+
+from service import logs
+from service.database import StartupError, close_pool, open_pool
+from service.migrate import migrate
+from service.server import App
+from service.settings import Settings, SettingsError
+
+log = logging.getLogger("service")
+
+EXIT_CONFIG = 2
+
+
+async def _serve(settings: Settings) -> None:
+    app = await App.start(settings)
+    log.info("serving", extra={"port": app.port})
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace})
+    await app.stop()
+    log.info("stopped")
+
+
+async def _migrate(settings: Settings) -> None:
+    pool = await open_pool(settings)
+    try:
+        async with pool.acquire(timeout=settings.pool_acquire_timeout) as conn:
+            applied = await migrate(conn)
+        log.info("migrations done", extra={"applied": applied})
+    finally:
+        await close_pool(pool, settings.shutdown_grace)
+
+
+def _run(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate"))
+    parser.add_argument("--port", type=int, help="overrides ORDERSTREAM_PORT (0: any free port)")
+    args = parser.parse_args(argv)
+    logs.configure("INFO")
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        log.error("invalid settings: %s", exc)
+        return EXIT_CONFIG
+    if args.port is not None:
+        settings = dataclasses_replace(settings, port=args.port)
+    logs.configure(settings.log_level)
+    command = _serve(settings) if args.command == "serve" else _migrate(settings)
+    try:
+        _run(settings, command)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Per-call plumbing shared by every handler: error translation and the
+deadline budget for database work."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+
+from service import errors
+from service.errors import ServiceError
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def unary(method: Handler[Request, Response]) -> Handler[Request, Response]:
+    """Turns any exception of a unary handler into a gRPC status with details.
+
+    CancelledError is a BaseException and passes through untouched: the call
+    is gone, and swallowing it leaks (grpc #43360).
+    """
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def handle(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await errors.abort(context, errors.from_exception(exc, name))
+            raise AssertionError("unreachable: abort raises") from None
+
+    return handle
+
+
+class Database:
+    """Runs statements for one call within the call's deadline.
+
+    The remaining deadline bounds both the wait for a pooled connection and
+    the statement itself; asyncpg cancels the query server-side when its
+    timeout fires, and a cancelled call cancels it the same way.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float, command_timeout: float):
+        self.pool = pool
+        self._acquire_timeout = acquire_timeout
+        self._command_timeout = command_timeout
+
+    def query_timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self._command_timeout
+        if remaining <= 0:
+            raise errors.deadline_exceeded()
+        return min(remaining, self._command_timeout)
+
+    async def acquire(self, context: grpc.aio.ServicerContext) -> asyncpg.Connection:
+        """Takes a connection; the caller must hand it to `release`."""
+        remaining = context.time_remaining()
+        deadline_bound = remaining is not None and remaining < self._acquire_timeout
+        wait = remaining if deadline_bound else self._acquire_timeout
+        if wait is not None and wait <= 0:
+            raise errors.deadline_exceeded()
+        try:
+            return await self.pool.acquire(timeout=wait)
+        except TimeoutError:
+            if deadline_bound:
+                raise errors.deadline_exceeded() from None
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "POOL_EXHAUSTED",
+                f"no database connection became free within {self._acquire_timeout:g}s",
+                retry_after=self._acquire_timeout,
+            ) from None
+
+    async def release(self, conn: asyncpg.Connection) -> None:
+        # asyncpg shields the release itself, so cancellation cannot leak it.
+        await self.pool.release(conn)
+
+    async def fetchrow(
+        self, context: grpc.aio.ServicerContext, query: str, *args: Any
+    ) -> asyncpg.Record | None:
+        conn = await self.acquire(context)
+        try:
+            return await conn.fetchrow(query, *args, timeout=self.query_timeout(context))
+        finally:
+            await self.release(conn)
+
+    async def fetch(
+        self, context: grpc.aio.ServicerContext, query: str, *args: Any
+    ) -> list[asyncpg.Record]:
+        conn = await self.acquire(context)
+        try:
+            return await conn.fetch(query, *args, timeout=self.query_timeout(context))
+        finally:
+            await self.release(conn)

@@ -1,0 +1,113 @@
+"""The process's one asyncpg pool: TLS-verified, configured from Settings.
+
+Timestamps travel as integers: a binary codec maps timestamptz to
+microseconds since the Unix epoch, which converts to and from
+google.protobuf.Timestamp with two integer operations instead of going
+through `datetime` (this sits on every hot path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+import asyncpg
+
+from service.settings import DatabaseTarget, Settings
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL counts timestamps from 2000-01-01; protobuf from 1970-01-01.
+_PG_EPOCH_OFFSET_US = 946_684_800_000_000
+
+
+class StartupError(Exception):
+    """The service cannot start; the message says why and what to change."""
+
+
+def ssl_context_for(target: DatabaseTarget, *, allow_insecure: bool) -> ssl.SSLContext | bool:
+    """Builds the TLS settings for `target`, refusing anything unverified unless allowed."""
+    if not target.verifies_server:
+        if not allow_insecure:
+            raise StartupError(
+                f"refusing database connection with sslmode={target.ssl_mode}: the server's "
+                "identity would not be verified; use sslmode=verify-full, or set "
+                "ORDERSTREAM_ALLOW_INSECURE_DATABASE=1 for local development only"
+            )
+        log.warning(
+            "INSECURE DATABASE CONNECTION: sslmode=%s does not verify the database server; "
+            "never use this outside local development",
+            target.ssl_mode,
+        )
+    if target.ssl_mode == "disable":
+        return False
+    for path in (target.ssl_root_cert, target.ssl_cert, target.ssl_key):
+        if path is not None and not path.is_file():
+            raise StartupError(f"database TLS file {path} does not exist or is not a file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if target.ssl_mode == "require":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.check_hostname = target.ssl_mode == "verify-full"
+        if target.ssl_root_cert is not None:
+            context.load_verify_locations(cafile=target.ssl_root_cert)
+        else:
+            # libpq would demand ~/.postgresql/root.crt; a service in a container
+            # is better served by the system trust store (managed databases).
+            context.load_default_certs()
+    if target.ssl_cert is not None:
+        context.load_cert_chain(target.ssl_cert, target.ssl_key)
+    return context
+
+
+async def _configure_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        encoder=lambda unix_us: (unix_us - _PG_EPOCH_OFFSET_US,),
+        decoder=lambda pg: pg[0] + _PG_EPOCH_OFFSET_US,
+        format="tuple",
+    )
+
+
+async def open_pool(settings: Settings) -> asyncpg.Pool:
+    """Opens the pool and proves one connection works, or raises StartupError."""
+    target = settings.database
+    tls = ssl_context_for(target, allow_insecure=settings.allow_insecure_database)
+    try:
+        pool = await asyncpg.create_pool(
+            dsn=target.dsn.reveal(),
+            ssl=tls,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            max_inactive_connection_lifetime=settings.pool_max_idle,
+            command_timeout=settings.command_timeout,
+            statement_cache_size=settings.statement_cache_size,
+            timeout=settings.pool_acquire_timeout,
+            init=_configure_connection,
+            server_settings={"application_name": "orderstream"},
+        )
+        # min_size may be 0: make sure at least one connection can be made.
+        await pool.fetchval("SELECT 1", timeout=settings.command_timeout)
+    except ssl.SSLCertVerificationError as exc:
+        raise StartupError(
+            f"cannot verify the database server's certificate at {target.describe()}: "
+            f"{exc.verify_message}"
+        ) from None
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StartupError(
+            f"cannot connect to the database at {target.describe()}: {type(exc).__name__}: {exc}"
+        ) from None
+    return pool
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float) -> None:
+    """Closes gracefully; connections still busy after `timeout` are cut."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        log.warning("pool did not close within %.1fs; terminating connections", timeout)
+        pool.terminate()

@@ -1,0 +1,102 @@
+"""EventService: publish and read events of the global feed."""
+
+from __future__ import annotations
+
+import grpc
+
+from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
+from service import event_sql
+from service.call import Database, unary
+from service.convert import event_from_row, unix_micros
+from service.errors import FieldViolation, abort, invalid_argument, not_found, not_implemented
+from service.payload import InvalidPayload, json_object_text
+from service.validation import Violations
+
+MAX_PUBLISH_EVENTS = 1000
+
+
+class EventRows:
+    """Column arrays for one multi-row insert, filled event by event."""
+
+    def __init__(self) -> None:
+        self.types: list[str] = []
+        self.sources: list[str] = []
+        self.subjects: list[str] = []
+        self.times: list[int | None] = []
+        self.payloads: list[str] = []
+
+    def add(self, field: str, event: event_pb2.Event, v: Violations) -> None:
+        """Checks `event` (reported under `field`) and appends it if valid."""
+        before = v.count
+        v.text(f"{field}.type", event.type, max_length=256)
+        v.text(f"{field}.source", event.source, max_length=1024)
+        v.text(f"{field}.subject", event.subject, max_length=1024, required=False)
+        has_time = event.HasField("time")
+        if has_time:
+            v.timestamp(f"{field}.time", event.time)
+        kind = event.WhichOneof("payload") or "json_payload"
+        try:
+            payload = json_object_text(event)
+        except InvalidPayload as exc:
+            v.add(f"{field}.{kind}", str(exc))
+            return
+        if v.count != before:
+            return
+        self.types.append(event.type)
+        self.sources.append(event.source)
+        self.subjects.append(event.subject)
+        self.times.append(unix_micros(event.time) if has_time else None)
+        self.payloads.append(payload)
+
+
+class EventService(event_service_pb2_grpc.EventServiceServicer):
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @unary
+    async def PublishEvents(
+        self, request: event_service_pb2.PublishEventsRequest, context: grpc.aio.ServicerContext
+    ) -> event_service_pb2.PublishEventsResponse:
+        v = Violations()
+        if not 1 <= len(request.events) <= MAX_PUBLISH_EVENTS:
+            v.add(
+                "events", f"must hold 1 to {MAX_PUBLISH_EVENTS} events, got {len(request.events)}"
+            )
+        v.raise_if_any()
+        rows = EventRows()
+        for n, event in enumerate(request.events):
+            rows.add(f"events[{n}]", event, v)
+        v.raise_if_any()
+        records = await self._db.fetch(
+            context,
+            event_sql.PUBLISH_EVENTS,
+            rows.types,
+            rows.sources,
+            rows.subjects,
+            rows.times,
+            rows.payloads,
+        )
+        return event_service_pb2.PublishEventsResponse(ids=sorted(r["id"] for r in records))
+
+    @unary
+    async def GetEvent(
+        self, request: event_service_pb2.GetEventRequest, context: grpc.aio.ServicerContext
+    ) -> event_pb2.Event:
+        if request.id <= 0:
+            raise invalid_argument(
+                [FieldViolation("id", f"must be a positive id, got {request.id}")]
+            )
+        row = await self._db.fetchrow(context, event_sql.GET_EVENT, request.id)
+        if row is None:
+            raise not_found("event", request.id)
+        return event_from_row(row)
+
+    async def UploadEvents(  # type: ignore[override]
+        self, request_iterator: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        await abort(context, not_implemented("UploadEvents"))
+
+    async def StreamEvents(  # type: ignore[override]
+        self, request: event_service_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await abort(context, not_implemented("StreamEvents"))

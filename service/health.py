@@ -1,0 +1,81 @@
+"""Standard grpc.health.v1 status that follows the database.
+
+SERVING while a trivial query succeeds, NOT_SERVING while it does not, and
+NOT_SERVING for good once shutdown begins. A check that cannot even get a
+pooled connection in time says nothing about the database (the pool is just
+busy), so it leaves the status as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+import asyncpg
+from grpc_health.v1 import health, health_pb2
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class DatabaseHealth:
+    def __init__(
+        self,
+        servicer: health.aio.HealthServicer,
+        pool: asyncpg.Pool,
+        service_names: Iterable[str],
+        *,
+        interval: float,
+        timeout: float,
+    ) -> None:
+        self._servicer = servicer
+        self._pool = pool
+        self._names = ("", *service_names)  # "" is the whole server
+        self._interval = interval
+        self._timeout = timeout
+        self._serving: bool | None = None
+        self._stopped = asyncio.Event()
+
+    async def _report(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        if serving:
+            log.info("database reachable: SERVING")
+        else:
+            log.warning("database unreachable: NOT_SERVING")
+        for name in self._names:
+            await self._servicer.set(name, SERVING if serving else NOT_SERVING)
+
+    async def _database_answers(self) -> bool | None:
+        try:
+            conn = await self._pool.acquire(timeout=self._timeout)
+        except TimeoutError:
+            return None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+        try:
+            await conn.fetchval("SELECT 1", timeout=self._timeout)
+            return True
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+        finally:
+            await self._pool.release(conn)
+
+    async def run(self) -> None:
+        """Checks every interval until `stop`; the first check is immediate."""
+        while not self._stopped.is_set():
+            answer = await self._database_answers()
+            if answer is not None and not self._stopped.is_set():
+                await self._report(answer)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self._interval)
+
+    async def stop(self) -> None:
+        """Flips every service to NOT_SERVING for good (shutdown has begun)."""
+        self._stopped.set()
+        await self._servicer.enter_graceful_shutdown()

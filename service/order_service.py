@@ -1,0 +1,287 @@
+"""OrderService: create, get, list and update orders."""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+
+from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
+from service import order_sql
+from service.call import Database, unary
+from service.convert import STATUS_NAMES, order_from_row, timestamp, unix_micros
+from service.errors import (
+    FieldViolation,
+    ServiceError,
+    abort,
+    invalid_argument,
+    not_found,
+    not_implemented,
+)
+from service.page_token import InvalidPageToken, PageTokens
+from service.validation import MAX_ID_LENGTH, Violations
+
+MAX_ITEMS = 1000
+MAX_QUANTITY = 10_000
+MAX_UNIT_PRICE_CENTS = 10**12
+MAX_TOTAL_CENTS = 2**63 - 1
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+# Target status -> the statuses an order may move to it from.
+ALLOWED_FROM: dict[int, tuple[str, ...]] = {
+    order_pb2.ORDER_STATUS_PENDING: (),
+    order_pb2.ORDER_STATUS_PAID: ("PENDING",),
+    order_pb2.ORDER_STATUS_SHIPPED: ("PAID",),
+    order_pb2.ORDER_STATUS_DELIVERED: ("SHIPPED",),
+    order_pb2.ORDER_STATUS_CANCELLED: ("PENDING", "PAID"),
+}
+
+
+def _checked_create(request: order_service_pb2.CreateOrderRequest) -> int:
+    """Validates a CreateOrder request; returns the order's total in cents."""
+    v = Violations()
+    v.text("request_id", request.request_id, max_length=MAX_ID_LENGTH)
+    v.text("customer_id", request.customer_id, max_length=MAX_ID_LENGTH)
+    currency = request.currency
+    if not (
+        len(currency) == 3 and currency.isascii() and currency.isalpha() and currency.isupper()
+    ):
+        v.add("currency", "must be three upper-case letters (ISO 4217), e.g. EUR")
+    if not 1 <= len(request.items) <= MAX_ITEMS:
+        v.add("items", f"must hold 1 to {MAX_ITEMS} items, got {len(request.items)}")
+    total = 0
+    for n, item in enumerate(request.items[:MAX_ITEMS]):
+        v.text(f"items[{n}].sku", item.sku, max_length=64)
+        if not 1 <= item.quantity <= MAX_QUANTITY:
+            v.add(f"items[{n}].quantity", f"must be 1 to {MAX_QUANTITY}, got {item.quantity}")
+        if not 0 <= item.unit_price_cents <= MAX_UNIT_PRICE_CENTS:
+            v.add(
+                f"items[{n}].unit_price_cents",
+                f"must be 0 to {MAX_UNIT_PRICE_CENTS}, got {item.unit_price_cents}",
+            )
+        total += item.quantity * item.unit_price_cents
+    if total > MAX_TOTAL_CENTS:
+        v.add("items", "the order's total does not fit in 64 bits")
+    v.raise_if_any()
+    return total
+
+
+def _body_digest(request: order_service_pb2.CreateOrderRequest) -> bytes:
+    """Identifies the request body, so a retry can be told from a reused key."""
+    body = order_service_pb2.CreateOrderRequest()
+    body.CopyFrom(request)
+    body.request_id = ""
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).digest()
+
+
+def _checked_status(field: str, status: int, *, allow_unspecified: bool) -> None:
+    if status in STATUS_NAMES or (
+        allow_unspecified and status == order_pb2.ORDER_STATUS_UNSPECIFIED
+    ):
+        return
+    raise invalid_argument([FieldViolation(field, f"not a valid OrderStatus: {status}")])
+
+
+class OrderService(order_service_pb2_grpc.OrderServiceServicer):
+    def __init__(self, db: Database, page_tokens: PageTokens) -> None:
+        self._db = db
+        self._page_tokens = page_tokens
+
+    @unary
+    async def CreateOrder(
+        self, request: order_service_pb2.CreateOrderRequest, context: grpc.aio.ServicerContext
+    ) -> order_pb2.Order:
+        total = _checked_create(request)
+        digest = _body_digest(request)
+        items = request.items
+        row = await self._db.fetchrow(
+            context,
+            order_sql.CREATE_ORDER,
+            request.request_id,
+            digest,
+            request.customer_id,
+            request.currency,
+            total,
+            [i.sku for i in items],
+            [i.quantity for i in items],
+            [i.unit_price_cents for i in items],
+        )
+        if row is None:
+            return await self._replay(request.request_id, digest, context)
+        return order_pb2.Order(
+            id=row["id"],
+            customer_id=request.customer_id,
+            currency=request.currency,
+            status=order_pb2.ORDER_STATUS_PENDING,
+            items=items,
+            total_cents=total,
+            version=row["version"],
+            create_time=timestamp(row["create_time"]),
+            update_time=timestamp(row["update_time"]),
+        )
+
+    async def _replay(
+        self, request_id: str, digest: bytes, context: grpc.aio.ServicerContext
+    ) -> order_pb2.Order:
+        """Answers a repeated request_id: the same order, or ALREADY_EXISTS."""
+        row = await self._db.fetchrow(context, order_sql.ORDER_BY_REQUEST_ID, request_id)
+        if row is None:
+            # The conflicting insert rolled back after ours gave up on it.
+            raise ServiceError(
+                grpc.StatusCode.ABORTED,
+                "CONCURRENT_REQUEST",
+                "a concurrent request with this request_id did not complete; retry",
+                retry_after=0.05,
+            )
+        if row["request_hash"] != digest:
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "REQUEST_ID_REUSED",
+                f"request_id was already used for order {row['id']} with a different body",
+                metadata={"order_id": str(row["id"])},
+            )
+        return order_from_row(row)
+
+    @unary
+    async def GetOrder(
+        self, request: order_service_pb2.GetOrderRequest, context: grpc.aio.ServicerContext
+    ) -> order_pb2.Order:
+        if request.id <= 0:
+            raise invalid_argument(
+                [FieldViolation("id", f"must be a positive id, got {request.id}")]
+            )
+        row = await self._db.fetchrow(context, order_sql.GET_ORDER, request.id)
+        if row is None:
+            raise not_found("order", request.id)
+        return order_from_row(row)
+
+    @unary
+    async def ListOrders(
+        self, request: order_service_pb2.ListOrdersRequest, context: grpc.aio.ServicerContext
+    ) -> order_service_pb2.ListOrdersResponse:
+        v = Violations()
+        v.text("customer_id", request.customer_id, max_length=MAX_ID_LENGTH, required=False)
+        if (
+            request.status not in STATUS_NAMES
+            and request.status != order_pb2.ORDER_STATUS_UNSPECIFIED
+        ):
+            v.add("status", f"not a valid OrderStatus: {request.status}")
+        filters: dict[str, object] = {}
+        if request.customer_id:
+            filters["customer_id"] = request.customer_id
+        if request.status in STATUS_NAMES:
+            filters["status"] = STATUS_NAMES[request.status]
+        for name in ("created_after", "created_before"):
+            if request.HasField(name):
+                v.timestamp(name, getattr(request, name))
+                filters[name] = unix_micros(getattr(request, name))
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            v.add("page_size", f"must be 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
+        v.raise_if_any()
+
+        fingerprint = _filter_fingerprint(request)
+        after_id = 0
+        if request.page_token:
+            try:
+                after_id = self._page_tokens.decode(request.page_token, fingerprint)
+            except InvalidPageToken as exc:
+                raise invalid_argument([FieldViolation("page_token", str(exc))]) from None
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        # One row beyond the page tells whether another page exists.
+        rows = await self._db.fetch(
+            context,
+            order_sql.list_orders(tuple(filters)),
+            *filters.values(),
+            after_id,
+            page_size + 1,
+        )
+        response = order_service_pb2.ListOrdersResponse(
+            orders=[order_from_row(r) for r in rows[:page_size]]
+        )
+        if len(rows) > page_size:
+            response.next_page_token = self._page_tokens.encode(
+                rows[page_size - 1]["id"], fingerprint
+            )
+        return response
+
+    @unary
+    async def UpdateOrderStatus(
+        self, request: order_service_pb2.UpdateOrderStatusRequest, context: grpc.aio.ServicerContext
+    ) -> order_pb2.Order:
+        v = Violations()
+        v.positive_id("id", request.id)
+        if request.status not in STATUS_NAMES:
+            v.add(
+                "status",
+                f"must be a valid OrderStatus other than UNSPECIFIED, got {request.status}",
+            )
+        if request.expected_version < 0:
+            v.add("expected_version", "must be 0 (unconditional) or a version >= 1")
+        v.raise_if_any()
+
+        allowed_from = ALLOWED_FROM[request.status]
+        row = await self._db.fetchrow(
+            context,
+            order_sql.UPDATE_ORDER_STATUS,
+            request.id,
+            STATUS_NAMES[request.status],
+            list(allowed_from),
+            request.expected_version,
+        )
+        if row is not None:
+            return order_from_row(row)
+        raise await self._explain_refused_update(request, allowed_from, context)
+
+    async def _explain_refused_update(
+        self,
+        request: order_service_pb2.UpdateOrderStatusRequest,
+        allowed_from: tuple[str, ...],
+        context: grpc.aio.ServicerContext,
+    ) -> ServiceError:
+        state = await self._db.fetchrow(context, order_sql.ORDER_STATE, request.id)
+        if state is None:
+            return not_found("order", request.id)
+        target = STATUS_NAMES[request.status]
+        if request.expected_version and state["version"] != request.expected_version:
+            return ServiceError(
+                grpc.StatusCode.ABORTED,
+                "VERSION_MISMATCH",
+                f"order {request.id} is at version {state['version']}, "
+                f"not {request.expected_version}; re-read it and retry",
+                retry_after=0.0,
+                metadata={"current_version": str(state["version"])},
+            )
+        if state["status"] not in allowed_from:
+            return ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "ILLEGAL_TRANSITION",
+                f"order {request.id} cannot move from {state['status']} to {target}",
+                metadata={"from": state["status"], "to": target},
+            )
+        # The order changed between the update and this look: say so.
+        return ServiceError(
+            grpc.StatusCode.ABORTED,
+            "CONCURRENT_UPDATE",
+            f"order {request.id} changed concurrently; retry",
+            retry_after=0.0,
+        )
+
+    async def ExportOrders(  # type: ignore[override]
+        self, request: order_service_pb2.ExportOrdersRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await abort(context, not_implemented("ExportOrders"))
+
+    async def ImportOrders(  # type: ignore[override]
+        self, request_iterator: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        await abort(context, not_implemented("ImportOrders"))
+
+
+def _filter_fingerprint(request: order_service_pb2.ListOrdersRequest) -> bytes:
+    """Binds a page token to its query: every field but page size and token."""
+    filters = order_service_pb2.ListOrdersRequest()
+    filters.CopyFrom(request)
+    filters.page_size = 0
+    filters.page_token = ""
+    return hashlib.sha256(filters.SerializeToString(deterministic=True)).digest()

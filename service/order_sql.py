@@ -1,0 +1,106 @@
+"""The SQL of OrderService. Every value is a $n parameter; the only SQL
+composed at run time is ListOrders' WHERE clause, assembled from the fixed
+fragments below according to which filters are set (never from values), so
+that each combination gets its own plan that can use its index."""
+
+from __future__ import annotations
+
+# Columns of an order plus its items as three parallel arrays, in line order.
+_ORDER_COLUMNS = """
+    o.id, o.customer_id, o.currency, o.status, o.total_cents, o.version,
+    o.create_time, o.update_time, i.skus, i.quantities, i.prices
+"""
+_ITEMS_OF_O = """
+    CROSS JOIN LATERAL (
+        SELECT array_agg(sku ORDER BY line_no) AS skus,
+               array_agg(quantity ORDER BY line_no) AS quantities,
+               array_agg(unit_price_cents ORDER BY line_no) AS prices
+        FROM order_items WHERE order_id = o.id
+    ) i
+"""
+
+# One statement, hence one transaction: the order, its items and its
+# order.created event. On a request_id conflict nothing is written and no
+# row is returned (ON CONFLICT waits for a concurrent insert of the same key
+# to commit or roll back, so two identical calls cannot both insert).
+CREATE_ORDER = """
+WITH new_order AS (
+    INSERT INTO orders (request_id, request_hash, customer_id, currency, total_cents)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING id, status, version, create_time, update_time
+), new_items AS (
+    INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price_cents)
+    SELECT new_order.id, item.line_no, item.sku, item.quantity, item.unit_price_cents
+    FROM new_order,
+         unnest($6::text[], $7::integer[], $8::bigint[])
+             WITH ORDINALITY AS item (sku, quantity, unit_price_cents, line_no)
+), new_event AS (
+    INSERT INTO events (type, source, subject, time, payload)
+    SELECT 'order.created', 'orderstream', 'orders/' || id, create_time,
+           jsonb_build_object('order_id', id, 'customer_id', $3::text, 'currency', $4::text,
+                              'total_cents', $5::bigint, 'status', status)
+    FROM new_order
+)
+SELECT id, status, version, create_time, update_time FROM new_order
+"""
+
+ORDER_BY_REQUEST_ID = f"""
+SELECT {_ORDER_COLUMNS}, o.request_hash
+FROM orders o {_ITEMS_OF_O}
+WHERE o.request_id = $1
+"""
+
+GET_ORDER = f"""
+SELECT {_ORDER_COLUMNS}
+FROM orders o {_ITEMS_OF_O}
+WHERE o.id = $1
+"""
+
+# $1 id, $2 new status, $3 statuses it may come from, $4 expected version (0:
+# any). Locks the row first so the event records the status it left.
+UPDATE_ORDER_STATUS = f"""
+WITH previous AS (
+    SELECT id, status FROM orders WHERE id = $1 FOR UPDATE
+), updated AS (
+    UPDATE orders AS o
+    SET status = $2, version = o.version + 1, update_time = now()
+    FROM previous
+    WHERE o.id = previous.id
+      AND previous.status = ANY($3::text[])
+      AND ($4::bigint = 0 OR o.version = $4::bigint)
+    RETURNING o.*, previous.status AS previous_status
+), event AS (
+    INSERT INTO events (type, source, subject, time, payload)
+    SELECT 'order.status_changed', 'orderstream', 'orders/' || id, update_time,
+           jsonb_build_object('order_id', id, 'status', status,
+                              'previous_status', previous_status, 'version', version)
+    FROM updated
+)
+SELECT {_ORDER_COLUMNS}
+FROM updated o {_ITEMS_OF_O}
+"""
+
+ORDER_STATE = "SELECT status, version FROM orders WHERE id = $1"
+
+# ListOrders: filter name -> fragment with a placeholder slot.
+LIST_FILTERS = {
+    "customer_id": "o.customer_id = ${}",
+    "status": "o.status = ${}",
+    "created_after": "o.create_time >= ${}",
+    "created_before": "o.create_time < ${}",
+}
+
+
+def list_orders(filters: tuple[str, ...]) -> str:
+    """SELECT for the given set filters, in LIST_FILTERS order; the last two
+    parameters are always the id to start after and the row limit."""
+    conditions = [LIST_FILTERS[name].format(n) for n, name in enumerate(filters, start=1)]
+    conditions.append(f"o.id > ${len(filters) + 1}")
+    return f"""
+SELECT {_ORDER_COLUMNS}
+FROM orders o {_ITEMS_OF_O}
+WHERE {" AND ".join(conditions)}
+ORDER BY o.id
+LIMIT ${len(filters) + 2}
+"""

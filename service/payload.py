@@ -1,0 +1,71 @@
+"""Event payloads: a JSON object, given as text or as a Struct, checked here
+so that PostgreSQL's jsonb never rejects a row the caller cannot place."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from google.protobuf import json_format
+
+from orderstream.events.v1 import event_pb2
+
+MAX_PAYLOAD_BYTES = 1 << 20
+
+
+class InvalidPayload(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> None:
+    raise InvalidPayload(f"{name} is not valid JSON")
+
+
+def json_object_text(event: event_pb2.Event) -> str:
+    """Returns the payload as JSON text for jsonb, or raises InvalidPayload."""
+    kind = event.WhichOneof("payload")
+    if kind == "json_payload":
+        text = event.json_payload
+        if len(text) > MAX_PAYLOAD_BYTES:
+            raise InvalidPayload(f"at most {MAX_PAYLOAD_BYTES} bytes")
+        try:
+            value = json.loads(text, parse_constant=_reject_constant)
+        except RecursionError:
+            raise InvalidPayload("nested too deeply") from None
+        except ValueError as exc:
+            raise InvalidPayload(f"not valid JSON: {str(exc)[:200]}") from None
+        if not isinstance(value, dict):
+            raise InvalidPayload("must be a JSON object")
+        _check_jsonb_compatible(text, value)
+        return text
+    if kind == "struct_payload":
+        try:
+            value = json_format.MessageToDict(event.struct_payload)
+            text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        except RecursionError:
+            raise InvalidPayload("nested too deeply") from None
+        except ValueError:
+            raise InvalidPayload("numbers must be finite") from None
+        if len(text) > MAX_PAYLOAD_BYTES:
+            raise InvalidPayload(f"at most {MAX_PAYLOAD_BYTES} bytes")
+        _check_jsonb_compatible(text, value)
+        return text
+    raise InvalidPayload("required: a JSON object in json_payload or struct_payload")
+
+
+# JSON text holds NUL only as the escape \u0000 (raw control characters are
+# invalid JSON), preceded by an even run of backslashes (an odd run would
+# make it a literal backslash followed by "u0000").
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_jsonb_compatible(text: str, value: object) -> None:
+    """jsonb refuses \\u0000 and unpaired surrogates, which JSON itself allows."""
+    if _NUL_ESCAPE.search(text):
+        raise InvalidPayload("must not contain a NUL character (\\u0000)")
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidPayload("must not contain unpaired UTF-16 surrogates") from None

@@ -1,0 +1,228 @@
+"""Settings, read once from the environment into a typed, immutable object.
+
+Database connection settings use libpq's names where libpq has one
+(DATABASE_URL query parameters win over PGSSL* variables, as in libpq);
+everything else is ORDERSTREAM_*. Secrets are wrapped so that neither `repr`
+nor a log line can show them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+T = TypeVar("T")
+
+SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
+# Modes that would fall back to plain text without telling anyone.
+_SILENT_FALLBACK_MODES = ("allow", "prefer")
+_SSL_URL_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class Secret:
+    """A string that does not show itself in `repr`, `str` or f-strings."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """Where the database is and how the connection is secured."""
+
+    dsn: Secret  # the URL without ssl* parameters; holds the password
+    host: str
+    port: int
+    ssl_mode: str
+    ssl_root_cert: Path | None
+    ssl_cert: Path | None
+    ssl_key: Path | None
+
+    @property
+    def verifies_server(self) -> bool:
+        return self.ssl_mode == "verify-full"
+
+    def describe(self) -> str:
+        """Names the server for messages; never includes credentials."""
+        return f"{self.host}:{self.port} (sslmode={self.ssl_mode})"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database: DatabaseTarget
+    allow_insecure_database: bool
+    host: str
+    port: int
+    pool_min_size: int
+    pool_max_size: int
+    pool_acquire_timeout: float
+    pool_max_idle: float
+    command_timeout: float
+    statement_cache_size: int
+    shutdown_grace: float
+    health_check_interval: float
+    page_token_key: Secret | None
+    migrate_on_start: bool
+    event_loop: str
+    log_level: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = _Reader(os.environ if environ is None else environ)
+        settings = cls(
+            database=_database_target(env),
+            allow_insecure_database=env.boolean("ORDERSTREAM_ALLOW_INSECURE_DATABASE", False),
+            host=env.text("ORDERSTREAM_HOST", "[::]"),
+            port=env.integer("ORDERSTREAM_PORT", 50051, low=0, high=65535),
+            pool_min_size=env.integer("ORDERSTREAM_POOL_MIN_SIZE", 2, low=0, high=1000),
+            pool_max_size=env.integer("ORDERSTREAM_POOL_MAX_SIZE", 10, low=1, high=1000),
+            pool_acquire_timeout=env.seconds("ORDERSTREAM_POOL_ACQUIRE_TIMEOUT", 5.0),
+            pool_max_idle=env.seconds("ORDERSTREAM_POOL_MAX_IDLE", 300.0),
+            command_timeout=env.seconds("ORDERSTREAM_COMMAND_TIMEOUT", 30.0),
+            statement_cache_size=env.integer(
+                "ORDERSTREAM_STATEMENT_CACHE_SIZE", 100, low=0, high=100_000
+            ),
+            shutdown_grace=env.seconds("ORDERSTREAM_SHUTDOWN_GRACE", 20.0),
+            health_check_interval=env.seconds("ORDERSTREAM_HEALTH_CHECK_INTERVAL", 2.0),
+            page_token_key=env.secret("ORDERSTREAM_PAGE_TOKEN_KEY"),
+            migrate_on_start=env.boolean("ORDERSTREAM_MIGRATE_ON_START", True),
+            event_loop=env.choice("ORDERSTREAM_EVENT_LOOP", "uvloop", ("uvloop", "asyncio")),
+            log_level=env.choice(
+                "ORDERSTREAM_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")
+            ),
+        )
+        if settings.pool_min_size > settings.pool_max_size:
+            raise SettingsError(
+                "ORDERSTREAM_POOL_MIN_SIZE must not exceed ORDERSTREAM_POOL_MAX_SIZE"
+            )
+        return settings
+
+
+class _Reader:
+    """Typed access to environment variables; errors name the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        return value if value not in (None, "") else None
+
+    def text(self, name: str, default: str) -> str:
+        return self.raw(name) or default
+
+    def secret(self, name: str) -> Secret | None:
+        value = self.raw(name)
+        return Secret(value) if value is not None else None
+
+    def _parsed(self, name: str, default: T, parse: Callable[[str], T], expected: str) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError:
+            raise SettingsError(f"{name} must be {expected}, got {value!r}") from None
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        expected = f"an integer from {low} to {high}"
+
+        def parse(value: str) -> int:
+            number = int(value)
+            if not low <= number <= high:
+                raise ValueError
+            return number
+
+        return self._parsed(name, default, parse, expected)
+
+    def seconds(self, name: str, default: float) -> float:
+        def parse(value: str) -> float:
+            number = float(value)
+            if not 0 < number < 86_400:
+                raise ValueError
+            return number
+
+        return self._parsed(name, default, parse, "a number of seconds above 0 and below 86400")
+
+    def boolean(self, name: str, default: bool) -> bool:
+        words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+        def parse(value: str) -> bool:
+            if value.lower() not in words:
+                raise ValueError
+            return words[value.lower()]
+
+        return self._parsed(name, default, parse, "one of: " + ", ".join(words))
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        def parse(value: str) -> str:
+            if value not in allowed:
+                raise ValueError
+            return value
+
+        return self._parsed(name, default, parse, "one of: " + ", ".join(allowed))
+
+
+def _database_target(env: _Reader) -> DatabaseTarget:
+    url = env.raw("DATABASE_URL")
+    if url is None:
+        raise SettingsError("DATABASE_URL is required (postgresql://user:password@host:port/db)")
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise SettingsError("DATABASE_URL must start with postgresql://")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    from_url = {k: v for k, v in query if k in _SSL_URL_PARAMETERS}
+    remaining = [(k, v) for k, v in query if k not in _SSL_URL_PARAMETERS]
+
+    ssl_mode = from_url.get("sslmode") or env.text("PGSSLMODE", "verify-full")
+    if ssl_mode in _SILENT_FALLBACK_MODES:
+        raise SettingsError(
+            f"sslmode={ssl_mode} may fall back to plain text silently and is not supported; "
+            "use verify-full (or, for local development only, disable/require with "
+            "ORDERSTREAM_ALLOW_INSECURE_DATABASE=1)"
+        )
+    if ssl_mode not in SSL_MODES:
+        raise SettingsError(f"sslmode must be one of: {', '.join(SSL_MODES)}, got {ssl_mode!r}")
+
+    def path(url_key: str, env_name: str) -> Path | None:
+        value = from_url.get(url_key) or env.raw(env_name)
+        return Path(value) if value else None
+
+    try:
+        host = parts.hostname or "localhost"
+        port = parts.port or 5432
+    except ValueError:
+        raise SettingsError("DATABASE_URL has an invalid port") from None
+    return DatabaseTarget(
+        dsn=Secret(urlunsplit(parts._replace(query=urlencode(remaining)))),
+        host=host,
+        port=port,
+        ssl_mode=ssl_mode,
+        ssl_root_cert=path("sslrootcert", "PGSSLROOTCERT"),
+        ssl_cert=path("sslcert", "PGSSLCERT"),
+        ssl_key=path("sslkey", "PGSSLKEY"),
+    )
