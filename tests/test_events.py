@@ -1,0 +1,192 @@
+"""EventService over a real channel: publish, get, payload forms, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from orderstream.events.v1 import event_pb2, event_service_pb2
+from tests.support import rpc_error, table_counts, unique
+
+
+def event(**fields: object) -> event_pb2.Event:
+    values: dict[str, object] = {
+        "type": "com.example.thing_happened",
+        "source": "/tests",
+        "subject": unique("things/"),
+        "json_payload": '{"n": 1}',
+    }
+    values.update(fields)
+    return event_pb2.Event(**values)  # type: ignore[arg-type]
+
+
+async def test_publish_returns_increasing_ids_in_request_order(events):
+    batch = [event(json_payload=json.dumps({"n": n})) for n in range(25)]
+    response = await events.PublishEvents(event_service_pb2.PublishEventsRequest(events=batch))
+    assert len(response.ids) == 25
+    assert list(response.ids) == sorted(response.ids)
+    for n, ident in enumerate(response.ids):
+        got = await events.GetEvent(event_service_pb2.GetEventRequest(id=ident))
+        assert json.loads(got.json_payload) == {"n": n}
+        assert got.subject == batch[n].subject
+
+
+async def test_get_event_round_trips_every_field(events):
+    sent = event(
+        subject="orders/7",
+        time=Timestamp(seconds=1_700_000_000, nanos=123_456_000),
+        json_payload='{"amount": 3, "tags": ["a", "b"], "nested": {"ok": true}}',
+    )
+    (ident,) = (
+        await events.PublishEvents(event_service_pb2.PublishEventsRequest(events=[sent]))
+    ).ids
+    got = await events.GetEvent(event_service_pb2.GetEventRequest(id=ident))
+    assert got.id == ident
+    assert (got.type, got.source, got.subject) == (sent.type, sent.source, sent.subject)
+    assert got.time == sent.time
+    assert json.loads(got.json_payload) == json.loads(sent.json_payload)
+
+
+async def test_time_defaults_to_the_write_time(events, admin_db):
+    (ident,) = (
+        await events.PublishEvents(event_service_pb2.PublishEventsRequest(events=[event()]))
+    ).ids
+    got = await events.GetEvent(event_service_pb2.GetEventRequest(id=ident))
+    now = await admin_db.fetchval("SELECT extract(epoch FROM now())::bigint")
+    assert abs(got.time.seconds - now) < 60
+
+
+async def test_struct_payload_is_accepted_and_returned_as_json(events):
+    payload = struct_pb2.Struct()
+    payload.update({"amount": 3, "ok": True, "items": ["x", "y"], "none": None})
+    (ident,) = (
+        await events.PublishEvents(
+            event_service_pb2.PublishEventsRequest(events=[event(struct_payload=payload)])
+        )
+    ).ids
+    got = await events.GetEvent(event_service_pb2.GetEventRequest(id=ident))
+    assert json.loads(got.json_payload) == {
+        "amount": 3,
+        "ok": True,
+        "items": ["x", "y"],
+        "none": None,
+    }
+
+
+async def test_get_missing_event_is_not_found(events):
+    error = await rpc_error(events.GetEvent(event_service_pb2.GetEventRequest(id=2**62)))
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert error.error_info.reason == "EVENT_NOT_FOUND"
+
+
+@pytest.mark.parametrize("bad_id", [0, -5])
+async def test_get_event_rejects_non_positive_ids(events, bad_id):
+    error = await rpc_error(events.GetEvent(event_service_pb2.GetEventRequest(id=bad_id)))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+BAD_EVENTS = [
+    ({"type": ""}, "type"),
+    ({"type": "a\x00b"}, "type"),
+    ({"type": "t" * 257}, "type"),
+    ({"source": ""}, "source"),
+    ({"subject": "s\x00"}, "subject"),
+    ({"time": Timestamp(seconds=253_402_300_800)}, "time"),
+    ({"time": Timestamp(seconds=-62_135_596_801)}, "time"),
+    ({"json_payload": ""}, "json_payload"),
+    ({"json_payload": "{"}, "json_payload"),
+    ({"json_payload": "[1, 2]"}, "json_payload"),
+    ({"json_payload": '"text"'}, "json_payload"),
+    ({"json_payload": '{"x": NaN}'}, "json_payload"),
+    ({"json_payload": '{"x": Infinity}'}, "json_payload"),
+    ({"json_payload": '{"x": "\\u0000"}'}, "json_payload"),
+    ({"json_payload": '{"\\u0000": 1}'}, "json_payload"),
+    ({"json_payload": '{"x": "\\ud800"}'}, "json_payload"),
+    ({"json_payload": "[" * 100_000 + "]" * 100_000}, "json_payload"),
+    ({"json_payload": '{"a":' * 5000 + "1" + "}" * 5000}, "json_payload"),
+    (
+        {
+            "struct_payload": struct_pb2.Struct(
+                fields={"x": struct_pb2.Value(number_value=float("nan"))}
+            )
+        },
+        "struct_payload",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "field"), BAD_EVENTS)
+async def test_one_bad_event_rejects_the_whole_batch(events, admin_db, fields, field):
+    before = await table_counts(admin_db)
+    batch = [event(), event(), event(**fields)]
+    error = await rpc_error(
+        events.PublishEvents(event_service_pb2.PublishEventsRequest(events=batch))
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"events[2].{field}" in error.violations, error.violations
+    assert await table_counts(admin_db) == before
+
+
+async def test_missing_payload_is_invalid_argument(events):
+    bare = event_pb2.Event(type="t", source="/s")
+    error = await rpc_error(
+        events.PublishEvents(event_service_pb2.PublishEventsRequest(events=[bare]))
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "required" in error.violations["events[0].json_payload"]
+
+
+@pytest.mark.parametrize("count", [0, 1001])
+async def test_publish_accepts_1_to_1000_events(events, count):
+    batch = [event() for _ in range(count)]
+    error = await rpc_error(
+        events.PublishEvents(event_service_pb2.PublishEventsRequest(events=batch))
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "events" in error.violations
+
+
+async def test_publish_1000_events_in_one_call(events):
+    batch = [event() for _ in range(1000)]
+    response = await events.PublishEvents(event_service_pb2.PublishEventsRequest(events=batch))
+    assert len(set(response.ids)) == 1000
+
+
+async def test_sql_injection_in_payload_is_stored_verbatim(events):
+    payload = json.dumps({"q": "'); DROP TABLE events; --", "k": "$1::text"})
+    (ident,) = (
+        await events.PublishEvents(
+            event_service_pb2.PublishEventsRequest(events=[event(json_payload=payload)])
+        )
+    ).ids
+    got = await events.GetEvent(event_service_pb2.GetEventRequest(id=ident))
+    assert json.loads(got.json_payload) == json.loads(payload)
+
+
+async def test_order_changes_appear_in_the_event_feed(orders, events, admin_db):
+    from orderstream.orders.v1 import order_pb2, order_service_pb2
+    from tests.support import create_request
+
+    order = await orders.CreateOrder(create_request())
+    await orders.UpdateOrderStatus(
+        order_service_pb2.UpdateOrderStatusRequest(id=order.id, status=order_pb2.ORDER_STATUS_PAID)
+    )
+    ids = await admin_db.fetch(
+        "SELECT id FROM events WHERE subject = $1 ORDER BY id", f"orders/{order.id}"
+    )
+    created, changed = [
+        await events.GetEvent(event_service_pb2.GetEventRequest(id=r["id"])) for r in ids
+    ]
+    assert created.type == "order.created"
+    assert json.loads(created.json_payload)["order_id"] == order.id
+    assert changed.type == "order.status_changed"
+    assert json.loads(changed.json_payload) == {
+        "order_id": order.id,
+        "status": "PAID",
+        "previous_status": "PENDING",
+        "version": 2,
+    }

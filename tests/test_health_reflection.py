@@ -1,0 +1,86 @@
+"""Standard health (following the database) and server reflection."""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import quote
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service.server import SERVICE_NAMES
+from tests.support import rpc_error, running_app, unique
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize("name", ["", *SERVICE_NAMES])
+async def test_health_is_serving_for_the_server_and_each_service(health, name):
+    response = await health.Check(health_pb2.HealthCheckRequest(service=name))
+    assert response.status == SERVING
+
+
+async def test_health_of_unknown_service_is_not_found(health):
+    error = await rpc_error(health.Check(health_pb2.HealthCheckRequest(service="no.Such")))
+    assert error.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_lists_both_services_and_health(channel):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    response = await call.read()
+    await call.done_writing()
+    names = {s.name for s in response.list_services_response.service}
+    assert {*SERVICE_NAMES, "grpc.health.v1.Health"} <= names
+
+
+async def test_reflection_describes_a_method_without_proto_files(channel):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo()
+    await call.write(
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="orderstream.orders.v1.OrderService"
+        )
+    )
+    response = await call.read()
+    await call.done_writing()
+    assert response.file_descriptor_response.file_descriptor_proto
+
+
+async def test_health_follows_the_database(service_env, pg_cluster, admin_db):
+    """A service instance whose database login stops working goes NOT_SERVING,
+    and SERVING again once it works, without a restart."""
+    role, password = unique("probe").replace("-", "_"), secrets.token_urlsafe(16)
+    await admin_db.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    try:
+        url = (
+            f"postgresql://{role}:{quote(password)}@{pg_cluster.host}:{pg_cluster.port}/"
+            f"{pg_cluster.database}"
+        )
+        async with (
+            running_app(
+                service_env,
+                DATABASE_URL=url,
+                ORDERSTREAM_MIGRATE_ON_START="false",
+                ORDERSTREAM_POOL_ACQUIRE_TIMEOUT="1",
+            ) as probe,
+            grpc.aio.insecure_channel(f"127.0.0.1:{probe.port}") as channel,
+        ):
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == SERVING
+
+            await admin_db.execute(f"ALTER ROLE {role} NOLOGIN")
+            await admin_db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+            )
+            assert (await watch.read()).status == NOT_SERVING
+
+            await admin_db.execute(f"ALTER ROLE {role} LOGIN")
+            assert (await watch.read()).status == SERVING
+            watch.cancel()
+    finally:
+        await admin_db.execute(f"DROP ROLE IF EXISTS {role}")
