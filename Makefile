@@ -15,7 +15,7 @@ STAMPS := .stamps
 DEVDB ?= .devdb
 PYTEST_ARGS ?=
 
-.PHONY: help install run test gen check-gen lint format
+.PHONY: help install run test gen check-gen lint format devdb-down
 
 help:
 	@echo "make run    serve on localhost:50051 (starts a local TLS PostgreSQL unless DATABASE_URL is set)"
@@ -72,3 +72,6 @@ run: install
 	  eval "$$($(PY) -m service.devcluster up $(DEVDB))"; \
 	fi; \
 	exec $(PY) -m service serve
+
+devdb-down: $(STAMPS)/python
+	$(PY) -m service.devcluster down $(DEVDB)

@@ -164,6 +164,19 @@ _BY_SQLSTATE_CLASS: dict[str, tuple[grpc.StatusCode, str, str, float | None]] = 
         "lost the database connection",
         1.0,
     ),
+    # The service's own login or database is refused: not the caller's fault.
+    "28": (
+        grpc.StatusCode.UNAVAILABLE,
+        "DATABASE_UNAVAILABLE",
+        "the database refused the service's login",
+        1.0,
+    ),
+    "3D": (
+        grpc.StatusCode.UNAVAILABLE,
+        "DATABASE_UNAVAILABLE",
+        "the service's database does not exist",
+        1.0,
+    ),
     "22": (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DATA", "the database rejected a value", None),
     "23": (
         grpc.StatusCode.FAILED_PRECONDITION,

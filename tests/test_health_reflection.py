@@ -10,8 +10,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.server import SERVICE_NAMES
-from tests.support import rpc_error, running_app, unique
+from tests.support import create_request, rpc_error, running_app, unique
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -51,11 +52,13 @@ async def test_reflection_describes_a_method_without_proto_files(channel):
     assert response.file_descriptor_response.file_descriptor_proto
 
 
-async def test_health_follows_the_database(service_env, pg_cluster, admin_db):
+async def test_health_follows_the_database(service_env, pg_cluster, admin_db, orders):
     """A service instance whose database login stops working goes NOT_SERVING,
     and SERVING again once it works, without a restart."""
+    await orders.CreateOrder(create_request())  # so that order 1 exists
     role, password = unique("probe").replace("-", "_"), secrets.token_urlsafe(16)
     await admin_db.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    await admin_db.execute(f"GRANT {pg_cluster.app_user} TO {role}")
     try:
         url = (
             f"postgresql://{role}:{quote(password)}@{pg_cluster.host}:{pg_cluster.port}/"
@@ -78,9 +81,15 @@ async def test_health_follows_the_database(service_env, pg_cluster, admin_db):
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
             )
             assert (await watch.read()).status == NOT_SERVING
+            orders = order_service_pb2_grpc.OrderServiceStub(channel)
+            error = await rpc_error(orders.GetOrder(order_service_pb2.GetOrderRequest(id=1)))
+            assert error.code == grpc.StatusCode.UNAVAILABLE
+            assert error.error_info.reason == "DATABASE_UNAVAILABLE"
+            assert error.retry_info is not None
 
             await admin_db.execute(f"ALTER ROLE {role} LOGIN")
             assert (await watch.read()).status == SERVING
+            await orders.GetOrder(order_service_pb2.GetOrderRequest(id=1))
             watch.cancel()
     finally:
         await admin_db.execute(f"DROP ROLE IF EXISTS {role}")

@@ -1,0 +1,57 @@
+"""The README's buf curl examples, run verbatim (port aside) against a
+service on a fresh database, as they would run against `make run`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from service.devcluster import create_database
+from tests.support import running_app, unique
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    return [line for line in text.splitlines() if line.startswith("npx buf curl ")]
+
+
+async def run_shell(command: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_shell(
+        command,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+@pytest.mark.slow
+async def test_readme_buf_curl_examples_work(service_env, pg_cluster):
+    commands = readme_commands()
+    assert len(commands) >= 6
+    database = await create_database(pg_cluster, unique("readme").replace("-", "_"))
+    url = pg_cluster.dsn(database=database)
+    async with running_app(service_env, DATABASE_URL=url) as app:
+        outputs = []
+        for command in commands:
+            local = command.replace("localhost:50051", f"127.0.0.1:{app.port}")
+            code, out, err = await run_shell(local)
+            assert code == 0, f"{command}\n{out}\n{err}"
+            outputs.append(out)
+
+    services, methods, created, fetched, paid, listed, published = outputs[:7]
+    assert "orderstream.orders.v1.OrderService" in services.split()
+    assert "orderstream.events.v1.EventService/PublishEvents" in methods.split()
+    assert json.loads(created)["id"] == "1"
+    assert json.loads(fetched) == json.loads(created)
+    assert json.loads(paid)["status"] == "ORDER_STATUS_PAID"
+    assert [o["id"] for o in json.loads(listed)["orders"]] == ["1"]
+    assert len(json.loads(published)["ids"]) == 1
+    assert re.fullmatch(r"\d+", json.loads(published)["ids"][0])
