@@ -18,8 +18,12 @@ Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
 
 
-def unary(method: Handler[Request, Response]) -> Handler[Request, Response]:
-    """Turns any exception of a unary handler into a gRPC status with details.
+def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
+    """Turns any exception of a handler into a gRPC status with details.
+
+    Every handler is a coroutine: server-streaming ones `await
+    context.write()` (the back-pressure) instead of yielding, so a cancelled
+    call unwinds through ordinary awaits and `finally` blocks.
 
     CancelledError is a BaseException and passes through untouched: the call
     is gone, and swallowing it leaks (grpc #43360).

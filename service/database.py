@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from typing import Any
 
 import asyncpg
 
@@ -73,22 +74,36 @@ async def _configure_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+def _connect_options(settings: Settings) -> dict[str, Any]:
+    """What every connection gets, pooled or direct."""
+    return {
+        "dsn": settings.database.dsn.reveal(),
+        "ssl": ssl_context_for(settings.database, allow_insecure=settings.allow_insecure_database),
+        "command_timeout": settings.command_timeout,
+        "statement_cache_size": settings.statement_cache_size,
+        "timeout": settings.pool_acquire_timeout,
+        "server_settings": {"application_name": "orderstream"},
+    }
+
+
+async def connect_direct(settings: Settings) -> asyncpg.Connection:
+    """A connection outside the pool, for session state such as LISTEN."""
+    conn = await asyncpg.connect(**_connect_options(settings))
+    await _configure_connection(conn)
+    return conn
+
+
 async def open_pool(settings: Settings) -> asyncpg.Pool:
     """Opens the pool and proves one connection works, or raises StartupError."""
     target = settings.database
-    tls = ssl_context_for(target, allow_insecure=settings.allow_insecure_database)
+    options = _connect_options(settings)
     try:
         pool = await asyncpg.create_pool(
-            dsn=target.dsn.reveal(),
-            ssl=tls,
+            **options,
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
             max_inactive_connection_lifetime=settings.pool_max_idle,
-            command_timeout=settings.command_timeout,
-            statement_cache_size=settings.statement_cache_size,
-            timeout=settings.pool_acquire_timeout,
             init=_configure_connection,
-            server_settings={"application_name": "orderstream"},
         )
         # min_size may be 0: make sure at least one connection can be made.
         await pool.fetchval("SELECT 1", timeout=settings.command_timeout)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from service import event_sql
-from service.call import Database, unary
+from service.call import Database, rpc
 from service.convert import event_from_row, unix_micros
-from service.errors import FieldViolation, abort, invalid_argument, not_found, not_implemented
+from service.errors import FieldViolation, invalid_argument, not_found
+from service.event_stream import stream_events
+from service.feed import EventFeed
 from service.payload import InvalidPayload, json_object_text
+from service.settings import Settings
+from service.streams import StreamSlots
+from service.uploads import upload_events
 from service.validation import Violations
 
 MAX_PUBLISH_EVENTS = 1000
@@ -50,10 +57,23 @@ class EventRows:
 
 
 class EventService(event_service_pb2_grpc.EventServiceServicer):
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        streams: StreamSlots,
+        followers: StreamSlots,
+        feed: EventFeed,
+        settings: Settings,
+    ) -> None:
         self._db = db
+        self._streams = streams
+        self._followers = followers
+        self._feed = feed
+        self._batch_bytes = settings.stream_batch_bytes
+        self._max_upload_events = settings.max_upload_events
 
-    @unary
+    @rpc
     async def PublishEvents(
         self, request: event_service_pb2.PublishEventsRequest, context: grpc.aio.ServicerContext
     ) -> event_service_pb2.PublishEventsResponse:
@@ -76,9 +96,10 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             rows.times,
             rows.payloads,
         )
+        self._feed.announce()
         return event_service_pb2.PublishEventsResponse(ids=sorted(r["id"] for r in records))
 
-    @unary
+    @rpc
     async def GetEvent(
         self, request: event_service_pb2.GetEventRequest, context: grpc.aio.ServicerContext
     ) -> event_pb2.Event:
@@ -91,12 +112,31 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             raise not_found("event", request.id)
         return event_from_row(row)
 
-    async def UploadEvents(  # type: ignore[override]
-        self, request_iterator: object, context: grpc.aio.ServicerContext
-    ) -> None:
-        await abort(context, not_implemented("UploadEvents"))
+    @rpc
+    async def UploadEvents(
+        self,
+        request_iterator: AsyncIterator[event_service_pb2.UploadEventsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> event_service_pb2.UploadEventsResponse:
+        return await upload_events(
+            self._db,
+            self._streams,
+            request_iterator,
+            context,
+            max_events=self._max_upload_events,
+            on_commit=self._feed.announce,
+        )
 
-    async def StreamEvents(  # type: ignore[override]
+    @rpc
+    async def StreamEvents(  # type: ignore[override]  # writes via context.write
         self, request: event_service_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        await abort(context, not_implemented("StreamEvents"))
+        await stream_events(
+            self._db,
+            request,
+            context,
+            streams=self._streams,
+            followers=self._followers,
+            feed=self._feed,
+            batch_bytes=self._batch_bytes,
+        )

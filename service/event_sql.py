@@ -15,3 +15,28 @@ GET_EVENT = """
 SELECT id, type, source, subject, time, payload::text AS payload
 FROM events WHERE id = $1
 """
+
+# See migrations/0002_streaming.sql: every id below the result is final. Run
+# it as its own statement, before the snapshot that reads the range.
+SAFE_HORIZON = "SELECT events_safe_horizon()"
+
+
+def events_in_range(*, with_types: bool, with_subject: bool, limited: bool) -> str:
+    """Events with $1 < id < $2, ascending, then optional filters: type =
+    ANY($3), subject = $n, and LIMIT $n, in that order."""
+    conditions = ["id > $1", "id < $2"]
+    n = 3
+    if with_types:
+        conditions.append(f"type = ANY(${n}::text[])")
+        n += 1
+    if with_subject:
+        conditions.append(f"subject = ${n}")
+        n += 1
+    limit = f"LIMIT ${n}" if limited else ""
+    return f"""
+SELECT id, type, source, subject, time, payload
+FROM events
+WHERE {" AND ".join(conditions)}
+ORDER BY id
+{limit}
+"""

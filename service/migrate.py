@@ -18,8 +18,10 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-# An arbitrary constant shared by every orderstream process.
-_ADVISORY_LOCK_KEY = 0x6F72_6465_7273  # "orders"
+# An arbitrary constant pair shared by every orderstream process. The
+# two-integer key form keeps clear of the single-bigint keys that the event
+# feed's writers announce themselves with (migrations/0002_streaming.sql).
+_ADVISORY_LOCK_KEY = (0x6F72_6465, 0x7273)  # "orders"
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -47,7 +49,7 @@ def available_migrations() -> list[Migration]:
 async def migrate(conn: asyncpg.Connection) -> list[str]:
     """Applies pending migrations on `conn`; returns the names it applied."""
     applied_now = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _ADVISORY_LOCK_KEY)
+    await conn.execute("SELECT pg_advisory_lock($1, $2)", *_ADVISORY_LOCK_KEY)
     try:
         await conn.execute(
             """
@@ -74,5 +76,5 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     finally:
         # A broken connection has already dropped its session lock.
         if not conn.is_closed():
-            await conn.execute("SELECT pg_advisory_unlock($1)", _ADVISORY_LOCK_KEY)
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", *_ADVISORY_LOCK_KEY)
     return applied_now

@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 
 import grpc
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service import order_sql
-from service.call import Database, unary
-from service.convert import STATUS_NAMES, order_from_row, timestamp, unix_micros
-from service.errors import (
-    FieldViolation,
-    ServiceError,
-    abort,
-    invalid_argument,
-    not_found,
-    not_implemented,
-)
+from service.call import Database, rpc
+from service.convert import STATUS_NAMES, order_from_row, timestamp
+from service.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from service.feed import EventFeed
+from service.imports import import_orders
+from service.order_export import export_orders
+from service.order_filters import order_filters
+from service.order_rules import order_total
 from service.page_token import InvalidPageToken, PageTokens
+from service.settings import Settings
+from service.streams import StreamSlots
 from service.validation import MAX_ID_LENGTH, Violations
 
-MAX_ITEMS = 1000
-MAX_QUANTITY = 10_000
-MAX_UNIT_PRICE_CENTS = 10**12
-MAX_TOTAL_CENTS = 2**63 - 1
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
@@ -42,27 +39,7 @@ def _checked_create(request: order_service_pb2.CreateOrderRequest) -> int:
     """Validates a CreateOrder request; returns the order's total in cents."""
     v = Violations()
     v.text("request_id", request.request_id, max_length=MAX_ID_LENGTH)
-    v.text("customer_id", request.customer_id, max_length=MAX_ID_LENGTH)
-    currency = request.currency
-    if not (
-        len(currency) == 3 and currency.isascii() and currency.isalpha() and currency.isupper()
-    ):
-        v.add("currency", "must be three upper-case letters (ISO 4217), e.g. EUR")
-    if not 1 <= len(request.items) <= MAX_ITEMS:
-        v.add("items", f"must hold 1 to {MAX_ITEMS} items, got {len(request.items)}")
-    total = 0
-    for n, item in enumerate(request.items[:MAX_ITEMS]):
-        v.text(f"items[{n}].sku", item.sku, max_length=64)
-        if not 1 <= item.quantity <= MAX_QUANTITY:
-            v.add(f"items[{n}].quantity", f"must be 1 to {MAX_QUANTITY}, got {item.quantity}")
-        if not 0 <= item.unit_price_cents <= MAX_UNIT_PRICE_CENTS:
-            v.add(
-                f"items[{n}].unit_price_cents",
-                f"must be 0 to {MAX_UNIT_PRICE_CENTS}, got {item.unit_price_cents}",
-            )
-        total += item.quantity * item.unit_price_cents
-    if total > MAX_TOTAL_CENTS:
-        v.add("items", "the order's total does not fit in 64 bits")
+    total = order_total(v, request)
     v.raise_if_any()
     return total
 
@@ -84,11 +61,22 @@ def _checked_status(field: str, status: int, *, allow_unspecified: bool) -> None
 
 
 class OrderService(order_service_pb2_grpc.OrderServiceServicer):
-    def __init__(self, db: Database, page_tokens: PageTokens) -> None:
+    def __init__(
+        self,
+        db: Database,
+        page_tokens: PageTokens,
+        *,
+        streams: StreamSlots,
+        feed: EventFeed,
+        settings: Settings,
+    ) -> None:
         self._db = db
         self._page_tokens = page_tokens
+        self._streams = streams
+        self._feed = feed
+        self._batch_bytes = settings.stream_batch_bytes
 
-    @unary
+    @rpc
     async def CreateOrder(
         self, request: order_service_pb2.CreateOrderRequest, context: grpc.aio.ServicerContext
     ) -> order_pb2.Order:
@@ -109,6 +97,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         )
         if row is None:
             return await self._replay(request.request_id, digest, context)
+        self._feed.announce()
         return order_pb2.Order(
             id=row["id"],
             customer_id=request.customer_id,
@@ -143,7 +132,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             )
         return order_from_row(row)
 
-    @unary
+    @rpc
     async def GetOrder(
         self, request: order_service_pb2.GetOrderRequest, context: grpc.aio.ServicerContext
     ) -> order_pb2.Order:
@@ -156,26 +145,12 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             raise not_found("order", request.id)
         return order_from_row(row)
 
-    @unary
+    @rpc
     async def ListOrders(
         self, request: order_service_pb2.ListOrdersRequest, context: grpc.aio.ServicerContext
     ) -> order_service_pb2.ListOrdersResponse:
         v = Violations()
-        v.text("customer_id", request.customer_id, max_length=MAX_ID_LENGTH, required=False)
-        if (
-            request.status not in STATUS_NAMES
-            and request.status != order_pb2.ORDER_STATUS_UNSPECIFIED
-        ):
-            v.add("status", f"not a valid OrderStatus: {request.status}")
-        filters: dict[str, object] = {}
-        if request.customer_id:
-            filters["customer_id"] = request.customer_id
-        if request.status in STATUS_NAMES:
-            filters["status"] = STATUS_NAMES[request.status]
-        for name in ("created_after", "created_before"):
-            if request.HasField(name):
-                v.timestamp(name, getattr(request, name))
-                filters[name] = unix_micros(getattr(request, name))
+        filters = order_filters(request, v)
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             v.add("page_size", f"must be 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
         v.raise_if_any()
@@ -205,7 +180,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             )
         return response
 
-    @unary
+    @rpc
     async def UpdateOrderStatus(
         self, request: order_service_pb2.UpdateOrderStatusRequest, context: grpc.aio.ServicerContext
     ) -> order_pb2.Order:
@@ -230,6 +205,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             request.expected_version,
         )
         if row is not None:
+            self._feed.announce()
             return order_from_row(row)
         raise await self._explain_refused_update(request, allowed_from, context)
 
@@ -267,15 +243,23 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             retry_after=0.0,
         )
 
-    async def ExportOrders(  # type: ignore[override]
+    @rpc
+    async def ExportOrders(  # type: ignore[override]  # writes via context.write
         self, request: order_service_pb2.ExportOrdersRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        await abort(context, not_implemented("ExportOrders"))
+        await export_orders(
+            self._db, request, context, streams=self._streams, batch_bytes=self._batch_bytes
+        )
 
-    async def ImportOrders(  # type: ignore[override]
-        self, request_iterator: object, context: grpc.aio.ServicerContext
-    ) -> None:
-        await abort(context, not_implemented("ImportOrders"))
+    @rpc
+    async def ImportOrders(
+        self,
+        request_iterator: AsyncIterator[order_service_pb2.ImportOrdersRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> order_service_pb2.ImportOrdersResponse:
+        return await import_orders(
+            self._db, self._streams, request_iterator, context, on_commit=self._feed.announce
+        )
 
 
 def _filter_fingerprint(request: order_service_pb2.ListOrdersRequest) -> bytes:

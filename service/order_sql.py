@@ -92,15 +92,23 @@ LIST_FILTERS = {
 }
 
 
-def list_orders(filters: tuple[str, ...]) -> str:
-    """SELECT for the given set filters, in LIST_FILTERS order; the last two
-    parameters are always the id to start after and the row limit."""
+def _filtered_orders(filters: tuple[str, ...], extra: list[str]) -> str:
     conditions = [LIST_FILTERS[name].format(n) for n, name in enumerate(filters, start=1)]
-    conditions.append(f"o.id > ${len(filters) + 1}")
     return f"""
 SELECT {_ORDER_COLUMNS}
 FROM orders o {_ITEMS_OF_O}
-WHERE {" AND ".join(conditions)}
+WHERE {" AND ".join(conditions + extra) or "true"}
 ORDER BY o.id
-LIMIT ${len(filters) + 2}
 """
+
+
+def list_orders(filters: tuple[str, ...]) -> str:
+    """SELECT for the given set filters, in LIST_FILTERS order; the last two
+    parameters are always the id to start after and the row limit."""
+    after, limit = len(filters) + 1, len(filters) + 2
+    return _filtered_orders(filters, [f"o.id > ${after}"]) + f"LIMIT ${limit}\n"
+
+
+def export_orders(filters: tuple[str, ...]) -> str:
+    """SELECT of every order matching the set filters, ascending by id."""
+    return _filtered_orders(filters, [])

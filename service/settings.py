@@ -86,6 +86,11 @@ class Settings:
     shutdown_grace: float
     health_check_interval: float
     page_token_key: Secret | None
+    max_streams: int
+    max_followers: int
+    stream_batch_bytes: int
+    max_upload_events: int
+    follow_poll_interval: float
     migrate_on_start: bool
     event_loop: str
     log_level: str
@@ -93,13 +98,14 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = _Reader(os.environ if environ is None else environ)
+        pool_max_size = env.integer("ORDERSTREAM_POOL_MAX_SIZE", 10, low=1, high=1000)
         settings = cls(
             database=_database_target(env),
             allow_insecure_database=env.boolean("ORDERSTREAM_ALLOW_INSECURE_DATABASE", False),
             host=env.text("ORDERSTREAM_HOST", "[::]"),
             port=env.integer("ORDERSTREAM_PORT", 50051, low=0, high=65535),
             pool_min_size=env.integer("ORDERSTREAM_POOL_MIN_SIZE", 2, low=0, high=1000),
-            pool_max_size=env.integer("ORDERSTREAM_POOL_MAX_SIZE", 10, low=1, high=1000),
+            pool_max_size=pool_max_size,
             pool_acquire_timeout=env.seconds("ORDERSTREAM_POOL_ACQUIRE_TIMEOUT", 5.0),
             pool_max_idle=env.seconds("ORDERSTREAM_POOL_MAX_IDLE", 300.0),
             command_timeout=env.seconds("ORDERSTREAM_COMMAND_TIMEOUT", 30.0),
@@ -109,6 +115,19 @@ class Settings:
             shutdown_grace=env.seconds("ORDERSTREAM_SHUTDOWN_GRACE", 20.0),
             health_check_interval=env.seconds("ORDERSTREAM_HEALTH_CHECK_INTERVAL", 2.0),
             page_token_key=env.secret("ORDERSTREAM_PAGE_TOKEN_KEY"),
+            # Each stream holds a connection for its whole life: by default
+            # half the pool, so unary calls always find one.
+            max_streams=env.integer(
+                "ORDERSTREAM_MAX_STREAMS", max(1, pool_max_size // 2), low=1, high=1000
+            ),
+            max_followers=env.integer("ORDERSTREAM_MAX_FOLLOWERS", 256, low=0, high=100_000),
+            stream_batch_bytes=env.integer(
+                "ORDERSTREAM_STREAM_BATCH_BYTES", 1 << 20, low=1024, high=3 << 20
+            ),
+            follow_poll_interval=env.seconds("ORDERSTREAM_FOLLOW_POLL_INTERVAL", 1.0),
+            max_upload_events=env.integer(
+                "ORDERSTREAM_MAX_UPLOAD_EVENTS", 10_000_000, low=1, high=1_000_000_000
+            ),
             migrate_on_start=env.boolean("ORDERSTREAM_MIGRATE_ON_START", True),
             event_loop=env.choice("ORDERSTREAM_EVENT_LOOP", "uvloop", ("uvloop", "asyncio")),
             log_level=env.choice(

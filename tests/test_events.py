@@ -37,7 +37,7 @@ async def test_publish_returns_increasing_ids_in_request_order(events):
 
 async def test_get_event_round_trips_every_field(events):
     sent = event(
-        subject="orders/7",
+        subject=unique("invoices/"),
         time=Timestamp(seconds=1_700_000_000, nanos=123_456_000),
         json_payload='{"amount": 3, "tags": ["a", "b"], "nested": {"ok": true}}',
     )

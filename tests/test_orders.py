@@ -36,7 +36,9 @@ async def test_create_order_computes_total_and_writes_event(orders, admin_db):
     assert order.create_time == order.update_time
     assert order.create_time.seconds > 0
     event = await admin_db.fetchrow(
-        "SELECT type, source, payload::text FROM events WHERE subject = $1", f"orders/{order.id}"
+        "SELECT type, source, payload::text FROM events "
+        "WHERE subject = $1 AND source = 'orderstream'",
+        f"orders/{order.id}",
     )
     assert event["type"] == "order.created"
     assert '"total_cents": 2599' in event["payload"]

@@ -1,0 +1,54 @@
+"""The rules an order's body obeys, shared by CreateOrder and ImportOrders."""
+
+from __future__ import annotations
+
+from orderstream.orders.v1 import order_pb2, order_service_pb2
+from service.validation import MAX_ID_LENGTH, Violations
+
+MAX_ITEMS = 1000
+MAX_SKU_LENGTH = 64
+MAX_QUANTITY = 10_000
+MAX_UNIT_PRICE_CENTS = 10**12
+MAX_TOTAL_CENTS = 2**63 - 1
+
+
+def order_total(
+    v: Violations,
+    order: order_service_pb2.CreateOrderRequest | order_pb2.Order,
+    prefix: str = "",
+) -> int:
+    """Adds a violation to `v` for every broken rule of the order's customer,
+    currency and items (fields named `{prefix}customer_id`,
+    `{prefix}items[2].quantity`, ...); returns the total in cents, which is
+    meaningful only if nothing was added.
+
+    Field names are formatted only for violations: ImportOrders runs this for
+    every order of a stream.
+    """
+    v.text(f"{prefix}customer_id", order.customer_id, max_length=MAX_ID_LENGTH)
+    currency = order.currency
+    if not (
+        len(currency) == 3 and currency.isascii() and currency.isalpha() and currency.isupper()
+    ):
+        v.add(f"{prefix}currency", "must be three upper-case letters (ISO 4217), e.g. EUR")
+    items = order.items
+    if not 1 <= len(items) <= MAX_ITEMS:
+        v.add(f"{prefix}items", f"must hold 1 to {MAX_ITEMS} items, got {len(items)}")
+    total = 0
+    for n, item in enumerate(items[:MAX_ITEMS]):
+        sku = item.sku
+        if not sku or len(sku) > MAX_SKU_LENGTH or "\x00" in sku:
+            v.text(f"{prefix}items[{n}].sku", sku, max_length=MAX_SKU_LENGTH)
+        quantity = item.quantity
+        if not 1 <= quantity <= MAX_QUANTITY:
+            v.add(f"{prefix}items[{n}].quantity", f"must be 1 to {MAX_QUANTITY}, got {quantity}")
+        price = item.unit_price_cents
+        if not 0 <= price <= MAX_UNIT_PRICE_CENTS:
+            v.add(
+                f"{prefix}items[{n}].unit_price_cents",
+                f"must be 0 to {MAX_UNIT_PRICE_CENTS}, got {price}",
+            )
+        total += quantity * price
+    if total > MAX_TOTAL_CENTS:
+        v.add(f"{prefix}items", "the order's total does not fit in 64 bits")
+    return total

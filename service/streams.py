@@ -1,0 +1,40 @@
+"""Bounds on long-lived calls, so streams cannot starve unary calls."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import grpc
+
+from service.errors import ServiceError
+
+
+class StreamSlots:
+    """A fixed number of slots; taking one when none is free fails at once
+    with RESOURCE_EXHAUSTED and RetryInfo rather than queueing the call."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self._free = limit
+        self._limit = limit
+        self._what = what
+
+    @property
+    def in_use(self) -> int:
+        return self._limit - self._free
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        if self._free <= 0:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "TOO_MANY_STREAMS",
+                f"all {self._limit} {self._what} slots of this server are busy; retry later",
+                retry_after=1.0,
+                metadata={"limit": str(self._limit)},
+            )
+        self._free -= 1
+        try:
+            yield
+        finally:
+            self._free += 1

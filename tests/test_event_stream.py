@@ -1,0 +1,313 @@
+"""StreamEvents: history through a cursor, the gap-free horizon under
+reordered commits, follow mode, limits, cancel and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+
+from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
+from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
+from service.server import App
+from service.settings import Settings
+from tests.support import create_request, eventually, rpc_error, running_app, unique
+
+INSERT_EVENT = """
+INSERT INTO events (type, source, subject, time, payload)
+VALUES ('test.reordered', '/tests', $1, now(), '{}') RETURNING id
+"""
+
+
+def new_event(subject: str, n: int = 0) -> event_pb2.Event:
+    return event_pb2.Event(
+        type="test.streamed", source="/tests", subject=subject, json_payload=json.dumps({"n": n})
+    )
+
+
+async def publish(events, subject: str, count: int) -> list[int]:
+    batch = [new_event(subject, n) for n in range(count)]
+    response = await events.PublishEvents(event_service_pb2.PublishEventsRequest(events=batch))
+    return list(response.ids)
+
+
+async def read_all(call) -> tuple[list[event_pb2.Event], int]:
+    """Every event of a finite stream, and how many messages carried them."""
+    received, messages = [], 0
+    while (response := await call.read()) is not grpc.aio.EOF:
+        messages += 1
+        received.extend(response.events)
+    return received, messages
+
+
+async def pool_is_full(app) -> bool:
+    return app.pool.get_idle_size() == app.pool.get_size()
+
+
+async def no_open_transactions(admin_db) -> bool:
+    return (
+        await admin_db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'orderstream' "
+            "AND state LIKE 'idle in transaction%'"
+        )
+        == 0
+    )
+
+
+async def test_history_streams_matching_events_in_order(events):
+    subject = unique("stream/")
+    ids = await publish(events, subject, 30)
+    await publish(events, unique("other/"), 5)
+    received, _ = await read_all(
+        events.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject))
+    )
+    assert [e.id for e in received] == ids
+    assert [json.loads(e.json_payload)["n"] for e in received] == list(range(30))
+    assert all(e.type == "test.streamed" and e.time.seconds > 0 for e in received)
+
+
+async def test_history_resumes_after_an_id(events):
+    subject = unique("stream/")
+    ids = await publish(events, subject, 20)
+    received, _ = await read_all(
+        events.StreamEvents(event_service_pb2.StreamEventsRequest(after_id=ids[9], subject=subject))
+    )
+    assert [e.id for e in received] == ids[10:]
+
+
+async def test_types_filter(events):
+    subject = unique("stream/")
+    wanted = await publish(events, subject, 3)
+    other = event_pb2.Event(type="test.other", source="/t", subject=subject, json_payload="{}")
+    await events.PublishEvents(event_service_pb2.PublishEventsRequest(events=[other]))
+    received, _ = await read_all(
+        events.StreamEvents(
+            event_service_pb2.StreamEventsRequest(subject=subject, types=["test.streamed", "x.y"])
+        )
+    )
+    assert [e.id for e in received] == wanted
+
+
+async def test_many_events_per_message_under_the_byte_budget(service_env, events):
+    subject = unique("stream/")
+    ids = await publish(events, subject, 500)
+    async with (
+        running_app(service_env, ORDERSTREAM_STREAM_BATCH_BYTES="4096") as small,
+        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
+    ):
+        stub = event_service_pb2_grpc.EventServiceStub(channel)
+        sizes, received = [], []
+        async for response in stub.StreamEvents(
+            event_service_pb2.StreamEventsRequest(subject=subject)
+        ):
+            sizes.append(response.ByteSize())
+            received.extend(response.events)
+    assert [e.id for e in received] == ids
+    assert len(sizes) > 5
+    assert all(size < 4096 + 512 for size in sizes)
+    assert len(received) / len(sizes) > 5, "expected many events per message"
+
+
+async def test_reordered_commits_are_never_skipped(events, admin_db, pg_cluster):
+    """A lower id committed after a higher one must not be jumped over."""
+    subject = unique("reordered/")
+    async with admin_db.acquire() as slow_writer:
+        transaction = slow_writer.transaction()
+        await transaction.start()
+        try:
+            low = await slow_writer.fetchval(INSERT_EVENT, subject)
+            high = await admin_db.fetchval(INSERT_EVENT, subject)  # commits at once
+            assert high > low
+            # The hazard is real: a plain read now sees the higher id alone.
+            visible = await admin_db.fetch("SELECT id FROM events WHERE subject = $1", subject)
+            assert [r["id"] for r in visible] == [high]
+
+            received, _ = await read_all(
+                events.StreamEvents(
+                    event_service_pb2.StreamEventsRequest(after_id=low - 1, subject=subject)
+                )
+            )
+            assert received == [], "streamed past an id that was still in flight"
+        finally:
+            await transaction.commit()
+    received, _ = await read_all(
+        events.StreamEvents(
+            event_service_pb2.StreamEventsRequest(after_id=low - 1, subject=subject)
+        )
+    )
+    assert [e.id for e in received] == [low, high]
+
+
+async def test_follower_waits_for_a_reordered_commit_then_gets_both_in_order(events, admin_db):
+    subject = unique("reordered/")
+    call = events.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject, follow=True))
+    async with admin_db.acquire() as slow_writer:
+        transaction = slow_writer.transaction()
+        await transaction.start()
+        low = await slow_writer.fetchval(INSERT_EVENT, subject)
+        high = await admin_db.fetchval(INSERT_EVENT, subject)
+        # Give the follower a wake-up while `low` is still in flight: it must
+        # not deliver `high` yet.
+        await publish(events, unique("noise/"), 1)
+        await transaction.commit()
+    await publish(events, unique("noise/"), 1)  # wakes local followers
+    first = await call.read()
+    received = list(first.events)
+    while len(received) < 2:
+        received.extend((await call.read()).events)
+    call.cancel()
+    assert [e.id for e in received] == [low, high]
+
+
+async def test_follow_hands_over_from_history_without_gap_or_duplicate(events):
+    subject = unique("follow/")
+    before = await publish(events, subject, 40)
+    stop = asyncio.Event()
+    published: list[int] = list(before)
+
+    async def keep_publishing() -> None:
+        while not stop.is_set():
+            published.extend(await publish(events, subject, 7))
+
+    writer = asyncio.create_task(keep_publishing())
+    call = events.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject, follow=True))
+    received: list[int] = []
+    try:
+        async for response in call:
+            received.extend(e.id for e in response.events)
+            if len(received) >= 300:
+                stop.set()
+                break
+        await writer
+        # Drain what was published after we stopped counting.
+        async for response in call:
+            received.extend(e.id for e in response.events)
+            if len(received) >= len(published):
+                break
+    finally:
+        stop.set()
+        call.cancel()
+        await writer
+    assert received == sorted(set(received)), "duplicate or out of order"
+    assert received == published
+
+
+async def test_followers_on_another_replica_are_woken_by_notify(service_env, events):
+    """With the fallback poll at a minute, only NOTIFY can deliver in time."""
+    subject = unique("notify/")
+    async with (
+        running_app(service_env, ORDERSTREAM_FOLLOW_POLL_INTERVAL="60") as replica,
+        grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel,
+    ):
+        stub = event_service_pb2_grpc.EventServiceStub(channel)
+        call = stub.StreamEvents(
+            event_service_pb2.StreamEventsRequest(subject=subject, follow=True), timeout=20
+        )
+        await eventually(lambda: _following(replica), what="the follower to start")
+        ids = await publish(events, subject, 3)  # through the other replica
+        received: list[int] = []
+        while len(received) < 3:
+            received.extend(e.id for e in (await call.read()).events)
+        call.cancel()
+    assert received == ids
+
+
+async def _following(app) -> bool:
+    """A follower takes its slot only once its history is done."""
+    return app.followers.in_use == 1
+
+
+async def test_follow_ends_at_the_deadline_and_returns_everything(app, events, admin_db):
+    subject = unique("deadline/")
+    call = events.StreamEvents(
+        event_service_pb2.StreamEventsRequest(subject=subject, follow=True), timeout=1.0
+    )
+    error = await rpc_error(read_all(call))
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await eventually(lambda: pool_is_full(app), what="connections to return")
+    await eventually(lambda: no_open_transactions(admin_db), what="transactions to end")
+
+
+async def test_shutdown_ends_followers_unavailable(service_env, events):
+    subject = unique("shutdown/")
+    app = await App.start(Settings.from_env(service_env))
+    stopped = False
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = event_service_pb2_grpc.EventServiceStub(channel)
+            call = stub.StreamEvents(
+                event_service_pb2.StreamEventsRequest(subject=subject, follow=True)
+            )
+            ids = await publish(events, subject, 2)
+            received = []
+            while len(received) < 2:
+                received.extend(e.id for e in (await call.read()).events)
+            assert received == ids
+            await app.stop(grace=5)
+            stopped = True
+            error = await rpc_error(read_all(call))
+            assert error.code == grpc.StatusCode.UNAVAILABLE
+            assert error.error_info.reason == "SHUTTING_DOWN"
+    finally:
+        if not stopped:
+            await app.stop(grace=1)
+
+
+async def test_streams_over_the_limit_fail_fast_and_unary_calls_still_work(
+    service_env, events, admin_db
+):
+    subject = unique("limit/")
+    for _ in range(4):
+        await publish(events, subject, 1000)
+    async with (
+        running_app(
+            service_env, ORDERSTREAM_MAX_STREAMS="1", ORDERSTREAM_STREAM_BATCH_BYTES="2048"
+        ) as limited,
+        grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as channel,
+    ):
+        stub = event_service_pb2_grpc.EventServiceStub(channel)
+        # A reader that stops reading: the server blocks in write() holding
+        # its stream slot and connection.
+        stalled = stub.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject))
+        await stalled.read()
+        error = await rpc_error(
+            read_all(stub.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject)))
+        )
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.error_info.reason == "TOO_MANY_STREAMS"
+        assert error.retry_info is not None
+        orders = order_service_pb2_grpc.OrderServiceStub(channel)
+        created = await orders.CreateOrder(create_request(), timeout=5)
+        assert (await orders.GetOrder(order_service_pb2.GetOrderRequest(id=created.id))).id
+        stalled.cancel()
+        await eventually(lambda: pool_is_full(limited), what="the stalled stream's connection")
+        received, _ = await read_all(
+            stub.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject))
+        )
+        assert len(received) == 4000
+
+
+async def test_cancel_mid_history_returns_the_connection(app, events, admin_db):
+    subject = unique("cancel/")
+    for _ in range(3):
+        await publish(events, subject, 1000)
+    for _ in range(20):
+        call = events.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject))
+        await call.read()
+        call.cancel()
+    await eventually(lambda: pool_is_full(app), what="connections to return")
+    await eventually(lambda: no_open_transactions(admin_db), what="transactions to end")
+
+
+async def test_invalid_stream_requests(events):
+    cases = [
+        (event_service_pb2.StreamEventsRequest(after_id=-1), "after_id"),
+        (event_service_pb2.StreamEventsRequest(subject="a\x00"), "subject"),
+        (event_service_pb2.StreamEventsRequest(types=[""]), "types[0]"),
+        (event_service_pb2.StreamEventsRequest(types=["t"] * 101), "types"),
+    ]
+    for request, field in cases:
+        error = await rpc_error(read_all(events.StreamEvents(request)))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in error.violations

@@ -1,0 +1,100 @@
+"""ExportOrders: one consistent snapshot, many orders per message."""
+
+from __future__ import annotations
+
+import grpc
+
+from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
+from tests.support import create_request, eventually, rpc_error, running_app, unique
+
+
+async def export_all(stub, request) -> tuple[list[order_pb2.Order], int]:
+    orders, messages = [], 0
+    call = stub.ExportOrders(request)
+    while (response := await call.read()) is not grpc.aio.EOF:
+        messages += 1
+        orders.extend(response.orders)
+    return orders, messages
+
+
+async def test_export_returns_every_matching_order_with_items(orders):
+    customer = unique("cust")
+    created = [await orders.CreateOrder(create_request(customer_id=customer)) for _ in range(12)]
+    await orders.CreateOrder(create_request())  # another customer
+    exported, _ = await export_all(
+        orders, order_service_pb2.ExportOrdersRequest(customer_id=customer)
+    )
+    assert exported == created
+
+
+async def test_export_filters_like_list(orders):
+    customer = unique("cust")
+    created = [await orders.CreateOrder(create_request(customer_id=customer)) for _ in range(4)]
+    paid = await orders.UpdateOrderStatus(
+        order_service_pb2.UpdateOrderStatusRequest(
+            id=created[1].id, status=order_pb2.ORDER_STATUS_PAID
+        )
+    )
+    exported, _ = await export_all(
+        orders,
+        order_service_pb2.ExportOrdersRequest(
+            customer_id=customer, status=order_pb2.ORDER_STATUS_PAID
+        ),
+    )
+    assert exported == [paid]
+    later, _ = await export_all(
+        orders,
+        order_service_pb2.ExportOrdersRequest(
+            customer_id=customer, created_after=created[2].create_time
+        ),
+    )
+    assert [o.id for o in later] == [o.id for o in created[2:]]
+
+
+async def test_export_reads_one_snapshot_while_orders_change(service_env, orders):
+    customer = unique("cust")
+    created = [await orders.CreateOrder(create_request(customer_id=customer)) for _ in range(60)]
+    async with (
+        running_app(service_env, ORDERSTREAM_STREAM_BATCH_BYTES="1024") as small,
+        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
+    ):
+        stub = order_service_pb2_grpc.OrderServiceStub(channel)
+        call = stub.ExportOrders(order_service_pb2.ExportOrdersRequest(customer_id=customer))
+        exported = list((await call.read()).orders)
+        assert 0 < len(exported) < 60
+        # Change the rest, and add one, while the export is half way.
+        last = created[-1]
+        await orders.UpdateOrderStatus(
+            order_service_pb2.UpdateOrderStatusRequest(
+                id=last.id, status=order_pb2.ORDER_STATUS_CANCELLED
+            )
+        )
+        await orders.CreateOrder(create_request(customer_id=customer))
+        messages = 1
+        while (response := await call.read()) is not grpc.aio.EOF:
+            messages += 1
+            exported.extend(response.orders)
+    assert messages > 3
+    assert exported == created, "the export must show the snapshot it started with"
+
+
+async def test_export_rejects_invalid_filters(orders):
+    error = await rpc_error(
+        export_all(orders, order_service_pb2.ExportOrdersRequest(customer_id="x\x00"))
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "customer_id" in error.violations
+
+
+async def test_cancelled_export_returns_its_connection(app, orders):
+    customer = unique("cust")
+    for _ in range(30):
+        await orders.CreateOrder(create_request(customer_id=customer))
+    call = orders.ExportOrders(order_service_pb2.ExportOrdersRequest(customer_id=customer))
+    await call.read()
+    call.cancel()
+    await eventually(lambda: _pool_full(app), what="the export's connection to return to the pool")
+
+
+async def _pool_full(app) -> bool:
+    return app.pool.get_idle_size() == app.pool.get_size()
