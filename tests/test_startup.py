@@ -1,0 +1,370 @@
+"""The service refuses to start on an unverified or misconfigured database
+connection, with a clear message and without falling back to plain text;
+the explicit development opt-in works and says so loudly; a taken port is
+an error, not a shared port; settings never show the password."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.database import StartupError
+from service.devcluster import Cluster, make_ca_only
+from service.server import App
+from service.settings import Settings, SettingsError
+from tests.support import running_app
+
+ROOT = Path(__file__).resolve().parents[1]
+EXIT_CONFIG = 2
+# The cluster writes its server log here (see service/devcluster.py's layout).
+SERVER_LOG = "server.log"
+PLAIN_TEXT_REJECTED = "no encryption"  # PostgreSQL's pg_hba message for a plain-text attempt
+
+
+# --------------------------------------------------------------------------
+# A real `python -m service` child process, its log lines read as they come
+# --------------------------------------------------------------------------
+
+
+class ServiceProcess:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+        self._readers = [
+            asyncio.create_task(self._read(stream))
+            for stream in (process.stderr, process.stdout)
+            if stream is not None
+        ]
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+            self._changed.set()
+        self._changed.set()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        found = []
+        for line in self.lines:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    found.append(entry)
+        return found
+
+    async def record(self, message: str, timeout: float = 15.0) -> dict[str, Any]:
+        """Waits for the log record with this message."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self._changed.clear()
+                for entry in self.records:
+                    if entry.get("message") == message:
+                        return entry
+                if all(reader.done() for reader in self._readers):
+                    raise AssertionError(
+                        f"the process ended without logging {message!r}:\n{self.output}"
+                    )
+                await self._changed.wait()
+
+    async def exit_code(self, timeout: float = 15.0) -> int:
+        async with asyncio.timeout(timeout):
+            code = await self.process.wait()
+            await asyncio.gather(*self._readers)
+        return code
+
+
+@contextlib.asynccontextmanager
+async def service_process(env: dict[str, str], *args: str) -> AsyncIterator[ServiceProcess]:
+    """Starts `python -m service ARGS`; kills it if the test leaves it running."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        *args,
+        env=env,
+        cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    child = ServiceProcess(process)
+    try:
+        yield child
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        await process.wait()
+        await asyncio.gather(*child._readers)
+
+
+def process_env(service_env: dict[str, str], **overrides: str | None) -> dict[str, str]:
+    """os.environ + the deployment's settings + overrides (None removes a variable)."""
+    env = {**os.environ, **service_env}
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+class ServerLog:
+    """What the PostgreSQL server logged since this object was made."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._path = cluster.data_dir / SERVER_LOG
+        self._start = self._path.stat().st_size
+
+    def new_text(self) -> str:
+        with open(self._path, "rb") as handle:
+            handle.seek(self._start)
+            return handle.read().decode(errors="replace")
+
+
+# --------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    name: str
+    env: Callable[[Cluster, Path], dict[str, str]]
+    error: type[Exception]
+    fragments: tuple[str, ...]
+    # An unverified TLS failure must not be followed by a plain-text attempt.
+    checks_no_plain_text: bool = field(default=False)
+
+
+def _url(cluster: Cluster, query: str = "", host: str | None = None) -> str:
+    return cluster.dsn(host=host) + (f"?{query}" if query else "")
+
+
+REFUSALS = [
+    Refusal(
+        "wrong-ca",
+        lambda c, tmp: {"PGSSLROOTCERT": str(make_ca_only(tmp, "impostor CA"))},
+        StartupError,
+        (
+            "cannot verify the database server's certificate",
+            "unable to get local issuer certificate",
+        ),
+        checks_no_plain_text=True,
+    ),
+    Refusal(
+        "host-not-on-certificate",
+        # The cluster listens on 127.0.0.2, but its certificate names only
+        # localhost and 127.0.0.1.
+        lambda c, tmp: {"DATABASE_URL": _url(c, host="127.0.0.2")},
+        StartupError,
+        ("cannot verify the database server's certificate", "127.0.0.2", "mismatch"),
+        checks_no_plain_text=True,
+    ),
+    Refusal(
+        "missing-ca-file",
+        lambda c, tmp: {"PGSSLROOTCERT": str(tmp / "no-such-ca.crt")},
+        StartupError,
+        ("no-such-ca.crt", "does not exist"),
+    ),
+    Refusal(
+        "disable-without-opt-in",
+        lambda c, tmp: {"DATABASE_URL": _url(c, "sslmode=disable")},
+        StartupError,
+        ("sslmode=disable", "ORDERSTREAM_ALLOW_INSECURE_DATABASE"),
+    ),
+    Refusal(
+        "require-without-opt-in",
+        lambda c, tmp: {"PGSSLMODE": "require"},
+        StartupError,
+        ("sslmode=require", "ORDERSTREAM_ALLOW_INSECURE_DATABASE"),
+    ),
+    Refusal(
+        "prefer-even-with-opt-in",
+        lambda c, tmp: {
+            "DATABASE_URL": _url(c, "sslmode=prefer"),
+            "ORDERSTREAM_ALLOW_INSECURE_DATABASE": "1",
+        },
+        SettingsError,
+        ("sslmode=prefer", "plain text"),
+    ),
+    Refusal(
+        "allow-even-with-opt-in",
+        lambda c, tmp: {"PGSSLMODE": "allow", "ORDERSTREAM_ALLOW_INSECURE_DATABASE": "1"},
+        SettingsError,
+        ("sslmode=allow", "plain text"),
+    ),
+    Refusal(
+        "malformed-port",
+        lambda c, tmp: {"ORDERSTREAM_PORT": "abc"},
+        SettingsError,
+        ("ORDERSTREAM_PORT", "'abc'"),
+    ),
+]
+
+
+def _secrets(cluster: Cluster, service_env: dict[str, str]) -> list[str]:
+    return [cluster.app_password, cluster.admin_password, service_env["ORDERSTREAM_PAGE_TOKEN_KEY"]]
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=lambda case: case.name)
+async def test_refuses_to_start_in_process(case, pg_cluster, service_env, tmp_path):
+    server_log = ServerLog(pg_cluster)
+    env = {**service_env, **case.env(pg_cluster, tmp_path)}
+    with pytest.raises(case.error) as raised:
+        app = await App.start(Settings.from_env(env))
+        await app.stop(grace=1)  # only reached if the refusal is missing
+    message = str(raised.value)
+    for fragment in case.fragments:
+        assert fragment in message
+    for secret in _secrets(pg_cluster, service_env):
+        assert secret not in message
+    if case.checks_no_plain_text:
+        assert PLAIN_TEXT_REJECTED not in server_log.new_text()
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=lambda case: case.name)
+async def test_refuses_to_start_as_a_process(case, pg_cluster, service_env, tmp_path):
+    """Exit code 2, one clear ERROR record naming the problem, no traceback,
+    no secret anywhere in the output."""
+    server_log = ServerLog(pg_cluster)
+    env = process_env(service_env, **case.env(pg_cluster, tmp_path))
+    async with service_process(env, "serve", "--port", "0") as child:
+        code = await child.exit_code()
+    assert code == EXIT_CONFIG, child.output
+    errors = [r for r in child.records if r.get("level") == "ERROR"]
+    assert len(errors) == 1, child.output
+    for fragment in case.fragments:
+        assert fragment in errors[0]["message"], child.output
+    assert "Traceback" not in child.output
+    for secret in _secrets(pg_cluster, service_env):
+        assert secret not in child.output
+    if case.checks_no_plain_text:
+        assert PLAIN_TEXT_REJECTED not in server_log.new_text()
+
+
+async def test_disable_with_opt_in_really_is_plain_text_and_the_cluster_refuses_it(
+    pg_cluster, service_env
+):
+    """The control for the 'no plain-text fallback' checks above: a plain-text
+    attempt does show up in the server log (and this cluster only takes TLS)."""
+    server_log = ServerLog(pg_cluster)
+    env = {
+        **service_env,
+        "DATABASE_URL": _url(pg_cluster, "sslmode=disable"),
+        "ORDERSTREAM_ALLOW_INSECURE_DATABASE": "1",
+    }
+    with pytest.raises(StartupError, match="cannot connect to the database") as raised:
+        await App.start(Settings.from_env(env))
+    assert pg_cluster.app_password not in str(raised.value)
+    assert PLAIN_TEXT_REJECTED in server_log.new_text()
+
+
+# --------------------------------------------------------------------------
+# The explicit development opt-in
+# --------------------------------------------------------------------------
+
+
+async def test_require_with_opt_in_serves_and_warns_loudly(pg_cluster, service_env):
+    """sslmode=require (encrypted, unverified) + the opt-in: the service runs
+    (default event loop, uvloop) and warns INSECURE before it serves."""
+    env = process_env(
+        service_env,
+        DATABASE_URL=_url(pg_cluster, "sslmode=require"),
+        ORDERSTREAM_ALLOW_INSECURE_DATABASE="1",
+        ORDERSTREAM_EVENT_LOOP=None,
+    )
+    async with service_process(env, "serve", "--port", "0") as child:
+        serving = await child.record("serving")
+        warnings = [
+            r
+            for r in child.records
+            if r.get("level") == "WARNING" and "INSECURE" in r.get("message", "")
+        ]
+        assert warnings, child.output
+        assert child.records.index(warnings[0]) < child.records.index(serving)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{serving['port']}") as channel:
+            check = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+        child.process.send_signal(signal.SIGTERM)
+        assert await child.exit_code() == 0, child.output
+    assert pg_cluster.app_password not in child.output
+
+
+# --------------------------------------------------------------------------
+# The port
+# --------------------------------------------------------------------------
+
+
+async def test_second_server_on_a_taken_port_fails_instead_of_sharing_it(service_env):
+    async with running_app(service_env) as first:
+        env = process_env(service_env)
+        async with service_process(env, "serve", "--port", str(first.port)) as second:
+            code = await second.exit_code()
+        assert code == EXIT_CONFIG, second.output
+        errors = [r for r in second.records if r.get("level") == "ERROR"]
+        assert errors and "cannot listen" in errors[0]["message"], second.output
+        assert str(first.port) in errors[0]["message"]
+        assert not any(r.get("message") == "serving" for r in second.records)
+        # The first server still owns the port and answers.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+            check = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# --------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------
+
+
+def test_settings_and_database_target_never_show_the_password(pg_cluster, service_env):
+    password = pg_cluster.app_password
+    settings = Settings.from_env(
+        {**service_env, "DATABASE_URL": _url(pg_cluster, "sslmode=verify-full&connect_timeout=5")}
+    )
+    target = settings.database
+    assert password in target.dsn.reveal()  # it is there, only hidden
+    page_key = service_env["ORDERSTREAM_PAGE_TOKEN_KEY"]
+    for text in (
+        repr(settings),
+        str(settings),
+        repr(target),
+        str(target),
+        f"{target.dsn}",
+        target.describe(),
+    ):
+        assert password not in text
+        assert page_key not in text
+    assert target.host == pg_cluster.host
+    assert target.port == pg_cluster.port
+    assert target.ssl_mode == "verify-full"
+    # ssl* parameters are taken out of the DSN handed to asyncpg; others stay.
+    assert "sslmode" not in target.dsn.reveal()
+    assert "connect_timeout=5" in target.dsn.reveal()
+
+
+def test_malformed_setting_names_the_variable(service_env):
+    with pytest.raises(SettingsError, match="ORDERSTREAM_PORT") as raised:
+        Settings.from_env({**service_env, "ORDERSTREAM_PORT": "abc"})
+    assert "abc" in str(raised.value)
