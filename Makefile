@@ -15,12 +15,13 @@ STAMPS := .stamps
 DEVDB ?= .devdb
 PYTEST_ARGS ?=
 
-.PHONY: help install run test gen check-gen lint format devdb-down
+.PHONY: help install run test gen check-gen lint format devdb-down bench
 
 help:
 	@echo "make run    serve on localhost:50051 (starts a local TLS PostgreSQL unless DATABASE_URL is set)"
 	@echo "make test   install what is missing and run the whole suite"
 	@echo "make gen    regenerate the Python stubs from protos/"
+	@echo "make bench  measure bulk streaming against psql COPY (several minutes)"
 
 install: $(STAMPS)/system $(STAMPS)/python $(STAMPS)/node
 
@@ -75,3 +76,6 @@ run: install
 
 devdb-down: $(STAMPS)/python
 	$(PY) -m service.devcluster down $(DEVDB)
+
+bench: install
+	$(PY) -m bench.streaming
