@@ -8,9 +8,11 @@ NOTIFY inside every write would serialise all commits on PostgreSQL's notify
 queue lock). One LISTEN connection per process, opened directly rather than
 taken from the pool (LISTEN is session state; behind a transaction-pooling
 PgBouncer it needs a direct connection anyway), receives other replicas'
-announcements. Followers also look again every `poll_interval`, which covers
-events written by anything else and announcements lost while the listener
-reconnects.
+announcements. The same connection checks the feed's safe horizon every
+`poll_interval` and wakes followers when it moved, which covers events
+written by anything else: one query per process, however many followers.
+While that connection is down, followers look again every `poll_interval`
+themselves.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+
+from service.event_sql import SAFE_HORIZON
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class EventFeed:
         self._changed = asyncio.Event()
         self._announce_pending = asyncio.Event()
         self._closing = asyncio.Event()
+        self._connected = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -59,8 +64,8 @@ class EventFeed:
         self._announce_pending.set()
 
     async def wait(self, seen_generation: int) -> None:
-        """Returns on a wake-up after `seen_generation`, on shutdown, or
-        after poll_interval, whichever comes first."""
+        """Returns on a wake-up after `seen_generation` or on shutdown; while
+        the listener is down, also after poll_interval."""
         if self._generation != seen_generation or self.closing:
             return
         waiters = (
@@ -110,24 +115,36 @@ class EventFeed:
             conn.add_termination_listener(lambda _, lost=lost: lost.set())
             try:
                 await conn.add_listener(CHANNEL, self._on_notification)
+                self._connected = True
                 # Anything may have been missed while disconnected.
                 self._wake()
                 await self._announce_until_lost(conn, lost)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("event feed listener lost its connection: %s", type(exc).__name__)
             finally:
+                self._connected = False
+                self._wake()  # followers fall back to polling themselves
                 with contextlib.suppress(Exception):
                     await asyncio.shield(conn.close(timeout=2))
 
     async def _announce_until_lost(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        horizon = await conn.fetchval(SAFE_HORIZON, timeout=5)
         while True:
             pending = asyncio.ensure_future(self._announce_pending.wait())
             gone = asyncio.ensure_future(lost.wait())
-            await asyncio.wait((pending, gone), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                (pending, gone), timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED
+            )
             pending.cancel()
             gone.cancel()
             if lost.is_set():
                 return
-            self._announce_pending.clear()
-            await conn.execute("SELECT pg_notify($1, '')", CHANNEL, timeout=5)
-            await asyncio.sleep(self._notify_interval)
+            if self._announce_pending.is_set():
+                self._announce_pending.clear()
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL, timeout=5)
+                await asyncio.sleep(self._notify_interval)
+                continue
+            moved = await conn.fetchval(SAFE_HORIZON, timeout=5)
+            if moved != horizon:
+                horizon = moved
+                self._wake()

@@ -311,3 +311,19 @@ async def test_invalid_stream_requests(events):
         error = await rpc_error(read_all(events.StreamEvents(request)))
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
         assert field in error.violations
+
+
+async def test_events_written_outside_the_service_reach_idle_followers(app, events, admin_db):
+    """No announcement and no NOTIFY: the feed's own horizon check (one
+    query per process and poll interval) must wake the follower."""
+    subject = unique("outside/")
+    call = events.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject, follow=True))
+    await eventually(lambda: _following_at_least_one(app), what="the follower to start")
+    written = await admin_db.fetchval(INSERT_EVENT, subject)
+    response = await call.read()
+    call.cancel()
+    assert [e.id for e in response.events] == [written]
+
+
+async def _following_at_least_one(app) -> bool:
+    return app.followers.in_use >= 1
