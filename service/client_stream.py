@@ -55,6 +55,17 @@ def check_key(key: str, field: str) -> None:
         )
 
 
+def load_in_progress(kind: str, key_name: str, key: str) -> ServiceError:
+    """A load with the same key is still running (we outwaited our timeout)."""
+    return ServiceError(
+        grpc.StatusCode.ABORTED,
+        f"{kind.upper()}_IN_PROGRESS",
+        f"another {kind} with this {key_name} is still running; retry to get its result",
+        retry_after=1.0,
+        metadata={key_name: key},
+    )
+
+
 def key_mismatch(field: str) -> ServiceError:
     return invalid_argument(
         [FieldViolation(field, "must be empty or the same as in the first message")]

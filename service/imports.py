@@ -40,6 +40,7 @@ from service.client_stream import (
     confirm_end,
     first_message,
     key_mismatch,
+    load_in_progress,
 )
 from service.errors import ServiceError
 from service.order_rules import order_total
@@ -108,16 +109,6 @@ FROM (
 WHERE import_id = $1
 RETURNING imports.order_count, imports.first_order_id, imports.last_order_id
 """
-
-
-def _in_progress(import_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.ABORTED,
-        "IMPORT_IN_PROGRESS",
-        "another import with this import_id is still running; retry to get its result",
-        retry_after=1.0,
-        metadata={"import_id": import_id},
-    )
 
 
 def _response(row: asyncpg.Record) -> order_service_pb2.ImportOrdersResponse:
@@ -217,11 +208,11 @@ async def _load(
     try:
         claim = await conn.fetchrow(_CLAIM, import_id, timeout=db.query_timeout(context))
     except TimeoutError:
-        raise _in_progress(import_id) from None
+        raise load_in_progress("import", "import_id", import_id) from None
     if claim is None:
         stored = await conn.fetchrow(_STORED, import_id, timeout=db.query_timeout(context))
         if stored is None:  # unreachable unless imports rows are deleted
-            raise _in_progress(import_id)
+            raise load_in_progress("import", "import_id", import_id)
         return _response(stored), False
 
     await conn.execute(_CREATE_STAGING, timeout=db.query_timeout(context))

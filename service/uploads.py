@@ -59,6 +59,7 @@ from service.client_stream import (
     confirm_end,
     first_message,
     key_mismatch,
+    load_in_progress,
 )
 from service.errors import FieldViolation, ServiceError, invalid_argument
 from service.payload import InvalidPayload, json_object_text
@@ -147,16 +148,6 @@ def _too_large(max_events: int) -> ServiceError:
         "UPLOAD_TOO_LARGE",
         f"an upload may hold at most {max_events} events; split it into several uploads",
         metadata={"max_events": str(max_events)},
-    )
-
-
-def _in_progress(upload_id: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.ABORTED,
-        "UPLOAD_IN_PROGRESS",
-        "another upload with this upload_id is still running; retry to get its result",
-        retry_after=1.0,
-        metadata={"upload_id": upload_id},
     )
 
 
@@ -305,11 +296,11 @@ async def _load(
     try:
         claim = await conn.fetchrow(_CLAIM, upload_id, timeout=db.query_timeout(context))
     except TimeoutError:
-        raise _in_progress(upload_id) from None
+        raise load_in_progress("upload", "upload_id", upload_id) from None
     if claim is None:
         stored = await conn.fetchrow(_STORED, upload_id, timeout=db.query_timeout(context))
         if stored is None:  # unreachable unless uploads rows are deleted
-            raise _in_progress(upload_id)
+            raise load_in_progress("upload", "upload_id", upload_id)
         return _response(stored), False
 
     rows = _UploadRows(
