@@ -86,15 +86,51 @@ async def test_export_rejects_invalid_filters(orders):
     assert "customer_id" in error.violations
 
 
-async def test_cancelled_export_returns_its_connection(app, orders):
+async def test_cancelled_export_returns_its_connection(app, orders, admin_db):
     customer = unique("cust")
     for _ in range(30):
         await orders.CreateOrder(create_request(customer_id=customer))
     call = orders.ExportOrders(order_service_pb2.ExportOrdersRequest(customer_id=customer))
     await call.read()
     call.cancel()
-    await eventually(lambda: _pool_full(app), what="the export's connection to return to the pool")
+    await eventually(lambda: _pool_full(app), what="the export's connection to return")
+    await eventually(lambda: _nothing_left(admin_db), what="the export's transaction to end")
+
+
+async def test_export_past_its_deadline_returns_its_connection(service_env, orders, admin_db):
+    customer = unique("cust")
+    for _ in range(40):
+        await orders.CreateOrder(create_request(customer_id=customer))
+    async with (
+        running_app(service_env, ORDERSTREAM_STREAM_BATCH_BYTES="1024") as small,
+        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
+    ):
+        stub = order_service_pb2_grpc.OrderServiceStub(channel)
+        # A reader that stops after one message: the server waits in write()
+        # holding its snapshot until the deadline ends the call.
+        call = stub.ExportOrders(
+            order_service_pb2.ExportOrdersRequest(customer_id=customer), timeout=1.0
+        )
+        await call.read()
+        assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await eventually(lambda: _pool_full(small), what="the export's connection to return")
+    await eventually(lambda: _nothing_left(admin_db), what="the export's transaction to end")
 
 
 async def _pool_full(app) -> bool:
     return app.pool.get_idle_size() == app.pool.get_size()
+
+
+async def _nothing_left(admin_db) -> bool:
+    """No service backend still in a transaction or running the export."""
+    return (
+        await admin_db.fetchval(
+            """
+            SELECT count(*) FROM pg_stat_activity
+            WHERE application_name = 'orderstream'
+              AND (state LIKE 'idle in transaction%'
+                   OR (state = 'active' AND query LIKE '%FROM orders o%'))
+            """
+        )
+        == 0
+    )
