@@ -5,26 +5,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
 from dataclasses import replace as dataclasses_replace
 from typing import Any
 
-from service import logs
+from service import logs, workers
 from service.database import StartupError, close_pool, open_pool
 from service.migrate import migrate
 from service.server import App
 from service.settings import Settings, SettingsError
+from service.tracing import Tracing
 
 log = logging.getLogger("service")
 
 EXIT_CONFIG = 2
 
 
-async def _serve(settings: Settings) -> None:
-    app = await App.start(settings)
-    log.info("serving", extra={"port": app.port})
+async def _serve(settings: Settings, reuse_port: bool = False) -> None:
+    app = await App.start(settings, reuse_port=reuse_port, tracing=Tracing.from_env(os.environ))
+    log.info(
+        "serving",
+        extra={
+            "port": app.port,
+            "tls": settings.tls is not None,
+            "mtls": settings.tls is not None and settings.tls.client_ca is not None,
+            "health_port": app.health_port,
+            "metrics_port": app.metrics_port,
+        },
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -58,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate"))
     parser.add_argument("--port", type=int, help="overrides ORDERSTREAM_PORT (0: any free port)")
+    parser.add_argument(
+        "--workers", type=int, help="overrides ORDERSTREAM_WORKERS: processes sharing the port"
+    )
     args = parser.parse_args(argv)
     logs.configure("INFO")
     try:
@@ -67,8 +81,25 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.port is not None:
         settings = dataclasses_replace(settings, port=args.port)
+    if args.workers is not None:
+        if args.workers < 1:
+            parser.error("--workers must be at least 1")
+        settings = dataclasses_replace(settings, workers=args.workers)
     logs.configure(settings.log_level)
-    command = _serve(settings) if args.command == "serve" else _migrate(settings)
+    if args.command == "migrate":
+        return _run_checked(settings, _migrate(settings))
+    if settings.workers > 1:
+        try:
+            return workers.run(
+                settings, settings.workers, lambda own: _run_checked(own, _serve(own, True))
+            )
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            return EXIT_CONFIG
+    return _run_checked(settings, _serve(settings))
+
+
+def _run_checked(settings: Settings, command: Coroutine[Any, Any, None]) -> int:
     try:
         _run(settings, command)
     except StartupError as exc:

@@ -3,6 +3,10 @@
 `App.start` opens the pool (verifying the database's certificate), applies
 migrations, binds the port (0 picks a free one, which tests rely on) and
 starts serving; `App.stop` is the graceful shutdown SIGTERM triggers.
+
+Besides the main listener (plain text or TLS/mTLS) it may serve health alone
+on a plain-text port, for Kubernetes' gRPC probes, which cannot speak TLS,
+and Prometheus metrics over HTTP on another.
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ from service.database import StartupError, close_pool, connect_direct, open_pool
 from service.event_service import EventService
 from service.feed import EventFeed
 from service.health import DatabaseHealth
+from service.interceptors import ObservingInterceptor
+from service.listener_tls import server_credentials
+from service.metrics import Metrics, MetricsEndpoint
 from service.migrate import migrate
 from service.order_service import OrderService
 from service.page_token import PageTokens
 from service.settings import Settings
 from service.streams import StreamSlots
+from service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,7 @@ SERVICE_NAMES = (
     order_service_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name,
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
+LIVENESS_SERVICE = "liveness"
 
 
 def _page_tokens(settings: Settings) -> PageTokens:
@@ -107,23 +116,47 @@ class App:
     followers: StreamSlots
     port: int
     _health_task: asyncio.Task[None]
+    health_server: grpc.aio.Server | None
+    health_port: int | None
+    metrics: Metrics
+    metrics_endpoint: MetricsEndpoint | None
+    tracing: Tracing | None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_endpoint.port if self.metrics_endpoint else None
 
     @classmethod
-    async def start(cls, settings: Settings) -> App:
+    async def start(
+        cls, settings: Settings, *, reuse_port: bool = False, tracing: Tracing | None = None
+    ) -> App:
+        """`reuse_port`: share the ports with sibling workers (--workers)."""
         pool = await open_pool(settings)
         try:
             if settings.migrate_on_start:
                 async with pool.acquire(timeout=settings.pool_acquire_timeout) as conn:
                     await migrate(conn)
-            return await cls._serve(settings, pool)
+            return await cls._serve(settings, pool, reuse_port, tracing)
         except BaseException:
             await close_pool(pool, settings.shutdown_grace)
             raise
 
     @classmethod
-    async def _serve(cls, settings: Settings, pool: asyncpg.Pool) -> App:
-        # A second server on a taken port must fail, not silently share it.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    async def _serve(
+        cls,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        reuse_port: bool,
+        tracing: Tracing | None,
+    ) -> App:
+        metrics = Metrics()
+        metrics.watch_pool(pool)
+        # A second server on a taken port must fail, not silently share it;
+        # only sibling workers share on purpose.
+        options = [("grpc.so_reuseport", int(reuse_port))]
+        server = grpc.aio.server(
+            interceptors=[ObservingInterceptor(metrics, tracing)], options=options
+        )
         db = Database(
             pool,
             acquire_timeout=settings.pool_acquire_timeout,
@@ -149,17 +182,19 @@ class App:
             server,
         )
         health_servicer = _HealthServicer()
+        # For liveness probes: SERVING while the process answers at all, so
+        # a database outage makes pods unready instead of restarting them.
+        await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        address = f"{settings.host}:{settings.port}"
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError:
-            port = 0
-        if port == 0:
-            raise StartupError(f"cannot listen on {address}: address in use or unavailable")
+        port = _listen(server, settings.host, settings.port, settings)
+        health_server = health_port = None
+        if settings.health_port is not None:
+            health_server = grpc.aio.server(options=options)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+            health_port = _listen(health_server, settings.host, settings.health_port, None)
         database_health = DatabaseHealth(
             health_servicer,
             pool,
@@ -167,10 +202,38 @@ class App:
             interval=settings.health_check_interval,
             timeout=min(settings.pool_acquire_timeout, settings.health_check_interval),
         )
+        endpoint = None
+        if settings.metrics_port is not None:
+            try:
+                endpoint = MetricsEndpoint.start(
+                    metrics.registry, settings.host, settings.metrics_port
+                )
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}"
+                ) from None
+        if tracing is not None:
+            tracing.start()
         await server.start()
+        if health_server is not None:
+            await health_server.start()
         await feed.start()
         task = asyncio.create_task(database_health.run(), name="database-health")
-        return cls(settings, pool, server, database_health, feed, followers, port, task)
+        return cls(
+            settings,
+            pool,
+            server,
+            database_health,
+            feed,
+            followers,
+            port,
+            task,
+            health_server,
+            health_port,
+            metrics,
+            endpoint,
+            tracing,
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, refuse new calls, let in-flight calls finish
@@ -184,4 +247,27 @@ class App:
         await self.feed.close()
         await stopping
         await self._health_task
+        # Probes keep seeing NOT_SERVING until the main listener is gone.
+        if self.health_server is not None:
+            await self.health_server.stop(None)
         await close_pool(self.pool, timeout=grace)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
+        if self.tracing is not None:
+            self.tracing.shutdown()
+
+
+def _listen(server: grpc.aio.Server, host: str, port: int, settings: Settings | None) -> int:
+    """Binds `port` (0: any free one), with TLS when `settings` asks for it."""
+    address = f"{host}:{port}"
+    tls = settings.tls if settings is not None else None
+    try:
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, server_credentials(tls))
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise StartupError(f"cannot listen on {address}: address in use or unavailable")
+    return bound

@@ -72,6 +72,15 @@ class DatabaseTarget:
 
 
 @dataclass(frozen=True)
+class ListenerTls:
+    """The gRPC listener's certificate, and the CA its callers' must chain to."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None  # set: every caller must present a certificate (mTLS)
+
+
+@dataclass(frozen=True)
 class Settings:
     database: DatabaseTarget
     allow_insecure_database: bool
@@ -94,6 +103,10 @@ class Settings:
     migrate_on_start: bool
     event_loop: str
     log_level: str
+    workers: int
+    metrics_port: int | None
+    health_port: int | None
+    tls: ListenerTls | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -133,6 +146,10 @@ class Settings:
             log_level=env.choice(
                 "ORDERSTREAM_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")
             ),
+            workers=env.integer("ORDERSTREAM_WORKERS", 1, low=1, high=256),
+            metrics_port=env.optional_integer("ORDERSTREAM_METRICS_PORT", low=0, high=65535),
+            health_port=env.optional_integer("ORDERSTREAM_HEALTH_PORT", low=0, high=65535),
+            tls=_listener_tls(env),
         )
         if settings.pool_min_size > settings.pool_max_size:
             raise SettingsError(
@@ -178,6 +195,12 @@ class _Reader:
 
         return self._parsed(name, default, parse, expected)
 
+    def optional_integer(self, name: str, *, low: int, high: int) -> int | None:
+        """Unset (or empty) means off."""
+        if self.raw(name) is None:
+            return None
+        return self.integer(name, 0, low=low, high=high)
+
     def seconds(self, name: str, default: float) -> float:
         def parse(value: str) -> float:
             number = float(value)
@@ -204,6 +227,20 @@ class _Reader:
             return value
 
         return self._parsed(name, default, parse, "one of: " + ", ".join(allowed))
+
+
+def _listener_tls(env: _Reader) -> ListenerTls | None:
+    cert, key = env.raw("ORDERSTREAM_TLS_CERT"), env.raw("ORDERSTREAM_TLS_KEY")
+    client_ca = env.raw("ORDERSTREAM_TLS_CLIENT_CA")
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise SettingsError(
+                "ORDERSTREAM_TLS_CLIENT_CA needs ORDERSTREAM_TLS_CERT and ORDERSTREAM_TLS_KEY"
+            )
+        return None
+    if cert is None or key is None:
+        raise SettingsError("ORDERSTREAM_TLS_CERT and ORDERSTREAM_TLS_KEY must be set together")
+    return ListenerTls(Path(cert), Path(key), Path(client_ca) if client_ca else None)
 
 
 def _database_target(env: _Reader) -> DatabaseTarget:

@@ -1,0 +1,117 @@
+"""Access logs and tracing, read from a real `python -m service` process: one
+JSON line per RPC with the caller's request id (or a made-up one), method,
+code and duration, and never a secret; OpenTelemetry spans for RPCs and
+their queries only when the OTEL_* variables ask for them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+
+from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
+from tests.support import create_request, rpc_error
+from tests.test_shutdown import migrated  # noqa: F401  (fixture)
+from tests.test_startup import ROOT, ServiceProcess, process_env, service_process
+
+GET_ORDER = "/orderstream.orders.v1.OrderService/GetOrder"
+CREATE_ORDER = "/orderstream.orders.v1.OrderService/CreateOrder"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def rpc_lines(records: list[dict]) -> list[dict]:
+    return [entry for entry in records if entry.get("message") == "rpc"]
+
+
+async def test_one_json_line_per_rpc_with_request_id_and_no_secrets(service_env, migrated):  # noqa: F811
+    env = process_env(service_env, ORDERSTREAM_MIGRATE_ON_START="false")
+    password = urlsplit(env["DATABASE_URL"]).password
+    assert password
+    async with service_process(env, "serve") as child:
+        port = (await child.record("serving"))["port"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            orders = order_service_pb2_grpc.OrderServiceStub(channel)
+            order = await orders.CreateOrder(
+                create_request(), metadata=(("x-request-id", "req-from-caller-1"),)
+            )
+            missing = await rpc_error(
+                orders.GetOrder(order_service_pb2.GetOrderRequest(id=order.id + 10**9))
+            )
+            assert missing.code == grpc.StatusCode.NOT_FOUND
+        child.process.send_signal(signal.SIGTERM)
+        assert await child.exit_code() == 0, child.output
+
+    create, get = rpc_lines(child.records)
+    assert create["request_id"] == "req-from-caller-1"
+    assert (create["method"], create["code"], create["level"]) == (CREATE_ORDER, "OK", "INFO")
+    assert 0 < create["duration_ms"] < 5000
+    assert (get["method"], get["code"]) == (GET_ORDER, "NOT_FOUND")
+    # Made up when the caller sends none: a per-process random prefix and a counter.
+    prefix, _, number = get["request_id"].partition("-")
+    assert len(prefix) == 16 and number.isdigit()
+    assert password not in child.output
+    assert env["ORDERSTREAM_PAGE_TOKEN_KEY"] not in child.output
+
+
+async def traced_run(env: dict[str, str], spans_file: Path) -> list[dict]:
+    """Serves with stdout (where the console exporter writes) in a file,
+    makes one traced call and stops; returns the spans printed."""
+    with spans_file.open("wb") as stdout:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "service", "serve"),
+            env=env,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    child = ServiceProcess(process)
+    try:
+        port = (await child.record("serving"))["port"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            orders = order_service_pb2_grpc.OrderServiceStub(channel)
+            parent = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+            await orders.CreateOrder(create_request(), metadata=(("traceparent", parent),))
+        process.send_signal(signal.SIGTERM)
+        # The exporter flushes its queue on shutdown.
+        assert await child.exit_code() == 0, child.output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    decoder, text, spans = json.JSONDecoder(), spans_file.read_text().strip(), []
+    while text:
+        span, end = decoder.raw_decode(text)
+        spans.append(span)
+        text = text[end:].lstrip()
+    return spans
+
+
+async def test_spans_for_rpcs_and_queries_when_otel_asks(service_env, migrated, tmp_path):  # noqa: F811
+    env = process_env(
+        service_env,
+        ORDERSTREAM_MIGRATE_ON_START="false",
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_SERVICE_NAME="orderstream-test",
+    )
+    spans = await traced_run(env, tmp_path / "spans.json")
+    rpc = next(span for span in spans if span["name"] == CREATE_ORDER.lstrip("/"))
+    assert rpc["kind"] == "SpanKind.SERVER"
+    assert rpc["context"]["trace_id"] == "0x" + TRACE_ID  # continues the caller's trace
+    assert rpc["attributes"]["rpc.method"] == "CreateOrder"
+    assert rpc["resource"]["attributes"]["service.name"] == "orderstream-test"
+    queries = [span for span in spans if span["attributes"].get("db.system") == "postgresql"]
+    assert queries, spans
+    assert any(span["parent_id"] == rpc["context"]["span_id"] for span in queries)
+
+
+async def test_no_spans_without_otel_variables(service_env, migrated, tmp_path):  # noqa: F811
+    env = process_env(service_env, ORDERSTREAM_MIGRATE_ON_START="false")
+    for name in [name for name in env if name.startswith("OTEL_")]:
+        del env[name]
+    assert await traced_run(env, tmp_path / "spans.json") == []
