@@ -1,0 +1,30 @@
+"""Hand-written helpers over the generated stubs: a channel with sensible
+defaults, batched idempotent uploads and resumable event streams.
+
+    import asyncio
+    from orderstream.client import create_channel, stream_events
+
+    async def main() -> None:
+        async with create_channel("orders.internal:50051", ca_file="ca.crt") as channel:
+            async for event in stream_events(channel, subject="orders/42"):
+                print(event.id, event.type)
+
+    asyncio.run(main())
+
+Everything generated lives in `orderstream.orders` and `orderstream.events`;
+this package only imports from there.
+"""
+
+from orderstream.client._channel import DEFAULT_SERVICE_CONFIG, create_channel, keepalive_options
+from orderstream.client._streams import stream_events
+from orderstream.client._uploads import DEFAULT_BATCH_BYTES, upload_events, upload_requests
+
+__all__ = [
+    "DEFAULT_BATCH_BYTES",
+    "DEFAULT_SERVICE_CONFIG",
+    "create_channel",
+    "keepalive_options",
+    "stream_events",
+    "upload_events",
+    "upload_requests",
+]

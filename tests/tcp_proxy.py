@@ -1,0 +1,70 @@
+"""A TCP proxy a test can cut: every open connection is torn down at once,
+and new ones are accepted as before (a dropped connection, not a dead host)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+
+
+class TcpProxy:
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1") -> None:
+        self._upstream = (host, upstream_port)
+        self._host = host
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._pipes: set[asyncio.Task[None]] = set()
+        self.port = 0
+        self.connections = 0
+
+    async def __aenter__(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._accept, self._host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        self.cut()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    def cut(self) -> None:
+        """Aborts every proxied connection on both sides (an RST, no FIN)."""
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _accept(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        self.connections += 1
+        try:
+            server_in, server_out = await asyncio.open_connection(*self._upstream)
+        except OSError:
+            client_out.transport.abort()
+            return
+        self._writers |= {client_out, server_out}
+        for reader, writer in ((client_in, server_out), (server_in, client_out)):
+            pipe = asyncio.create_task(_pipe(reader, writer))
+            self._pipes.add(pipe)
+            pipe.add_done_callback(self._pipes.discard)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass  # the other side was cut: this direction ends too
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()

@@ -1,0 +1,220 @@
+"""create_channel's TLS, mTLS and retry policy, against small grpc.aio
+servers started here (real sockets, real certificates): the service's own
+TLS listener is configured elsewhere."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from orderstream.client import create_channel
+from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
+from service.devcluster import Certificates, make_ca_only, make_certificates
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="module")
+def server_certs(tmp_path_factory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("server"), common_name="test server CA")
+
+
+@dataclass(frozen=True)
+class ClientCertificates:
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+@pytest.fixture(scope="module")
+def client_certs(tmp_path_factory) -> ClientCertificates:
+    """A client CA and a clientAuth certificate it signed (devcluster only
+    makes server certificates, which a server refuses as a client's)."""
+    folder = tmp_path_factory.mktemp("client")
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("client CA"))
+        .issuer_name(_name("client CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("orderstream-client"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    found = ClientCertificates(folder / "ca.crt", folder / "client.crt", folder / "client.key")
+    found.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    found.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    found.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return found
+
+
+@contextlib.asynccontextmanager
+async def tls_health_server(
+    certs: Certificates, *, client_ca: Path | None = None
+) -> AsyncIterator[str]:
+    """Serves grpc.health.v1 over TLS on a free port; requires a client
+    certificate signed by `client_ca` when given. Yields the target."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    credentials = grpc.ssl_server_credentials(
+        [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+async def check(channel: grpc.aio.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return response.status
+
+
+async def test_tls_with_the_right_ca(server_certs):
+    async with (
+        tls_health_server(server_certs) as target,
+        create_channel(target, ca_file=server_certs.ca_cert) as channel,
+    ):
+        assert await check(channel) == SERVING
+
+
+async def test_tls_with_a_wrong_ca_fails(server_certs, tmp_path):
+    wrong = make_ca_only(tmp_path, "someone else")
+    async with (
+        tls_health_server(server_certs) as target,
+        create_channel(target, ca_file=wrong) as channel,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await check(channel)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mtls_with_a_client_certificate(server_certs, client_certs):
+    async with (
+        tls_health_server(server_certs, client_ca=client_certs.ca_cert) as target,
+        create_channel(
+            target,
+            ca_file=server_certs.ca_cert,
+            client_cert_file=client_certs.cert,
+            client_key_file=client_certs.key,
+        ) as channel,
+    ):
+        assert await check(channel) == SERVING
+
+
+async def test_mtls_without_a_client_certificate_fails(server_certs, client_certs):
+    async with (
+        tls_health_server(server_certs, client_ca=client_certs.ca_cert) as target,
+        create_channel(target, ca_file=server_certs.ca_cert) as channel,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await check(channel)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class FlakyOrders:
+    """OrderService methods that fail with a given code a given number of
+    times, then answer; counts attempts."""
+
+    def __init__(self, failures: dict[str, tuple[grpc.StatusCode, int]]) -> None:
+        self.failures = failures
+        self.attempts = dict.fromkeys(failures, 0)
+
+    def handler(self, method: str) -> grpc.RpcMethodHandler:
+        request_type: Callable[[bytes], object] = getattr(
+            order_service_pb2, f"{method}Request"
+        ).FromString
+
+        async def answer(request: object, context: grpc.aio.ServicerContext) -> order_pb2.Order:
+            self.attempts[method] += 1
+            code, times = self.failures[method]
+            if self.attempts[method] <= times:
+                await context.abort(code, "try again")
+            return order_pb2.Order(id=7)
+
+        return grpc.unary_unary_rpc_method_handler(
+            answer,
+            request_deserializer=request_type,
+            response_serializer=order_pb2.Order.SerializeToString,
+        )
+
+
+@contextlib.asynccontextmanager
+async def flaky_server(orders: FlakyOrders) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    handlers = {name: orders.handler(name) for name in orders.failures}
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("orderstream.orders.v1.OrderService", handlers)]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+async def test_retry_policy_retries_what_is_safe_to_retry():
+    orders = FlakyOrders(
+        {
+            "GetOrder": (grpc.StatusCode.ABORTED, 2),
+            "CreateOrder": (grpc.StatusCode.ABORTED, 1),
+            "UpdateOrderStatus": (grpc.StatusCode.UNAVAILABLE, 1),
+        }
+    )
+    async with flaky_server(orders) as target, create_channel(target, insecure=True) as channel:
+        stub = order_service_pb2_grpc.OrderServiceStub(channel)
+        assert (await stub.GetOrder(order_service_pb2.GetOrderRequest(id=7))).id == 7
+        assert (await stub.CreateOrder(order_service_pb2.CreateOrderRequest())).id == 7
+        assert (await stub.UpdateOrderStatus(order_service_pb2.UpdateOrderStatusRequest())).id == 7
+    assert orders.attempts == {"GetOrder": 3, "CreateOrder": 2, "UpdateOrderStatus": 2}
+
+
+async def test_retry_policy_does_not_repeat_a_conditional_update():
+    orders = FlakyOrders({"UpdateOrderStatus": (grpc.StatusCode.ABORTED, 1)})
+    async with flaky_server(orders) as target, create_channel(target, insecure=True) as channel:
+        stub = order_service_pb2_grpc.OrderServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.UpdateOrderStatus(order_service_pb2.UpdateOrderStatusRequest())
+    assert raised.value.code() == grpc.StatusCode.ABORTED
+    assert orders.attempts == {"UpdateOrderStatus": 1}
