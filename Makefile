@@ -15,23 +15,23 @@ STAMPS := .stamps
 DEVDB ?= .devdb
 PYTEST_ARGS ?=
 
-.PHONY: help install run test gen check-gen lint format devdb-down bench
+.PHONY: help install run test gen check-gen lint format devdb-down bench contract-baseline
 
 help:
 	@echo "make run    serve on localhost:50051 (starts a local TLS PostgreSQL unless DATABASE_URL is set)"
 	@echo "make test   install what is missing and run the whole suite"
-	@echo "make gen    regenerate the Python stubs from protos/"
-	@echo "make bench  measure bulk streaming against psql COPY (several minutes)"
+	@echo "make gen    regenerate the Python and TypeScript stubs from protos/"
+	@echo "make bench  measure bulk streaming against psql COPY and unary calls against their limits (several minutes)"
 
-install: $(STAMPS)/system $(STAMPS)/python $(STAMPS)/node
+install: $(STAMPS)/system $(STAMPS)/python $(STAMPS)/node $(STAMPS)/kubectl
 
 $(STAMPS)/system:
 	@mkdir -p $(STAMPS)
-	@if [ ! -x $(PG_BIN)/postgres ] || ! command -v npm >/dev/null; then \
+	@if [ ! -x $(PG_BIN)/postgres ] || ! command -v npm >/dev/null || ! command -v jq >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15 nodejs npm; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15 nodejs npm jq; \
 	  else \
-	    echo "missing PostgreSQL 15 server binaries or npm: install the Debian packages postgresql-15 nodejs npm" >&2; exit 1; \
+	    echo "missing PostgreSQL 15 server binaries, npm or jq: install the Debian packages postgresql-15 nodejs npm jq" >&2; exit 1; \
 	  fi; \
 	fi
 	@touch $@
@@ -49,17 +49,56 @@ $(STAMPS)/node: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-gen: $(STAMPS)/python
+gen: $(STAMPS)/python $(STAMPS)/node
 	$(PY) clients/python/generate.py
+	$(BUF) generate --template buf.gen.yaml
 
-check-gen: $(STAMPS)/python
+# The TypeScript stubs are regenerated into a scratch folder and compared.
+check-gen: $(STAMPS)/python $(STAMPS)/node
 	$(PY) clients/python/generate.py --check
+	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
+	  $(BUF) generate --template buf.gen.yaml -o "$$scratch" && \
+	  diff -r "$$scratch/clients/node/gen" clients/node/gen \
+	  || { echo "generated TypeScript is stale; run \`make gen\`" >&2; exit 1; }
 
-lint: install
+# The contract callers rely on: a buf image of the last released protos/,
+# refreshed deliberately (at a release) so that `buf breaking` in `make lint`
+# compares every change, main's own CI run included, against it.
+contract-baseline: $(STAMPS)/node
+	$(BUF) build --exclude-source-info -o protos/baseline.binpb
+
+# kubectl renders the kustomize overlays (`kubectl kustomize`); any kubectl
+# will do, else Debian's kubernetes-client.
+$(STAMPS)/kubectl:
+	@mkdir -p $(STAMPS)
+	@if ! command -v kubectl >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q kubernetes-client; \
+	  else \
+	    echo "missing kubectl: install the Debian package kubernetes-client" >&2; exit 1; \
+	  fi; \
+	fi
+	@touch $@
+
+.PHONY: deploy-check
+# The image and the manifests: hadolint, then every overlay rendered and
+# validated against the Kubernetes schemas shipped in kubernetes-validate.
+deploy-check: $(STAMPS)/python $(STAMPS)/kubectl
+	$(VENV)/bin/hadolint Dockerfile
+	@for overlay in deploy/overlays/*/; do \
+	  rendered=$(STAMPS)/rendered-$$(basename $$overlay).yaml; \
+	  kubectl kustomize $$overlay > $$rendered; \
+	  $(VENV)/bin/kubernetes-validate --strict --quiet -k 1.37.0 $$rendered; \
+	  echo "$$overlay: valid"; \
+	done
+
+lint: install deploy-check
 	$(BUF) lint
+	$(BUF) breaking --against protos/baseline.binpb
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(PY) -m mypy --strict clients/python/src/orderstream/client
 
 format: $(STAMPS)/python
 	$(PY) -m ruff check --fix .
@@ -77,5 +116,18 @@ run: install
 devdb-down: $(STAMPS)/python
 	$(PY) -m service.devcluster down $(DEVDB)
 
-bench: install
+# h2load (Debian's nghttp2-client) drives the unary benchmark.
+$(STAMPS)/bench:
+	@mkdir -p $(STAMPS)
+	@if ! command -v h2load >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nghttp2-client; \
+	  else \
+	    echo "missing h2load: install the Debian package nghttp2-client" >&2; exit 1; \
+	  fi; \
+	fi
+	@touch $@
+
+bench: install $(STAMPS)/bench
 	$(PY) -m bench.streaming
+	$(PY) -m bench.unary

@@ -16,6 +16,16 @@ from tests.support import running_app, unique
 REPO = Path(__file__).resolve().parents[1]
 
 
+def json_values(text: str) -> list[object]:
+    """The JSON documents printed one after another (one per stream message)."""
+    decoder, values, rest = json.JSONDecoder(), [], text.strip()
+    while rest:
+        value, end = decoder.raw_decode(rest)
+        values.append(value)
+        rest = rest[end:].lstrip()
+    return values
+
+
 def readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
     return [line for line in text.splitlines() if line.startswith("npx buf curl ")]
@@ -35,7 +45,7 @@ async def run_shell(command: str) -> tuple[int, str, str]:
 @pytest.mark.slow
 async def test_readme_buf_curl_examples_work(service_env, pg_cluster):
     commands = readme_commands()
-    assert len(commands) >= 6
+    assert len(commands) == 10
     database = await create_database(pg_cluster, unique("readme").replace("-", "_"))
     url = pg_cluster.dsn(database=database)
     async with running_app(service_env, DATABASE_URL=url) as app:
@@ -46,7 +56,8 @@ async def test_readme_buf_curl_examples_work(service_env, pg_cluster):
             assert code == 0, f"{command}\n{out}\n{err}"
             outputs.append(out)
 
-    services, methods, created, fetched, paid, listed, published = outputs[:7]
+    services, methods, described, created, fetched, paid, listed, published = outputs[:8]
+    streamed, uploaded = outputs[8:]
     assert "orderstream.orders.v1.OrderService" in services.split()
     assert "orderstream.events.v1.EventService/PublishEvents" in methods.split()
     assert json.loads(created)["id"] == "1"
@@ -55,3 +66,15 @@ async def test_readme_buf_curl_examples_work(service_env, pg_cluster):
     assert [o["id"] for o in json.loads(listed)["orders"]] == ["1"]
     assert len(json.loads(published)["ids"]) == 1
     assert re.fullmatch(r"\d+", json.loads(published)["ids"][0])
+    assert json.loads(described) == {
+        "name": "CreateOrder",
+        "inputType": ".orderstream.orders.v1.CreateOrderRequest",
+        "outputType": ".orderstream.orders.v1.Order",
+    }
+    streamed_events = [e for message in json_values(streamed) for e in message["events"]]
+    assert [e["type"] for e in streamed_events] == [
+        "order.created",
+        "order.status_changed",
+        "com.example.paid",
+    ]
+    assert json.loads(uploaded) == {"eventCount": "2", "firstEventId": "4", "lastEventId": "5"}
