@@ -10,7 +10,7 @@ import grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service import order_sql
 from service.call import Database, rpc
-from service.convert import STATUS_NAMES, order_from_row, timestamp
+from service.convert import STATUS_NAMES, fill_order, order_from_row, timestamp
 from service.errors import FieldViolation, ServiceError, invalid_argument, not_found
 from service.feed import EventFeed
 from service.imports import import_orders
@@ -171,9 +171,10 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             after_id,
             page_size + 1,
         )
-        response = order_service_pb2.ListOrdersResponse(
-            orders=[order_from_row(r) for r in rows[:page_size]]
-        )
+        response = order_service_pb2.ListOrdersResponse()
+        add_order = response.orders.add
+        for row in rows[:page_size]:
+            fill_order(add_order(), row)
         if len(rows) > page_size:
             response.next_page_token = self._page_tokens.encode(
                 rows[page_size - 1]["id"], fingerprint
