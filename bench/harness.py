@@ -96,6 +96,29 @@ def service(db: Cluster, **env: str) -> Iterator[ServiceProcess]:
             process.kill()
 
 
+@contextlib.contextmanager
+def served(argv: list[str], env: dict[str, str]) -> Iterator[ServiceProcess]:
+    """Any server process that logs a JSON "serving" line with its port on
+    stderr (the service, the ceiling, the peer); SIGTERM stops it."""
+    process = subprocess.Popen(
+        argv, cwd=REPO, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        yield ServiceProcess(process, _serving_port(process))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (forked workers), for pinning."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [pid] + [p for child in out.stdout.split() for p in process_tree(int(child))]
+
+
 def _serving_port(process: subprocess.Popen[str]) -> int:
     assert process.stderr is not None
     for line in process.stderr:
