@@ -5,9 +5,12 @@
 Answers GetOrder, CreateOrder and ListOrders with responses captured from
 orderstream (same messages, same sizes; RESPONSES.json maps method name to the
 serialised message in hex), so the difference to orderstream is exactly the
-database work and the code around it. Parses each request and serialises each
-response like any servicer. Started and read like the service: one JSON
-"serving" line with the port on stderr; SIGTERM stops it.
+database work and the code around it. With `--round-trip`, GetOrder first
+runs `SELECT 1` through the service's own pool: what one database round trip
+costs inside grpc.aio, with no SQL of substance and no service code.
+Parses each request and serialises each response like any servicer. Started
+and read like the service: one JSON "serving" line with the port on stderr;
+SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -21,18 +24,25 @@ import socket
 import sys
 from pathlib import Path
 
+import asyncpg
 import grpc
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
+from service.database import open_pool
+from service.settings import Settings
 
 
 class CannedOrders(order_service_pb2_grpc.OrderServiceServicer):
-    def __init__(self, responses: dict[str, bytes]) -> None:
+    def __init__(self, responses: dict[str, bytes], pool: asyncpg.Pool | None) -> None:
+        self._pool = pool
         self._order = order_pb2.Order.FromString(responses["GetOrder"])
         self._created = order_pb2.Order.FromString(responses["CreateOrder"])
         self._page = order_service_pb2.ListOrdersResponse.FromString(responses["ListOrders"])
 
     async def GetOrder(self, request, context):  # type: ignore[no-untyped-def]
+        if self._pool is not None:
+            async with self._pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
         return self._order
 
     async def CreateOrder(self, request, context):  # type: ignore[no-untyped-def]
@@ -42,9 +52,11 @@ class CannedOrders(order_service_pb2_grpc.OrderServiceServicer):
         return self._page
 
 
-async def _serve(port: int, responses: dict[str, bytes], ready: int) -> None:
+async def _serve(port: int, responses: dict[str, bytes], ready: int, round_trip: bool) -> None:
+    # The service's own pool: verified TLS, same codecs, same release path.
+    pool = await open_pool(Settings.from_env(os.environ)) if round_trip else None
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    order_service_pb2_grpc.add_OrderServiceServicer_to_server(CannedOrders(responses), server)
+    order_service_pb2_grpc.add_OrderServiceServicer_to_server(CannedOrders(responses, pool), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     os.write(ready, b".")
@@ -54,13 +66,16 @@ async def _serve(port: int, responses: dict[str, bytes], ready: int) -> None:
     await server.stop(0)
 
 
-def _worker(port: int, responses: dict[str, bytes], ready: int, loop: str) -> None:
+def _worker(
+    port: int, responses: dict[str, bytes], ready: int, loop: str, round_trip: bool
+) -> None:
+    serve = _serve(port, responses, ready, round_trip)
     if loop == "uvloop":
         import uvloop
 
-        uvloop.run(_serve(port, responses, ready))
+        uvloop.run(serve)
     else:
-        asyncio.run(_serve(port, responses, ready))
+        asyncio.run(serve)
 
 
 def _reserve_port() -> socket.socket:
@@ -76,6 +91,11 @@ def main() -> None:
     parser.add_argument("responses", type=Path)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument(
+        "--round-trip",
+        action="store_true",
+        help="GetOrder first runs SELECT 1 on a pool from DATABASE_URL (the service's settings)",
+    )
     args = parser.parse_args()
     responses = {k: bytes.fromhex(v) for k, v in json.loads(args.responses.read_text()).items()}
     reserved = _reserve_port()
@@ -87,7 +107,7 @@ def main() -> None:
         pid = os.fork()
         if pid == 0:
             os.close(ready_read)
-            _worker(port, responses, ready_write, args.loop)
+            _worker(port, responses, ready_write, args.loop, args.round_trip)
             os._exit(0)
         children.append(pid)
     os.close(ready_write)

@@ -49,6 +49,10 @@ def ratios(results: dict[str, Any]) -> list[str]:
         met = value <= target if upper else value >= target
         bound = f"{'<=' if upper else '>='} {target:g}"
         lines.append(f"| {label} | {value:.2f} | {bound} | {'met' if met else '**not met**'} |")
+    lines.append(
+        f"| `GetOrder` / the ceiling plus one `SELECT 1`, {HEADLINE} concurrent "
+        f"| {results['ratios']['get_vs_round_trip']:.2f} | (no target) | |"
+    )
     return lines
 
 

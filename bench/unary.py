@@ -306,6 +306,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         ),
                     }  # fmt: skip
 
+        print("measuring the ceiling with one database round trip ...", flush=True)
+        with served(commands["ceiling"] + ["--round-trip"], env) as server:
+            place(server.pid, SERVER_CPU)
+            results["round_trip"] = runner.h2load(
+                server, ORDERS + "GetOrder", frames["GetOrder"], HEADLINE, CLIENT_CPU
+            )
+
         print("measuring bulk writes ...", flush=True)
         with served(orderstream_argv(), env) as server:
             place(server.pid, SERVER_CPU)
@@ -355,6 +362,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         "upload_vs_publish": bulk["upload"]["events_s"] / bulk["publish_per_event"]["rps"],
         "workers2_vs_1": at(workers["orderstream_2"], HEADLINE)["rps"]
         / at(workers["orderstream_1"], HEADLINE)["rps"],
+        # Not a target: how close GetOrder comes to grpc.aio plus one round trip.
+        "get_vs_round_trip": rps("orderstream", "GetOrder") / results["round_trip"]["rps"],
     }
 
 
@@ -398,6 +407,14 @@ def report(results: dict[str, Any], measured: dict[str, float]) -> None:
             for p in points
         )
         print(f"  {name:<16}{line}")
+
+    trip, ceiling = results["round_trip"], at(results["unary"]["ceiling"]["GetOrder"], HEADLINE)
+    print(
+        f"\nThe ceiling's GetOrder plus one `SELECT 1` through the service's pool, at {HEADLINE}: "
+        f"{trip['rps']:,.0f} calls/s, {trip['server_cpu_us_per_call']:,.0f} µs server CPU per "
+        f"call (bare: {ceiling['server_cpu_us_per_call']:,.0f}); orderstream's GetOrder reaches "
+        f"{measured['get_vs_round_trip']:.2f} of it"
+    )
 
     print(f"\n{'ratio':<44}{'measured':>10}{'target':>10}")
     labels = {

@@ -7,8 +7,10 @@ can be matched with the caller's request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from contextvars import ContextVar
@@ -41,9 +43,74 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# The handler `configure` installed, which access lines bypass logging to reach.
+_json_handler: logging.StreamHandler | None = None  # type: ignore[type-arg]
+
+
 def configure(level: str) -> None:
+    global _json_handler
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    _json_handler = handler
+
+
+class AccessLog:
+    """One JSON line per finished call, the same line `JsonFormatter` would
+    write for `logging.getLogger("service.access").info("rpc", extra=...)`.
+
+    Through logging that line cost more than a database point read (about
+    60 to 80 µs per call on the benchmark machine: the caller's frame looked
+    up, a LogRecord, a lock and a write system call per line). Here it is
+    built directly, and every line finished in one event-loop iteration
+    leaves in one write at the end of that iteration. Without `configure`
+    (the service embedded, as in the tests) it goes through logging.
+    """
+
+    def __init__(self) -> None:
+        self._logger = logging.getLogger("service.access")
+        self._pid = os.getpid()
+        self._pending: list[str] = []
+        self._second = -1
+        self._stamp = ""
+
+    def rpc(self, method: str, code: str, seconds: float, request: str | None) -> None:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return
+        duration_ms = round(seconds * 1000, 3)
+        handler = _json_handler
+        if handler is None:
+            self._logger.info(
+                "rpc", extra={"method": method, "code": code, "duration_ms": duration_ms}
+            )
+            return
+        entry = {
+            "time": self._time(),
+            "level": "INFO",
+            "logger": "service.access",
+            "message": "rpc",
+            "pid": self._pid,
+            "request_id": request,
+            "method": method,
+            "code": code,
+            "duration_ms": duration_ms,
+        }
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush, handler)
+        self._pending.append(json.dumps(entry))
+
+    def _time(self) -> str:
+        now = time.time()
+        whole = int(now)
+        if whole != self._second:
+            self._second = whole
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        return f"{self._stamp}.{int((now - whole) * 1000):03d}Z"
+
+    def _flush(self, handler: logging.StreamHandler) -> None:  # type: ignore[type-arg]
+        lines, self._pending = self._pending, []
+        with handler.lock:  # type: ignore[union-attr]
+            handler.stream.write("\n".join(lines) + "\n")
+            handler.flush()

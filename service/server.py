@@ -28,10 +28,10 @@ from service.database import StartupError, close_pool, connect_direct, open_pool
 from service.event_service import EventService
 from service.feed import EventFeed
 from service.health import DatabaseHealth
-from service.interceptors import ObservingInterceptor
 from service.listener_tls import server_credentials
 from service.metrics import Metrics, MetricsEndpoint
 from service.migrate import migrate
+from service.observing import Observer
 from service.order_service import OrderService
 from service.page_token import PageTokens
 from service.settings import Settings
@@ -40,10 +40,9 @@ from service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    order_service_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name,
-    event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
-)
+ORDER_SERVICE = order_service_pb2.DESCRIPTOR.services_by_name["OrderService"]
+EVENT_SERVICE = event_service_pb2.DESCRIPTOR.services_by_name["EventService"]
+SERVICE_NAMES = (ORDER_SERVICE.full_name, EVENT_SERVICE.full_name)
 LIVENESS_SERVICE = "liveness"
 
 
@@ -154,9 +153,8 @@ class App:
         # A second server on a taken port must fail, not silently share it;
         # only sibling workers share on purpose.
         options = [("grpc.so_reuseport", int(reuse_port))]
-        server = grpc.aio.server(
-            interceptors=[ObservingInterceptor(metrics, tracing)], options=options
-        )
+        server = grpc.aio.server(options=options)
+        observer = Observer(metrics, tracing)
         db = Database(
             pool,
             acquire_timeout=settings.pool_acquire_timeout,
@@ -167,17 +165,21 @@ class App:
         )
         streams = StreamSlots(settings.max_streams, "stream")
         followers = StreamSlots(settings.max_followers, "follower")
+        orders = OrderService(
+            db, _page_tokens(settings), streams=streams, feed=feed, settings=settings
+        )
+        events = EventService(
+            db, streams=streams, followers=followers, feed=feed, settings=settings
+        )
         order_service_pb2_grpc.add_OrderServiceServicer_to_server(
-            OrderService(db, _page_tokens(settings), streams=streams, feed=feed, settings=settings),
+            observer.servicer(
+                orders, order_service_pb2.DESCRIPTOR.services_by_name["OrderService"]
+            ),
             server,
         )
         event_service_pb2_grpc.add_EventServiceServicer_to_server(
-            EventService(
-                db,
-                streams=streams,
-                followers=followers,
-                feed=feed,
-                settings=settings,
+            observer.servicer(
+                events, event_service_pb2.DESCRIPTOR.services_by_name["EventService"]
             ),
             server,
         )

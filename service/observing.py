@@ -1,10 +1,10 @@
-"""One server interceptor for what every call reports: a JSON access-log
+"""What every call of orderstream's services reports: a JSON access-log
 line, Prometheus metrics and, when tracing is on, a span.
 
 It sits on the hot path of every unary call, so the work per method is done
-once: the wrapped handler, its metric children and how to count its rows are
-cached by method name, and a call only pays for a clock read, a contextvar,
-two metric updates and one log line.
+once, at registration: the wrapped handler, its metric children and how to
+count its rows; a call only pays for a clock read, a contextvar,
+two metric updates and one log line (see `logs.AccessLog`).
 """
 
 from __future__ import annotations
@@ -12,22 +12,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
-from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from service import logs
 from service.metrics import Metrics
 from service.tracing import Tracing
-
-access_log = logging.getLogger("service.access")
 
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID = 128
@@ -58,17 +55,7 @@ def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str
     return "OK"
 
 
-def _method_descriptor(path: str) -> MethodDescriptor | None:
-    """`/pkg.Service/Method` in the default descriptor pool, if registered."""
-    try:
-        return descriptor_pool.Default().FindMethodByName(path.lstrip("/").replace("/", "."))
-    except KeyError:
-        return None
-
-
-def _field(descriptor: MethodDescriptor | None, names: tuple[str, ...]) -> str | None:
-    if descriptor is None:
-        return None
+def _field(descriptor: MethodDescriptor, names: tuple[str, ...]) -> str | None:
     fields = descriptor.output_type.fields_by_name
     return next((name for name in names if name in fields), None)
 
@@ -110,39 +97,42 @@ class _Method:
         return child
 
 
-class ObservingInterceptor(grpc.aio.ServerInterceptor):
+class Observer:
+    """Wraps a servicer's methods so that each call is observed.
+
+    Not a grpc.aio ServerInterceptor: the interceptor pipeline alone (one
+    more coroutine and handler lookup per call, before any observing) cost
+    about 26 µs of a 270 µs bare call on the benchmark machine. Wrapping the
+    servicer's methods once, at registration, costs nothing per call. Only
+    orderstream's own services are observed, not health or reflection.
+    """
+
     def __init__(self, metrics: Metrics, tracing: Tracing | None) -> None:
         self._metrics = metrics
         self._tracing = tracing
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         # Made-up request ids: a random prefix per server (so per worker,
         # as servers are built after the fork) and a counter, cheaper than
         # a uuid4 per call.
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count(1)
+        self._access_log = logs.AccessLog()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        path = handler_call_details.method
-        cached = self._cache.get(path)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(path, handler)
-        self._cache[path] = (handler, wrapped)
-        return wrapped
+    def servicer(self, servicer: Any, service: ServiceDescriptor) -> Any:
+        """An object with `servicer`'s methods of `service`, observed, to hand
+        to the generated add_*Servicer_to_server."""
+        observed = SimpleNamespace()
+        for descriptor in service.methods:
+            behavior = getattr(servicer, descriptor.name)
+            method = self._describe(descriptor)
+            setattr(observed, descriptor.name, self._observe(method, behavior))
+        return observed
 
-    def _describe(self, path: str, handler: grpc.RpcMethodHandler) -> _Method:
+    def _describe(self, descriptor: MethodDescriptor) -> _Method:
         metrics = self._metrics
-        descriptor = _method_descriptor(path)
-        streaming = handler.request_streaming or handler.response_streaming
-        streamed = _field(descriptor, _STREAMED_ROWS) if handler.response_streaming else None
-        copied = _field(descriptor, _COPIED_ROWS) if handler.request_streaming else None
+        path = f"/{descriptor.containing_service.full_name}/{descriptor.name}"
+        streaming = descriptor.client_streaming or descriptor.server_streaming
+        streamed = _field(descriptor, _STREAMED_ROWS) if descriptor.server_streaming else None
+        copied = _field(descriptor, _COPIED_ROWS) if descriptor.client_streaming else None
         return _Method(
             name=path,
             latency=metrics.latency.labels(path),
@@ -152,35 +142,11 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             rpcs=metrics.rpcs,
         )
 
-    def _wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        method = self._describe(path, handler)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._observe(method, handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._observe(method, handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._observe(method, handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._observe(method, handler.stream_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
-
     def _observe(self, method: _Method, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        if inspect.isasyncgenfunction(behavior):
-            return self._observe_generator(method, behavior)
+        """Every handler is a coroutine (server-streaming ones write through
+        the context), so one wrapper serves all four kinds."""
+        if not inspect.iscoroutinefunction(behavior):
+            raise TypeError(f"{method.name}: handlers must be coroutine functions")
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = self._begin(method, context)
@@ -202,23 +168,6 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
         return observed
 
-    def _observe_generator(
-        self, method: _Method, behavior: Callable[..., AsyncIterator[Any]]
-    ) -> Callable[..., AsyncIterator[Any]]:
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = self._begin(method, context)
-            error: BaseException | None = None
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._finish(method, context, call, error)
-
-        return observed
-
     def _begin(self, method: _Method, context: grpc.aio.ServicerContext) -> _Call:
         request_id = _callers_request_id(context) or f"{self._id_prefix}-{next(self._ids)}"
         # Each call runs in its own task, so the contextvar is the call's.
@@ -226,7 +175,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         if method.active is not None:
             method.active.inc()
         span = self._tracing.start_rpc(method.name, context) if self._tracing else None
-        return _Call(time.perf_counter(), span)
+        return _Call(time.perf_counter(), span, request_id)
 
     def _finish(
         self,
@@ -243,13 +192,11 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         method.finished(code).inc()
         if call.span is not None and self._tracing is not None:
             self._tracing.end_rpc(call.span, code)
-        access_log.info(
-            "rpc",
-            extra={"method": method.name, "code": code, "duration_ms": round(duration * 1000, 3)},
-        )
+        self._access_log.rpc(method.name, code, duration, call.request_id)
 
 
 @dataclass(frozen=True)
 class _Call:
     started: float
     span: Any
+    request_id: str
