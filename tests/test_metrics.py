@@ -8,6 +8,7 @@ import asyncio
 import urllib.request
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
@@ -66,6 +67,8 @@ async def test_metrics_count_calls_codes_rows_and_the_pool(service_env):
                 orders.GetOrder(order_service_pb2.GetOrderRequest(id=order.id + 10**9))
             )
             assert missing.code == grpc.StatusCode.NOT_FOUND
+            # Probes are not RPC traffic: health checks are not counted.
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
 
             subject = unique("metrics")
             uploaded = await events.UploadEvents(requests(subject, 25))
@@ -100,6 +103,8 @@ async def test_metrics_count_calls_codes_rows_and_the_pool(service_env):
     assert value(after, "orderstream_rpc_duration_seconds_count", method=GET_ORDER) == 2
     assert value(after, "orderstream_rows_streamed_total", method=STREAM_EVENTS) == 50
     assert value(after, "orderstream_rows_copied_total", method=UPLOAD_EVENTS) == 25
+    counted = {dict(labels).get("method") for name, labels in after if name == rpcs}
+    assert counted == {CREATE_ORDER, GET_ORDER, STREAM_EVENTS, UPLOAD_EVENTS}
 
 
 async def test_no_metrics_port_unless_configured(app):
