@@ -9,16 +9,19 @@ import asyncio
 import bisect
 import contextlib
 import math
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
 import grpc
 
+from service.call import Database
 from service.errors import FieldViolation, ServiceError, invalid_argument
+from service.streams import StreamSlots
 from service.validation import MAX_ID_LENGTH
 
 Message = TypeVar("Message")
+Response = TypeVar("Response")
 
 
 class RejectedRow(Exception):
@@ -45,6 +48,63 @@ class LoadState:
         return RejectedRow()
 
 
+async def run_load(
+    db: Database,
+    slots: StreamSlots,
+    requests: AsyncIterator[Message],
+    context: grpc.aio.ServicerContext,
+    *,
+    key_name: str,
+    load: Callable[[asyncpg.Connection, Message, str], Awaitable[tuple[Response, bool]]],
+    on_commit: Callable[[], None],
+) -> Response:
+    """The frame of every load: a stream slot, the first message and its
+    key, one connection and one all-or-nothing transaction around `load`
+    (which returns the response and whether it wrote rows), and
+    `on_commit` once rows are committed."""
+    with slots.hold():
+        # Read before taking a connection: a client slow to start holds none.
+        first = await first_message(requests, context, key_name)
+        key = getattr(first, key_name)
+        check_key(key, f"messages[0].{key_name}")
+        conn = await db.acquire(context)
+        try:
+            async with all_or_nothing(conn):
+                response, wrote = await load(conn, first, key)
+        finally:
+            await db.release(conn)
+    if wrote:
+        on_commit()
+    return response
+
+
+async def claim_key(
+    conn: asyncpg.Connection,
+    db: Database,
+    context: grpc.aio.ServicerContext,
+    *,
+    claim: str,
+    stored: str,
+    key_name: str,
+    key: str,
+) -> tuple[asyncpg.Record | None, asyncpg.Record | None]:
+    """Claims `key` in this transaction with the statement `claim` (an
+    INSERT ... ON CONFLICT DO NOTHING ... RETURNING): (its row, None). If a
+    load with `key` committed first: (None, its row read by `stored`). A
+    load with `key` that is still running when our timeout ends is ABORTED
+    with RetryInfo."""
+    try:
+        claimed = await conn.fetchrow(claim, key, timeout=db.query_timeout(context))
+    except TimeoutError:
+        raise _load_in_progress(key_name, key) from None
+    if claimed is not None:
+        return claimed, None
+    committed = await conn.fetchrow(stored, key, timeout=db.query_timeout(context))
+    if committed is None:  # unreachable unless rows of the key's table are deleted
+        raise _load_in_progress(key_name, key)
+    return None, committed
+
+
 def check_key(key: str, field: str) -> None:
     """The first message's idempotency key: 1..128 characters, no NUL."""
     if not key:
@@ -55,8 +115,9 @@ def check_key(key: str, field: str) -> None:
         )
 
 
-def load_in_progress(kind: str, key_name: str, key: str) -> ServiceError:
+def _load_in_progress(key_name: str, key: str) -> ServiceError:
     """A load with the same key is still running (we outwaited our timeout)."""
+    kind = key_name.removesuffix("_id")  # "upload", "import"
     return ServiceError(
         grpc.StatusCode.ABORTED,
         f"{kind.upper()}_IN_PROGRESS",

@@ -35,12 +35,10 @@ from service.client_stream import (
     LoadState,
     MessagePositions,
     RejectedRow,
-    all_or_nothing,
-    check_key,
+    claim_key,
     confirm_end,
-    first_message,
     key_mismatch,
-    load_in_progress,
+    run_load,
 )
 from service.errors import ServiceError
 from service.order_rules import order_total
@@ -179,20 +177,14 @@ async def import_orders(
     *,
     on_commit: Callable[[], None],
 ) -> order_service_pb2.ImportOrdersResponse:
-    with slots.hold():
-        # Read before taking a connection: a client slow to start holds none.
-        first = await first_message(requests, context, "import_id")
-        import_id = first.import_id
-        check_key(import_id, "messages[0].import_id")
-        conn = await db.acquire(context)
-        try:
-            async with all_or_nothing(conn):
-                response, wrote = await _load(conn, db, context, first, requests, import_id)
-        finally:
-            await db.release(conn)
-    if wrote:
-        on_commit()
-    return response
+    async def load(
+        conn: asyncpg.Connection, first: order_service_pb2.ImportOrdersRequest, import_id: str
+    ) -> tuple[order_service_pb2.ImportOrdersResponse, bool]:
+        return await _load(conn, db, context, first, requests, import_id)
+
+    return await run_load(
+        db, slots, requests, context, key_name="import_id", load=load, on_commit=on_commit
+    )
 
 
 async def _load(
@@ -205,14 +197,10 @@ async def _load(
 ) -> tuple[order_service_pb2.ImportOrdersResponse, bool]:
     """Runs inside the import's transaction; returns the response and whether
     any row was written."""
-    try:
-        claim = await conn.fetchrow(_CLAIM, import_id, timeout=db.query_timeout(context))
-    except TimeoutError:
-        raise load_in_progress("import", "import_id", import_id) from None
+    claim, stored = await claim_key(
+        conn, db, context, claim=_CLAIM, stored=_STORED, key_name="import_id", key=import_id
+    )
     if claim is None:
-        stored = await conn.fetchrow(_STORED, import_id, timeout=db.query_timeout(context))
-        if stored is None:  # unreachable unless imports rows are deleted
-            raise load_in_progress("import", "import_id", import_id)
         return _response(stored), False
 
     await conn.execute(_CREATE_STAGING, timeout=db.query_timeout(context))

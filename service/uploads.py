@@ -54,12 +54,10 @@ from service.client_stream import (
     LoadState,
     MessagePositions,
     RejectedRow,
-    all_or_nothing,
-    check_key,
+    claim_key,
     confirm_end,
-    first_message,
     key_mismatch,
-    load_in_progress,
+    run_load,
 )
 from service.errors import FieldViolation, ServiceError, invalid_argument
 from service.payload import InvalidPayload, json_object_text
@@ -264,22 +262,14 @@ async def upload_events(
     max_events: int,
     on_commit: Callable[[], None],
 ) -> event_service_pb2.UploadEventsResponse:
-    with slots.hold():
-        # Read before taking a connection: a client slow to start holds none.
-        first = await first_message(requests, context, "upload_id")
-        upload_id = first.upload_id
-        check_key(upload_id, "messages[0].upload_id")
-        conn = await db.acquire(context)
-        try:
-            async with all_or_nothing(conn):
-                response, wrote = await _load(
-                    conn, db, context, first, requests, upload_id, max_events
-                )
-        finally:
-            await db.release(conn)
-    if wrote:
-        on_commit()
-    return response
+    async def load(
+        conn: asyncpg.Connection, first: event_service_pb2.UploadEventsRequest, upload_id: str
+    ) -> tuple[event_service_pb2.UploadEventsResponse, bool]:
+        return await _load(conn, db, context, first, requests, upload_id, max_events)
+
+    return await run_load(
+        db, slots, requests, context, key_name="upload_id", load=load, on_commit=on_commit
+    )
 
 
 async def _load(
@@ -293,14 +283,10 @@ async def _load(
 ) -> tuple[event_service_pb2.UploadEventsResponse, bool]:
     """Runs inside the upload's transaction; returns the response and whether
     any row was written."""
-    try:
-        claim = await conn.fetchrow(_CLAIM, upload_id, timeout=db.query_timeout(context))
-    except TimeoutError:
-        raise load_in_progress("upload", "upload_id", upload_id) from None
+    claim, stored = await claim_key(
+        conn, db, context, claim=_CLAIM, stored=_STORED, key_name="upload_id", key=upload_id
+    )
     if claim is None:
-        stored = await conn.fetchrow(_STORED, upload_id, timeout=db.query_timeout(context))
-        if stored is None:  # unreachable unless uploads rows are deleted
-            raise load_in_progress("upload", "upload_id", upload_id)
         return _response(stored), False
 
     rows = _UploadRows(
