@@ -7,15 +7,14 @@ psycopg 3 with a psycopg_pool ConnectionPool (verified TLS, like the
 service), a sync `grpc.server` with a thread pool, the generated stubs, the
 service's own SQL text (service/order_sql.py), server-side prepared
 statements, binary results with timestamps decoded straight to integer
-microseconds (the service's codec trick), and the service's row-to-message
-code. Serves GetOrder, CreateOrder and ListOrders (first page); reads
+microseconds (the service's codec trick), and the service's validation,
+body digest and row-to-message code. Serves GetOrder, CreateOrder and ListOrders (first page); reads
 DATABASE_URL and PGSSLROOTCERT; logs one JSON "serving" line with the port.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -31,11 +30,12 @@ from psycopg.pq import Format
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
+from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service import order_sql
-from service.convert import fill_order, order_from_row, timestamp
-from service.order_rules import order_total
-from service.validation import Violations
+from service.convert import created_order, fill_order, order_from_row
+from service.errors import ServiceError
+from service.order_rules import body_digest, checked_create
+from service.validation import require_positive_id
 
 # PostgreSQL counts timestamps from 2000-01-01; protobuf from 1970-01-01.
 _PG_EPOCH_OFFSET_US = 946_684_800_000_000
@@ -80,29 +80,26 @@ class PeerOrders(order_service_pb2_grpc.OrderServiceServicer):
             return cursor.execute(sql, values, prepare=True).fetchall()
 
     def GetOrder(self, request, context):  # type: ignore[no-untyped-def]
-        if request.id <= 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "id must be a positive id")
+        try:
+            require_positive_id("id", request.id)
+        except ServiceError as exc:
+            context.abort(exc.code, exc.message)
         rows = self._query(GET_ORDER, params(request.id))
         if not rows:
             context.abort(grpc.StatusCode.NOT_FOUND, f"order {request.id} not found")
         return order_from_row(rows[0])
 
     def CreateOrder(self, request, context):  # type: ignore[no-untyped-def]
-        v = Violations()
-        v.text("request_id", request.request_id, max_length=128)
-        total = order_total(v, request)
-        if v.count:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid order")
-        body = order_service_pb2.CreateOrderRequest()
-        body.CopyFrom(request)
-        body.request_id = ""
-        digest = hashlib.sha256(body.SerializeToString(deterministic=True)).digest()
+        try:
+            total = checked_create(request)
+        except ServiceError as exc:
+            context.abort(exc.code, exc.message)
         items = request.items
         rows = self._query(
             CREATE_ORDER,
             params(
                 request.request_id,
-                digest,
+                body_digest(request),
                 request.customer_id,
                 request.currency,
                 total,
@@ -113,18 +110,7 @@ class PeerOrders(order_service_pb2_grpc.OrderServiceServicer):
         )
         if not rows:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, "request_id already used")
-        row = rows[0]
-        return order_pb2.Order(
-            id=row["id"],
-            customer_id=request.customer_id,
-            currency=request.currency,
-            status=order_pb2.ORDER_STATUS_PENDING,
-            items=items,
-            total_cents=total,
-            version=row["version"],
-            create_time=timestamp(row["create_time"]),
-            update_time=timestamp(row["update_time"]),
-        )
+        return created_order(request, total, rows[0])
 
     def ListOrders(self, request, context):  # type: ignore[no-untyped-def]
         page_size = request.page_size or PAGE_SIZE

@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orderstream.events.v1 import event_pb2
-from orderstream.orders.v1 import order_pb2
+from orderstream.orders.v1 import order_pb2, order_service_pb2
 
 STATUS_NAMES: dict[int, str] = {
     order_pb2.ORDER_STATUS_PENDING: "PENDING",
@@ -56,6 +56,24 @@ def fill_order(order: order_pb2.Order, row: Mapping[str, Any]) -> order_pb2.Orde
 
 def order_from_row(row: Mapping[str, Any]) -> order_pb2.Order:
     return fill_order(order_pb2.Order(), row)
+
+
+def created_order(
+    request: order_service_pb2.CreateOrderRequest, total: int, row: Mapping[str, Any]
+) -> order_pb2.Order:
+    """The order CreateOrder just inserted: the request's body plus what the
+    insert returned (id, version, times)."""
+    return order_pb2.Order(
+        id=row["id"],
+        customer_id=request.customer_id,
+        currency=request.currency,
+        status=order_pb2.ORDER_STATUS_PENDING,
+        items=request.items,
+        total_cents=total,
+        version=row["version"],
+        create_time=timestamp(row["create_time"]),
+        update_time=timestamp(row["update_time"]),
+    )
 
 
 def event_from_row(row: Mapping[str, Any]) -> event_pb2.Event:

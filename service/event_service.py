@@ -10,14 +10,14 @@ from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb
 from service import event_sql
 from service.call import Database, rpc
 from service.convert import event_from_row, unix_micros
-from service.errors import FieldViolation, invalid_argument, not_found
+from service.errors import not_found
 from service.event_stream import stream_events
 from service.feed import EventFeed
 from service.payload import InvalidPayload, json_object_text
 from service.settings import Settings
 from service.streams import StreamSlots
 from service.uploads import upload_events
-from service.validation import Violations
+from service.validation import Violations, require_positive_id
 
 MAX_PUBLISH_EVENTS = 1000
 
@@ -103,10 +103,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def GetEvent(
         self, request: event_service_pb2.GetEventRequest, context: grpc.aio.ServicerContext
     ) -> event_pb2.Event:
-        if request.id <= 0:
-            raise invalid_argument(
-                [FieldViolation("id", f"must be a positive id, got {request.id}")]
-            )
+        require_positive_id("id", request.id)
         row = await self._db.fetchrow(context, event_sql.GET_EVENT, request.id)
         if row is None:
             raise not_found("event", request.id)

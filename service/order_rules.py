@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from orderstream.orders.v1 import order_pb2, order_service_pb2
 from service.validation import MAX_ID_LENGTH, Violations
 
@@ -52,3 +54,21 @@ def order_total(
     if total > MAX_TOTAL_CENTS:
         v.add(f"{prefix}items", "the order's total does not fit in 64 bits")
     return total
+
+
+def checked_create(request: order_service_pb2.CreateOrderRequest) -> int:
+    """Validates a CreateOrder request (INVALID_ARGUMENT naming every bad
+    field); returns the order's total in cents."""
+    v = Violations()
+    v.text("request_id", request.request_id, max_length=MAX_ID_LENGTH)
+    total = order_total(v, request)
+    v.raise_if_any()
+    return total
+
+
+def body_digest(request: order_service_pb2.CreateOrderRequest) -> bytes:
+    """Identifies the request body, so a retry can be told from a reused key."""
+    body = order_service_pb2.CreateOrderRequest()
+    body.CopyFrom(request)
+    body.request_id = ""
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).digest()

@@ -10,17 +10,17 @@ import grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service import order_sql
 from service.call import Database, rpc
-from service.convert import STATUS_NAMES, fill_order, order_from_row, timestamp
+from service.convert import STATUS_NAMES, created_order, fill_order, order_from_row
 from service.errors import FieldViolation, ServiceError, invalid_argument, not_found
 from service.feed import EventFeed
 from service.imports import import_orders
 from service.order_export import export_orders
 from service.order_filters import order_filters
-from service.order_rules import order_total
+from service.order_rules import body_digest, checked_create
 from service.page_token import InvalidPageToken, PageTokens
 from service.settings import Settings
 from service.streams import StreamSlots
-from service.validation import MAX_ID_LENGTH, Violations
+from service.validation import Violations, require_positive_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -33,23 +33,6 @@ ALLOWED_FROM: dict[int, tuple[str, ...]] = {
     order_pb2.ORDER_STATUS_DELIVERED: ("SHIPPED",),
     order_pb2.ORDER_STATUS_CANCELLED: ("PENDING", "PAID"),
 }
-
-
-def _checked_create(request: order_service_pb2.CreateOrderRequest) -> int:
-    """Validates a CreateOrder request; returns the order's total in cents."""
-    v = Violations()
-    v.text("request_id", request.request_id, max_length=MAX_ID_LENGTH)
-    total = order_total(v, request)
-    v.raise_if_any()
-    return total
-
-
-def _body_digest(request: order_service_pb2.CreateOrderRequest) -> bytes:
-    """Identifies the request body, so a retry can be told from a reused key."""
-    body = order_service_pb2.CreateOrderRequest()
-    body.CopyFrom(request)
-    body.request_id = ""
-    return hashlib.sha256(body.SerializeToString(deterministic=True)).digest()
 
 
 def _checked_status(field: str, status: int, *, allow_unspecified: bool) -> None:
@@ -80,8 +63,8 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
     async def CreateOrder(
         self, request: order_service_pb2.CreateOrderRequest, context: grpc.aio.ServicerContext
     ) -> order_pb2.Order:
-        total = _checked_create(request)
-        digest = _body_digest(request)
+        total = checked_create(request)
+        digest = body_digest(request)
         items = request.items
         row = await self._db.fetchrow(
             context,
@@ -98,17 +81,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         if row is None:
             return await self._replay(request.request_id, digest, context)
         self._feed.announce()
-        return order_pb2.Order(
-            id=row["id"],
-            customer_id=request.customer_id,
-            currency=request.currency,
-            status=order_pb2.ORDER_STATUS_PENDING,
-            items=items,
-            total_cents=total,
-            version=row["version"],
-            create_time=timestamp(row["create_time"]),
-            update_time=timestamp(row["update_time"]),
-        )
+        return created_order(request, total, row)
 
     async def _replay(
         self, request_id: str, digest: bytes, context: grpc.aio.ServicerContext
@@ -136,10 +109,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
     async def GetOrder(
         self, request: order_service_pb2.GetOrderRequest, context: grpc.aio.ServicerContext
     ) -> order_pb2.Order:
-        if request.id <= 0:
-            raise invalid_argument(
-                [FieldViolation("id", f"must be a positive id, got {request.id}")]
-            )
+        require_positive_id("id", request.id)
         row = await self._db.fetchrow(context, order_sql.GET_ORDER, request.id)
         if row is None:
             raise not_found("order", request.id)

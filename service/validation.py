@@ -39,7 +39,7 @@ class Violations:
 
     def positive_id(self, field: str, value: int) -> None:
         if value <= 0:
-            self.add(field, f"must be a positive id, got {value}")
+            self.add(field, _not_positive(value))
 
     def timestamp(self, field: str, value: timestamp_pb2.Timestamp) -> None:
         if not MIN_TIMESTAMP_SECONDS <= value.seconds <= MAX_TIMESTAMP_SECONDS:
@@ -50,3 +50,13 @@ class Violations:
     def raise_if_any(self) -> None:
         if self._found:
             raise invalid_argument(self._found)
+
+
+def require_positive_id(field: str, value: int) -> None:
+    """For a request whose only field is an id: INVALID_ARGUMENT at once."""
+    if value <= 0:
+        raise invalid_argument([FieldViolation(field, _not_positive(value))])
+
+
+def _not_positive(value: int) -> str:
+    return f"must be a positive id, got {value}"
