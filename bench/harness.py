@@ -72,28 +72,13 @@ def _status_kib(pid: int, key: str) -> int:
 def service(db: Cluster, **env: str) -> Iterator[ServiceProcess]:
     """`python -m service serve --port 0` as its own process, as deployed."""
     environment = {
-        **os.environ,
         **db.service_env(),
         "ORDERSTREAM_HOST": "127.0.0.1",
         "ORDERSTREAM_LOG_LEVEL": "INFO",  # the "serving" line carries the port
         **env,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--port", "0"],
-        cwd=REPO,
-        env=environment,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        port = _serving_port(process)
-        yield ServiceProcess(process, port)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with served([sys.executable, "-m", "service", "serve", "--port", "0"], environment) as process:
+        yield process
 
 
 @contextlib.contextmanager
