@@ -149,7 +149,13 @@ class Observer:
             raise TypeError(f"{method.name}: handlers must be coroutine functions")
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = self._begin(method, context)
+            request_id = _callers_request_id(context) or f"{self._id_prefix}-{next(self._ids)}"
+            # Each call runs in its own task, so the contextvar is the call's.
+            logs.request_id.set(request_id)
+            if method.active is not None:
+                method.active.inc()
+            span = self._tracing.start_rpc(method.name, context) if self._tracing else None
+            started = time.perf_counter()
             error: BaseException | None = None
             target = context
             if method.streamed_rows is not None:
@@ -164,39 +170,25 @@ class Observer:
                 error = exc
                 raise
             finally:
-                self._finish(method, context, call, error)
+                self._finish(method, context, started, span, request_id, error)
 
         return observed
-
-    def _begin(self, method: _Method, context: grpc.aio.ServicerContext) -> _Call:
-        request_id = _callers_request_id(context) or f"{self._id_prefix}-{next(self._ids)}"
-        # Each call runs in its own task, so the contextvar is the call's.
-        logs.request_id.set(request_id)
-        if method.active is not None:
-            method.active.inc()
-        span = self._tracing.start_rpc(method.name, context) if self._tracing else None
-        return _Call(time.perf_counter(), span, request_id)
 
     def _finish(
         self,
         method: _Method,
         context: grpc.aio.ServicerContext,
-        call: _Call,
+        started: float,
+        span: Any,
+        request_id: str,
         error: BaseException | None,
     ) -> None:
-        duration = time.perf_counter() - call.started
+        duration = time.perf_counter() - started
         code = _code(context, error)
         if method.active is not None:
             method.active.dec()
         method.latency.observe(duration)
         method.finished(code).inc()
-        if call.span is not None and self._tracing is not None:
-            self._tracing.end_rpc(call.span, code)
-        self._access_log.rpc(method.name, code, duration, call.request_id)
-
-
-@dataclass(frozen=True)
-class _Call:
-    started: float
-    span: Any
-    request_id: str
+        if span is not None and self._tracing is not None:
+            self._tracing.end_rpc(span, code)
+        self._access_log.rpc(method.name, code, duration, request_id)
