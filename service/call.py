@@ -66,11 +66,6 @@ class Database:
 
     async def acquire(self, context: grpc.aio.ServicerContext) -> asyncpg.Connection:
         """Takes a connection; the caller must hand it to `release`."""
-        if self.pool.get_idle_size():
-            # An idle connection is taken without waiting (no await between
-            # the check and the take), so the timeout machinery, about 3% of
-            # a point read's CPU, is only paid when the call may have to wait.
-            return await self.pool.acquire()
         remaining = context.time_remaining()
         deadline_bound = remaining is not None and remaining < self._acquire_timeout
         wait = remaining if deadline_bound else self._acquire_timeout
