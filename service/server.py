@@ -241,6 +241,8 @@ class App:
         """NOT_SERVING at once, refuse new calls, let in-flight calls finish
         within the grace, then close the pool."""
         grace = self.settings.shutdown_grace if grace is None else grace
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + grace
         # Queued before health.stop() wakes the Watch streams, so the server
         # refuses new calls before any client can see NOT_SERVING.
         stopping = asyncio.ensure_future(self.server.stop(grace))
@@ -252,7 +254,9 @@ class App:
         # Probes keep seeing NOT_SERVING until the main listener is gone.
         if self.health_server is not None:
             await self.health_server.stop(None)
-        await close_pool(self.pool, timeout=grace)
+        # The calls are over, so their connections are back or being cut:
+        # what is left of the grace, and at least a second, bounds the close.
+        await close_pool(self.pool, timeout=max(ends - loop.time(), 1.0))
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         if self.tracing is not None:
