@@ -70,14 +70,15 @@ def _status_kib(pid: int, key: str) -> int:
 
 @contextlib.contextmanager
 def service(db: Cluster, **env: str) -> Iterator[ServiceProcess]:
-    """`python -m service serve --port 0` as its own process, as deployed."""
+    """`python -m service serve` on a free port (ORDERSTREAM_PORT=0), as deployed."""
     environment = {
         **db.service_env(),
         "ORDERSTREAM_HOST": "127.0.0.1",
+        "ORDERSTREAM_PORT": "0",
         "ORDERSTREAM_LOG_LEVEL": "INFO",  # the "serving" line carries the port
         **env,
     }
-    with served([sys.executable, "-m", "service", "serve", "--port", "0"], environment) as process:
+    with served([sys.executable, "-m", "service", "serve"], environment) as process:
         yield process
 
 

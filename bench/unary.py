@@ -82,6 +82,7 @@ def service_env(db: Cluster) -> dict[str, str]:
     return {
         **db.service_env(),
         "ORDERSTREAM_HOST": "127.0.0.1",
+        "ORDERSTREAM_PORT": "0",
         "ORDERSTREAM_LOG_LEVEL": "INFO",  # as deployed; the "serving" line carries the port
         "ORDERSTREAM_PAGE_TOKEN_KEY": secrets.token_urlsafe(32),
         "ORDERSTREAM_POOL_MIN_SIZE": str(POOL_SIZE),
@@ -90,7 +91,7 @@ def service_env(db: Cluster) -> dict[str, str]:
 
 
 def orderstream_argv(workers: int = 1) -> list[str]:
-    return [sys.executable, "-m", "service", "serve", "--port", "0", "--workers", str(workers)]
+    return [sys.executable, "-m", "service", "serve", "--workers", str(workers)]
 
 
 def item(n: int) -> order_pb2.LineItem:

@@ -68,7 +68,9 @@ def _run(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate"))
-    parser.add_argument("--port", type=int, help="overrides ORDERSTREAM_PORT (0: any free port)")
+    # Settings come from the environment; --workers is the one exception,
+    # mirroring ORDERSTREAM_WORKERS, because the process model is named so
+    # in the deployment's runbook (`--workers N`).
     parser.add_argument(
         "--workers", type=int, help="overrides ORDERSTREAM_WORKERS: processes sharing the port"
     )
@@ -79,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         log.error("invalid settings: %s", exc)
         return EXIT_CONFIG
-    if args.port is not None:
-        settings = dataclasses_replace(settings, port=args.port)
     if args.workers is not None:
         if args.workers < 1:
             parser.error("--workers must be at least 1")

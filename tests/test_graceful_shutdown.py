@@ -92,7 +92,7 @@ async def test_sigterm_lets_an_upload_and_a_stream_finish(service_env, login, ad
     env = serve_env(service_env, login, grace=GRACE, event_loop=None)
     env.update(ORDERSTREAM_STREAM_BATCH_BYTES="1024", ORDERSTREAM_HEALTH_PORT="0")
     history_subject, source = unique("drain-history"), unique("/drain")
-    async with service_process(env, "serve", "--port", "0") as child:
+    async with service_process(env, "serve") as child:
         serving = await child.record("serving")
         port, probe_port = serving["port"], serving["health_port"]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -136,7 +136,7 @@ async def test_sigterm_drains_in_flight_write_then_exits(
     event_loop, service_env, login, admin, pg_cluster
 ):
     env = serve_env(service_env, login, grace=10, event_loop=event_loop)
-    async with service_process(env, "serve", "--port", "0") as child:
+    async with service_process(env, "serve") as child:
         port = (await child.record("serving"))["port"]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             orders = order_service_pb2_grpc.OrderServiceStub(channel)
@@ -191,7 +191,7 @@ async def test_call_still_blocked_after_the_grace_is_cancelled(
     service_env, login, admin, pg_cluster
 ):
     env = serve_env(service_env, login, grace=1, event_loop=None)
-    async with service_process(env, "serve", "--port", "0") as child:
+    async with service_process(env, "serve") as child:
         port = (await child.record("serving"))["port"]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             orders = order_service_pb2_grpc.OrderServiceStub(channel)

@@ -246,7 +246,7 @@ async def test_refuses_to_start_as_a_process(case, pg_cluster, service_env, tmp_
     no secret anywhere in the output."""
     server_log = ServerLog(pg_cluster)
     env = process_env(service_env, **case.env(pg_cluster, tmp_path))
-    async with service_process(env, "serve", "--port", "0") as child:
+    async with service_process(env, "serve") as child:
         code = await child.exit_code()
     assert code == EXIT_CONFIG, child.output
     errors = [r for r in child.records if r.get("level") == "ERROR"]
@@ -291,7 +291,7 @@ async def test_require_with_opt_in_serves_and_warns_loudly(pg_cluster, service_e
         ORDERSTREAM_ALLOW_INSECURE_DATABASE="1",
         ORDERSTREAM_EVENT_LOOP=None,
     )
-    async with service_process(env, "serve", "--port", "0") as child:
+    async with service_process(env, "serve") as child:
         serving = await child.record("serving")
         warnings = [
             r
@@ -317,8 +317,8 @@ async def test_require_with_opt_in_serves_and_warns_loudly(pg_cluster, service_e
 
 async def test_second_server_on_a_taken_port_fails_instead_of_sharing_it(service_env):
     async with running_app(service_env) as first:
-        env = process_env(service_env)
-        async with service_process(env, "serve", "--port", str(first.port)) as second:
+        env = process_env(service_env, ORDERSTREAM_PORT=str(first.port))
+        async with service_process(env, "serve") as second:
             code = await second.exit_code()
         assert code == EXIT_CONFIG, second.output
         errors = [r for r in second.records if r.get("level") == "ERROR"]
@@ -368,3 +368,10 @@ def test_malformed_setting_names_the_variable(service_env):
     with pytest.raises(SettingsError, match="ORDERSTREAM_PORT") as raised:
         Settings.from_env({**service_env, "ORDERSTREAM_PORT": "abc"})
     assert "abc" in str(raised.value)
+
+
+def test_defaults_serve_on_50051_with_a_verified_database(pg_cluster):
+    """Only the database is required; everything else has the documented default."""
+    settings = Settings.from_env(pg_cluster.service_env())
+    assert settings.port == 50051
+    assert settings.database.ssl_mode == "verify-full"

@@ -31,7 +31,7 @@ async def _none(count) -> bool:
 async def test_workers_share_the_port_and_drain_on_sigterm(service_env, login, admin):  # noqa: F811
     env = serve_env(service_env, login, grace=10, event_loop=None)
     env["ORDERSTREAM_HEALTH_PORT"] = "0"
-    async with service_process(env, "serve", "--workers", "2", "--port", "0") as child:
+    async with service_process(env, "serve", "--workers", "2") as child:
         started = await child.record("workers started")
         port, worker_pids = started["port"], set(started["workers"])
         assert port != 0 and len(worker_pids) == 2 and started["pid"] not in worker_pids
@@ -84,7 +84,8 @@ async def test_workers_refuse_a_port_another_process_holds(service_env, login): 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        async with service_process(env, "serve", "--workers", "2", "--port", port) as child:
+        env["ORDERSTREAM_PORT"] = port
+        async with service_process(env, "serve", "--workers", "2") as child:
             assert await child.exit_code() == 2, child.output
     refused = await child.record(
         "cannot start: cannot listen on 127.0.0.1:" + port + ": " + "Address already in use"
