@@ -109,7 +109,8 @@ test: install check-gen lint
 
 run: install
 	@if [ -z "$${DATABASE_URL:-}" ]; then \
-	  eval "$$($(PY) -m service.devcluster up $(DEVDB))"; \
+	  exports="$$($(PY) -m service.devcluster up $(DEVDB))" || exit 1; \
+	  eval "$$exports"; \
 	fi; \
 	exec $(PY) -m service serve
 
