@@ -95,6 +95,11 @@ deploy-check: $(STAMPS)/python $(STAMPS)/kubectl
 lint: install deploy-check
 	$(BUF) lint
 	$(BUF) breaking --against protos/baseline.binpb
+	@# And against main's protos, so a change cannot refresh the baseline to
+	@# slip a break through (skipped where no main branch exists).
+	@if git rev-parse -q --verify refs/heads/main >/dev/null; then \
+	  $(BUF) breaking --against '.git#branch=main'; \
+	fi
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
