@@ -89,7 +89,9 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         """Answers a repeated request_id: the same order, or ALREADY_EXISTS."""
         row = await self._db.fetchrow(context, order_sql.ORDER_BY_REQUEST_ID, request_id)
         if row is None:
-            # The conflicting insert rolled back after ours gave up on it.
+            # The insert conflicted with a committed order that is gone now:
+            # deleted in between (the service never deletes orders; an
+            # operator's clean-up might). A retry inserts it anew.
             raise ServiceError(
                 grpc.StatusCode.ABORTED,
                 "CONCURRENT_REQUEST",
