@@ -12,8 +12,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
-from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from tests.support import create_request, eventually, rpc_error, running_app, unique
+from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
+from tests.support import (
+    create_request,
+    eventually,
+    row_locked,
+    rpc_error,
+    running_app,
+    unique,
+)
 
 GET_ORDER = "/orderstream.orders.v1.OrderService/GetOrder"
 CREATE_ORDER = "/orderstream.orders.v1.OrderService/CreateOrder"
@@ -109,3 +116,39 @@ async def test_metrics_count_calls_codes_rows_and_the_pool(service_env):
 
 async def test_no_metrics_port_unless_configured(app):
     assert app.metrics_port is None
+
+
+async def test_pool_figures_under_contention(service_env, admin_db):
+    """Two connections busy on a locked row, a third call waiting for one."""
+    async with (
+        running_app(
+            service_env,
+            ORDERSTREAM_METRICS_PORT="0",
+            ORDERSTREAM_POOL_MIN_SIZE="2",
+            ORDERSTREAM_POOL_MAX_SIZE="2",
+        ) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        orders = order_service_pb2_grpc.OrderServiceStub(channel)
+        order = await orders.CreateOrder(create_request())
+        paying = order_service_pb2.UpdateOrderStatusRequest(
+            id=order.id, status=order_pb2.ORDER_STATUS_PAID
+        )
+        async with row_locked(admin_db, order.id):
+            calls = [orders.UpdateOrderStatus(paying, timeout=30) for _ in range(3)]
+
+            async def two_busy_one_waiting() -> bool:
+                samples = await scrape(app.metrics_port)
+                return (
+                    value(samples, "orderstream_pool_in_use") == 2
+                    and value(samples, "orderstream_pool_idle") == 0
+                    and value(samples, "orderstream_pool_waiting") == 1
+                )
+
+            await eventually(two_busy_one_waiting, what="two calls busy and one waiting")
+        # One pays; the others find the order PAID already.
+        codes = [(await call.code()) for call in calls]
+        assert sorted(code.name for code in codes) == ["FAILED_PRECONDITION"] * 2 + ["OK"]
+        after = await scrape(app.metrics_port)
+    assert value(after, "orderstream_pool_waiting") == 0
+    assert value(after, "orderstream_pool_in_use") == 0
