@@ -232,3 +232,13 @@ async def test_the_entrypoint_serves(service_env, migrated, tmp_path):  # noqa: 
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_every_setting_is_in_the_readme_configuration_table():
+    """The reverse of the ConfigMap check: nothing the service reads is
+    missing from the README's tables."""
+    source = (ROOT / "service" / "settings.py").read_text()
+    readme = (ROOT / "README.md").read_text()
+    names = set(re.findall(r'"((?:ORDERSTREAM|PG)[A-Z_]*|DATABASE_URL)"', source))
+    assert "ORDERSTREAM_POOL_MAX_SIZE" in names  # the pattern finds them
+    assert sorted(name for name in names if f"`{name}`" not in readme) == []

@@ -40,7 +40,11 @@ def _retry(*codes: str) -> dict[str, Any]:
 #:   them: its ABORTED mostly means a stale `expected_version`, which a blind
 #:   repeat cannot fix.
 #: - Streams get no timeout (an export or a follow stream may run for hours);
-#:   pass one per call where a bound is wanted.
+#:   pass one per call where a bound is wanted. They retry UNAVAILABLE only:
+#:   gRPC can replay a stream only before its first response, which for a
+#:   read is before anything could be ABORTED, and a load's ABORTED means
+#:   another load with its key is still running, which the caller should
+#:   see (`stream_events` resumes and `upload_events` re-sends on their own).
 #: - retryThrottling stops retries from piling onto a struggling server.
 DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
