@@ -440,6 +440,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured time per point")
     parser.add_argument("--upload-events", type=int, default=UPLOAD_EVENTS)
     args = parser.parse_args()
+    if args.seconds < 1:
+        parser.error("--seconds must be at least 1 (h2load refuses shorter durations)")
     results = measure(args)
     results.update(
         machine=machine(),
