@@ -11,6 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 PG_BIN := /usr/lib/postgresql/15/bin
+PGBOUNCER := /usr/sbin/pgbouncer
 STAMPS := .stamps
 DEVDB ?= .devdb
 PYTEST_ARGS ?=
@@ -32,6 +33,15 @@ $(STAMPS)/system:
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15 nodejs npm jq; \
 	  else \
 	    echo "missing PostgreSQL 15 server binaries, npm or jq: install the Debian packages postgresql-15 nodejs npm jq" >&2; exit 1; \
+	  fi; \
+	fi
+	@# Separately, so a node.js from elsewhere (which conflicts with Debian's npm)
+	@# does not stop it being installed.
+	@if [ ! -x $(PGBOUNCER) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer; \
+	  else \
+	    echo "missing pgbouncer (the tests run the core suite through it): install the Debian package pgbouncer" >&2; exit 1; \
 	  fi; \
 	fi
 	@touch $@

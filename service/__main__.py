@@ -13,7 +13,7 @@ from dataclasses import replace as dataclasses_replace
 from typing import Any
 
 from service import logs, workers
-from service.database import StartupError, close_pool, open_pool
+from service.database import StartupError, direct_session
 from service.migrate import migrate
 from service.server import App
 from service.settings import Settings, SettingsError
@@ -47,13 +47,10 @@ async def _serve(settings: Settings, reuse_port: bool = False) -> None:
 
 
 async def _migrate(settings: Settings) -> None:
-    pool = await open_pool(settings)
-    try:
-        async with pool.acquire(timeout=settings.pool_acquire_timeout) as conn:
-            applied = await migrate(conn)
-        log.info("migrations done", extra={"applied": applied})
-    finally:
-        await close_pool(pool, settings.shutdown_grace)
+    # A direct connection: the advisory lock is session state.
+    async with direct_session(settings) as conn:
+        applied = await migrate(conn)
+    log.info("migrations done", extra={"applied": applied})
 
 
 def _run(settings: Settings, main: Coroutine[Any, Any, None]) -> None:

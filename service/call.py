@@ -51,10 +51,18 @@ class Database:
     timeout fires, and a cancelled call cancels it the same way.
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float, command_timeout: float):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        acquire_timeout: float,
+        command_timeout: float,
+        transaction_pooling: bool = False,
+    ):
         self.pool = pool
         self._acquire_timeout = acquire_timeout
         self._command_timeout = command_timeout
+        self._transaction_pooling = transaction_pooling
 
     def query_timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -86,6 +94,23 @@ class Database:
     async def release(self, conn: asyncpg.Connection) -> None:
         # asyncpg shields the release itself, so cancellation cannot leak it.
         await self.pool.release(conn)
+
+    async def cursor(
+        self, conn: asyncpg.Connection, context: grpc.aio.ServicerContext, query: str, *args: Any
+    ) -> asyncpg.cursor.Cursor:
+        """Opens a cursor in the transaction open on `conn`.
+
+        asyncpg prepares a cursor's query as a *named* statement even with
+        its cache off, and closes it only later, on whatever server
+        connection a transaction-pooling PgBouncer then hands out. So the
+        statement stays behind on this one, where another process's asyncpg
+        (whose names count from the same start) may prepare the same name
+        and fail. Behind such a PgBouncer, statements left by earlier clients
+        are dropped first: during this transaction the server connection is
+        ours alone, and nothing of ours there is prepared yet."""
+        if self._transaction_pooling:
+            await conn.execute("DEALLOCATE ALL", timeout=self.query_timeout(context))
+        return await conn.cursor(query, *args, timeout=self.query_timeout(context))
 
     async def fetchrow(
         self, context: grpc.aio.ServicerContext, query: str, *args: Any

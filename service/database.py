@@ -9,8 +9,10 @@ through `datetime` (this sits on every hot path).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -67,10 +69,11 @@ def ssl_context_for(target: DatabaseTarget, *, allow_insecure: bool) -> ssl.SSLC
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Replaces asyncpg's reset on release: a second round trip per call
     (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL), about 7% of a point
-    read's CPU. Pooled connections never keep session state here: no session SET,
-    LISTEN has its own direct connection, cursors and temporary tables live
-    in transactions, and migrations release their advisory lock. asyncpg
-    still rolls back a transaction left open before this runs."""
+    read's CPU. Pooled connections never keep session state here (which also
+    makes them safe behind a transaction-pooling PgBouncer): no session SET,
+    cursors and temporary tables live in transactions, and LISTEN and the
+    migrations' advisory lock use direct connections. asyncpg still rolls
+    back a transaction left open before this runs."""
 
 
 async def _configure_connection(conn: asyncpg.Connection) -> None:
@@ -83,11 +86,11 @@ async def _configure_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-def _connect_options(settings: Settings) -> dict[str, Any]:
+def _connect_options(settings: Settings, target: DatabaseTarget) -> dict[str, Any]:
     """What every connection gets, pooled or direct."""
     return {
-        "dsn": settings.database.dsn.reveal(),
-        "ssl": ssl_context_for(settings.database, allow_insecure=settings.allow_insecure_database),
+        "dsn": target.dsn.reveal(),
+        "ssl": ssl_context_for(target, allow_insecure=settings.allow_insecure_database),
         "command_timeout": settings.command_timeout,
         "statement_cache_size": settings.statement_cache_size,
         "timeout": settings.pool_acquire_timeout,
@@ -96,17 +99,44 @@ def _connect_options(settings: Settings) -> dict[str, Any]:
 
 
 async def connect_direct(settings: Settings) -> asyncpg.Connection:
-    """A connection outside the pool, for session state such as LISTEN."""
-    conn = await asyncpg.connect(**_connect_options(settings))
+    """A connection outside the pool, for session state such as LISTEN: to
+    ORDERSTREAM_DIRECT_DATABASE_URL, past any transaction-pooling PgBouncer."""
+    conn = await asyncpg.connect(**_connect_options(settings, settings.direct_database))
     await _configure_connection(conn)
     return conn
 
 
+@contextlib.asynccontextmanager
+async def direct_session(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """connect_direct for startup work (migrations), or StartupError."""
+    with _startup_errors(settings.direct_database):
+        conn = await connect_direct(settings)
+    try:
+        yield conn
+    finally:
+        await conn.close(timeout=settings.command_timeout)
+
+
+@contextlib.contextmanager
+def _startup_errors(target: DatabaseTarget) -> Iterator[None]:
+    """Turns a failure to reach `target` into a StartupError that says why."""
+    try:
+        yield
+    except ssl.SSLCertVerificationError as exc:
+        raise StartupError(
+            f"cannot verify the database server's certificate at {target.describe()}: "
+            f"{exc.verify_message}"
+        ) from None
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StartupError(
+            f"cannot connect to the database at {target.describe()}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
 async def open_pool(settings: Settings) -> asyncpg.Pool:
     """Opens the pool and proves one connection works, or raises StartupError."""
-    target = settings.database
-    options = _connect_options(settings)
-    try:
+    options = _connect_options(settings, settings.database)
+    with _startup_errors(settings.database):
         pool = await asyncpg.create_pool(
             **options,
             min_size=settings.pool_min_size,
@@ -117,15 +147,6 @@ async def open_pool(settings: Settings) -> asyncpg.Pool:
         )
         # min_size may be 0: make sure at least one connection can be made.
         await pool.fetchval("SELECT 1", timeout=settings.command_timeout)
-    except ssl.SSLCertVerificationError as exc:
-        raise StartupError(
-            f"cannot verify the database server's certificate at {target.describe()}: "
-            f"{exc.verify_message}"
-        ) from None
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise StartupError(
-            f"cannot connect to the database at {target.describe()}: {type(exc).__name__}: {exc}"
-        ) from None
     return pool
 
 

@@ -147,9 +147,7 @@ async def _stream_history(
         horizon = await conn.fetchval(event_sql.SAFE_HORIZON, timeout=db.query_timeout(context))
         if horizon - 1 > after_id:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                cursor = await conn.cursor(
-                    query, after_id, horizon, *filter_args, timeout=db.query_timeout(context)
-                )
+                cursor = await db.cursor(conn, context, query, after_id, horizon, *filter_args)
                 await _drain(cursor, batches, lambda: db.query_timeout(context))
         await batches.flush()
     finally:

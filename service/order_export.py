@@ -32,10 +32,8 @@ async def export_orders(
         conn = await db.acquire(context)
         try:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                cursor = await conn.cursor(
-                    order_sql.export_orders(tuple(filters)),
-                    *filters.values(),
-                    timeout=db.query_timeout(context),
+                cursor = await db.cursor(
+                    conn, context, order_sql.export_orders(tuple(filters)), *filters.values()
                 )
                 response = order_service_pb2.ExportOrdersResponse()
                 size = 0

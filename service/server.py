@@ -24,7 +24,13 @@ from grpc_reflection.v1alpha import reflection
 from orderstream.events.v1 import event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.call import Database
-from service.database import StartupError, close_pool, connect_direct, open_pool
+from service.database import (
+    StartupError,
+    close_pool,
+    connect_direct,
+    direct_session,
+    open_pool,
+)
 from service.event_service import EventService
 from service.feed import EventFeed
 from service.health import DatabaseHealth
@@ -133,7 +139,8 @@ class App:
         pool = await open_pool(settings)
         try:
             if settings.migrate_on_start:
-                async with pool.acquire(timeout=settings.pool_acquire_timeout) as conn:
+                # The advisory lock is session state: not on a pooled connection.
+                async with direct_session(settings) as conn:
                     await migrate(conn)
             return await cls._serve(settings, pool, reuse_port, tracing)
         except BaseException:
@@ -159,6 +166,7 @@ class App:
             pool,
             acquire_timeout=settings.pool_acquire_timeout,
             command_timeout=settings.command_timeout,
+            transaction_pooling=settings.transaction_pooling,
         )
         feed = EventFeed(
             lambda: connect_direct(settings), poll_interval=settings.follow_poll_interval

@@ -83,6 +83,10 @@ class ListenerTls:
 @dataclass(frozen=True)
 class Settings:
     database: DatabaseTarget
+    # Session state (LISTEN, the migrations' advisory lock) needs a server
+    # connection of its own: past a transaction-pooling PgBouncer, not through it.
+    direct_database: DatabaseTarget
+    transaction_pooling: bool
     allow_insecure_database: bool
     host: str
     port: int
@@ -112,8 +116,12 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = _Reader(os.environ if environ is None else environ)
         pool_max_size = env.integer("ORDERSTREAM_POOL_MAX_SIZE", 10, low=1, high=1000)
+        database = _database_target(env, "DATABASE_URL")
+        transaction_pooling = env.boolean("ORDERSTREAM_TRANSACTION_POOLING", False)
         settings = cls(
-            database=_database_target(env),
+            database=database,
+            direct_database=_direct_database_target(env, database, transaction_pooling),
+            transaction_pooling=transaction_pooling,
             allow_insecure_database=env.boolean("ORDERSTREAM_ALLOW_INSECURE_DATABASE", False),
             host=env.text("ORDERSTREAM_HOST", "[::]"),
             port=env.integer("ORDERSTREAM_PORT", 50051, low=0, high=65535),
@@ -122,9 +130,7 @@ class Settings:
             pool_acquire_timeout=env.seconds("ORDERSTREAM_POOL_ACQUIRE_TIMEOUT", 5.0),
             pool_max_idle=env.seconds("ORDERSTREAM_POOL_MAX_IDLE", 300.0),
             command_timeout=env.seconds("ORDERSTREAM_COMMAND_TIMEOUT", 30.0),
-            statement_cache_size=env.integer(
-                "ORDERSTREAM_STATEMENT_CACHE_SIZE", 100, low=0, high=100_000
-            ),
+            statement_cache_size=_statement_cache_size(env, transaction_pooling),
             shutdown_grace=env.seconds("ORDERSTREAM_SHUTDOWN_GRACE", 20.0),
             health_check_interval=env.seconds("ORDERSTREAM_HEALTH_CHECK_INTERVAL", 2.0),
             page_token_key=env.secret("ORDERSTREAM_PAGE_TOKEN_KEY"),
@@ -243,13 +249,43 @@ def _listener_tls(env: _Reader) -> ListenerTls | None:
     return ListenerTls(Path(cert), Path(key), Path(client_ca) if client_ca else None)
 
 
-def _database_target(env: _Reader) -> DatabaseTarget:
-    url = env.raw("DATABASE_URL")
+def _statement_cache_size(env: _Reader, transaction_pooling: bool) -> int:
+    """asyncpg's cache keeps named prepared statements on the server
+    connection, which a transaction-pooling PgBouncer hands to other clients."""
+    size = env.integer(
+        "ORDERSTREAM_STATEMENT_CACHE_SIZE", 0 if transaction_pooling else 100, low=0, high=100_000
+    )
+    if transaction_pooling and size != 0:
+        raise SettingsError(
+            "ORDERSTREAM_STATEMENT_CACHE_SIZE must be 0 (or unset) with "
+            "ORDERSTREAM_TRANSACTION_POOLING=1: PgBouncer hands each transaction "
+            "another server connection, where cached prepared statements do not exist"
+        )
+    return size
+
+
+def _direct_database_target(
+    env: _Reader, database: DatabaseTarget, transaction_pooling: bool
+) -> DatabaseTarget:
+    if env.raw("ORDERSTREAM_DIRECT_DATABASE_URL") is not None:
+        return _database_target(env, "ORDERSTREAM_DIRECT_DATABASE_URL")
+    if transaction_pooling:
+        raise SettingsError(
+            "ORDERSTREAM_TRANSACTION_POOLING=1 needs ORDERSTREAM_DIRECT_DATABASE_URL: "
+            "LISTEN and the migrations' advisory lock need a session of their own, "
+            "which a transaction-pooling PgBouncer does not keep"
+        )
+    return database
+
+
+def _database_target(env: _Reader, name: str) -> DatabaseTarget:
+    """The URL in variable `name`; ssl* query parameters win over PGSSL*."""
+    url = env.raw(name)
     if url is None:
-        raise SettingsError("DATABASE_URL is required (postgresql://user:password@host:port/db)")
+        raise SettingsError(f"{name} is required (postgresql://user:password@host:port/db)")
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql"):
-        raise SettingsError("DATABASE_URL must start with postgresql://")
+        raise SettingsError(f"{name} must start with postgresql://")
     query = parse_qsl(parts.query, keep_blank_values=True)
     from_url = {k: v for k, v in query if k in _SSL_URL_PARAMETERS}
     remaining = [(k, v) for k, v in query if k not in _SSL_URL_PARAMETERS]
@@ -272,7 +308,7 @@ def _database_target(env: _Reader) -> DatabaseTarget:
         host = parts.hostname or "localhost"
         port = parts.port or 5432
     except ValueError:
-        raise SettingsError("DATABASE_URL has an invalid port") from None
+        raise SettingsError(f"{name} has an invalid port") from None
     return DatabaseTarget(
         dsn=Secret(urlunsplit(parts._replace(query=urlencode(remaining)))),
         host=host,

@@ -1,5 +1,11 @@
 """Fixtures that yield real resources: a TLS PostgreSQL cluster started for
-the session, the service serving on a free port, channels and stubs."""
+the session, the service serving on a free port, channels and stubs.
+
+Modules marked `through_pgbouncer` run twice, `[direct]` and `[pgbouncer]`:
+the second time the service (`service_env` and everything built on it)
+reaches the cluster through a real PgBouncer in transaction mode
+(tests/pgbouncer.py). `admin_db` always looks at the cluster directly.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,19 @@ from orderstream.orders.v1 import order_service_pb2_grpc
 from service.devcluster import Cluster, start_cluster, stop_cluster
 from service.server import App
 from service.settings import Settings
+from tests.pgbouncer import PgBouncer, start_pgbouncer, stop_pgbouncer
 from tests.support import admin_ssl_context
+
+DATABASE_ROUTES = ("direct", "pgbouncer")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database_route" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "through_pgbouncer"
+    ):
+        # Session scope: pytest groups the tests by route, so each route's
+        # service starts once rather than once per module.
+        metafunc.parametrize("database_route", DATABASE_ROUTES, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +52,34 @@ def pg_cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="session")
-def service_env(pg_cluster: Cluster) -> dict[str, str]:
+def pgbouncer(pg_cluster: Cluster) -> Iterator[PgBouncer]:
+    directory = Path(tempfile.mkdtemp(prefix="orderstream-pgbouncer-"))
+    bouncer = start_pgbouncer(directory, pg_cluster)
+    try:
+        yield bouncer
+    finally:
+        stop_pgbouncer(bouncer)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_route(request: pytest.FixtureRequest) -> str:
+    """How the service reaches the cluster: "direct" unless parametrized."""
+    return str(getattr(request, "param", "direct"))
+
+
+@pytest.fixture(scope="session")
+def service_env(
+    pg_cluster: Cluster, database_route: str, request: pytest.FixtureRequest
+) -> dict[str, str]:
     """The environment a deployment would give the service, for this cluster."""
+    route: dict[str, str] = {}
+    if database_route == "pgbouncer":
+        bouncer: PgBouncer = request.getfixturevalue("pgbouncer")
+        route = bouncer.service_env()
     return {
         **pg_cluster.service_env(),
+        **route,
         "ORDERSTREAM_HOST": "127.0.0.1",
         "ORDERSTREAM_PORT": "0",
         "ORDERSTREAM_PAGE_TOKEN_KEY": secrets.token_urlsafe(32),

@@ -7,12 +7,15 @@ import asyncio
 import json
 
 import grpc
+import pytest
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.server import App
 from service.settings import Settings
 from tests.support import create_request, eventually, rpc_error, running_app, unique
+
+pytestmark = pytest.mark.through_pgbouncer
 
 INSERT_EVENT = """
 INSERT INTO events (type, source, subject, time, payload)

@@ -12,6 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from orderstream.events.v1 import event_pb2, event_service_pb2
 from tests.support import rpc_error, table_counts, unique
 
+pytestmark = pytest.mark.through_pgbouncer
+
 
 def event(**fields: object) -> event_pb2.Event:
     values: dict[str, object] = {

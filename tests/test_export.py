@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from tests.support import create_request, eventually, rpc_error, running_app, unique
+
+pytestmark = pytest.mark.through_pgbouncer
 
 
 async def export_all(stub, request) -> tuple[list[order_pb2.Order], int]:

@@ -21,6 +21,8 @@ from tests.test_uploads import (
     waiting_on_lock,
 )
 
+pytestmark = pytest.mark.through_pgbouncer
+
 Request = order_service_pb2.ImportOrdersRequest
 Item = order_pb2.LineItem
 

@@ -11,6 +11,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from orderstream.orders.v1 import order_pb2, order_service_pb2
 from tests.support import create_request, rpc_error, table_counts, unique
 
+pytestmark = pytest.mark.through_pgbouncer
+
 PENDING = order_pb2.ORDER_STATUS_PENDING
 PAID = order_pb2.ORDER_STATUS_PAID
 SHIPPED = order_pb2.ORDER_STATUS_SHIPPED

@@ -16,6 +16,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from tests.support import eventually, rpc_error, running_app, table_counts, unique
 
+pytestmark = pytest.mark.through_pgbouncer
+
 Request = event_service_pb2.UploadEventsRequest
 
 
