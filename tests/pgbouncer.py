@@ -39,6 +39,9 @@ from service.devcluster import (
 PGBOUNCER = "/usr/sbin/pgbouncer"
 _READY_SECONDS = 30.0
 _STOP_SECONDS = 30.0
+# Server connections per database and user: above what the tests' service
+# instances use at once (8 per pool).
+POOL_SIZE = 40
 _CONFIG = "pgbouncer.ini"
 _LOG = "pgbouncer.log"
 
@@ -158,9 +161,8 @@ def _config(
         "pool_mode": "transaction",
         "auth_type": "scram-sha-256",
         "auth_file": str(directory / "userlist.txt"),
-        # Above what the tests' service instances open at once (8 per pool).
         "max_client_conn": "400",
-        "default_pool_size": "40",
+        "default_pool_size": str(POOL_SIZE),
         "client_tls_sslmode": "require",
         "client_tls_cert_file": str(certificates.server_cert),
         "client_tls_key_file": str(certificates.server_key),

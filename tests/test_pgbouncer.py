@@ -1,0 +1,165 @@
+"""Behind PgBouncer in transaction mode: what the second run of the modules
+marked `through_pgbouncer` does not show by itself. The settings that make
+the service safe there, that its pooled connections really go through
+PgBouncer while LISTEN and migrations do not, and that cursor streams cope
+with the prepared statements asyncpg leaves on PgBouncer's server
+connections."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import asyncpg.connection
+import pytest
+
+from orderstream.events.v1 import event_service_pb2
+from orderstream.orders.v1 import order_service_pb2
+from service.database import connect_direct
+from service.server import App
+from service.settings import Settings, SettingsError
+from tests.pgbouncer import POOL_SIZE, PgBouncer
+from tests.support import create_request, unique
+from tests.test_event_stream import publish, read_all
+from tests.test_export import export_all
+from tests.test_startup import process_env, service_process
+
+# These tests need the service behind PgBouncer, so they run only there.
+through_pgbouncer = pytest.mark.parametrize("database_route", ["pgbouncer"], indirect=True)
+
+BASE_ENV = {"DATABASE_URL": "postgresql://app:secret@bouncer.example:6432/shop"}
+
+
+def test_transaction_pooling_turns_the_statement_cache_off():
+    settings = Settings.from_env(
+        {
+            **BASE_ENV,
+            "ORDERSTREAM_TRANSACTION_POOLING": "1",
+            "ORDERSTREAM_DIRECT_DATABASE_URL": (
+                "postgresql://app:secret@db.example:5432/shop?sslrootcert=/etc/db-ca.crt"
+            ),
+            "PGSSLROOTCERT": "/etc/bouncer-ca.crt",
+        }
+    )
+    assert settings.transaction_pooling
+    assert settings.statement_cache_size == 0
+    # Each URL keeps its own server and TLS settings; PGSSL* fill in the rest.
+    assert (settings.database.host, settings.database.port) == ("bouncer.example", 6432)
+    assert settings.database.ssl_root_cert == Path("/etc/bouncer-ca.crt")
+    direct = settings.direct_database
+    assert (direct.host, direct.port, direct.ssl_mode) == ("db.example", 5432, "verify-full")
+    assert direct.ssl_root_cert == Path("/etc/db-ca.crt")
+    assert "secret" not in repr(settings)
+
+
+def test_the_direct_url_defaults_to_database_url():
+    settings = Settings.from_env(BASE_ENV)
+    assert settings.direct_database == settings.database
+    assert settings.statement_cache_size == 100
+    assert not settings.transaction_pooling
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({}, "ORDERSTREAM_TRANSACTION_POOLING=1 needs ORDERSTREAM_DIRECT_DATABASE_URL"),
+        (
+            {
+                "ORDERSTREAM_DIRECT_DATABASE_URL": "postgresql://app:secret@db.example/shop",
+                "ORDERSTREAM_STATEMENT_CACHE_SIZE": "100",
+            },
+            "ORDERSTREAM_STATEMENT_CACHE_SIZE must be 0",
+        ),
+        (
+            {"ORDERSTREAM_DIRECT_DATABASE_URL": "mysql://app:secret@db.example/shop"},
+            "ORDERSTREAM_DIRECT_DATABASE_URL must start with postgresql://",
+        ),
+        (
+            {"ORDERSTREAM_DIRECT_DATABASE_URL": "postgresql://db.example/shop?sslmode=prefer"},
+            "sslmode=prefer",
+        ),
+    ],
+    ids=["no-direct-url", "statement-cache-on", "direct-url-not-postgresql", "direct-url-prefer"],
+)
+def test_unsafe_transaction_pooling_settings_are_refused(overrides, message):
+    env = {**BASE_ENV, "ORDERSTREAM_TRANSACTION_POOLING": "1", **overrides}
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
+
+
+@through_pgbouncer
+async def test_pooled_connections_go_through_pgbouncer_and_listen_does_not(app: App):
+    """PgBouncer hands its clients a cancel key of its own, so only a direct
+    connection sees the pid of the backend that runs its statements."""
+    async with app.pool.acquire() as pooled:
+        assert pooled.get_server_pid() != await pooled.fetchval("SELECT pg_backend_pid()")
+    direct = await connect_direct(app.settings)
+    try:
+        assert direct.get_server_pid() == await direct.fetchval("SELECT pg_backend_pid()")
+    finally:
+        await direct.close()
+
+
+@through_pgbouncer
+async def test_migrate_needs_only_the_direct_url(service_env):
+    """`python -m service migrate` takes its session-level advisory lock on
+    the direct connection: it succeeds with DATABASE_URL pointing nowhere."""
+    env = process_env(
+        service_env, DATABASE_URL="postgresql://nobody:nothing@127.0.0.1:1/orderstream"
+    )
+    async with service_process(env, "migrate") as child:
+        assert await child.exit_code() == 0, child.output
+        assert (await child.record("migrations done"))["applied"] == []
+
+
+@contextlib.asynccontextmanager
+async def pgbouncer_sessions(
+    bouncer: PgBouncer, count: int
+) -> AsyncIterator[list[asyncpg.Connection]]:
+    context = ssl.create_default_context(cafile=str(bouncer.ca_cert))
+    sessions = [
+        await asyncpg.connect(bouncer.dsn(), ssl=context, statement_cache_size=0)
+        for _ in range(count)
+    ]
+    try:
+        yield sessions
+    finally:
+        for session in sessions:
+            await session.close()
+
+
+@through_pgbouncer
+async def test_streams_cope_with_statements_another_process_left_behind(
+    pgbouncer: PgBouncer, orders, events
+):
+    """asyncpg prepares a cursor's query as a named statement even with the
+    statement cache off, and names them from a per-process counter that
+    starts at 1 in every process. Another replica behind the same PgBouncer
+    leaves such statements on the server connections it used; here the test
+    plays that replica, leaving the names this process uses next on every
+    server connection of PgBouncer's pool, and the streams must still work."""
+    customer, subject = unique("cust"), unique("leftovers/")
+    created = [await orders.CreateOrder(create_request(customer_id=customer)) for _ in range(3)]
+    published = await publish(events, subject, 3)
+    # The only way to know those names is asyncpg's own counter.
+    upcoming = range(asyncpg.connection._uid + 1, asyncpg.connection._uid + 21)  # type: ignore[attr-defined]
+    async with pgbouncer_sessions(pgbouncer, POOL_SIZE) as sessions:
+        # All open in a transaction at once: each holds its own server connection.
+        for session in sessions:
+            await session.execute("BEGIN")
+        for session in sessions:
+            for number in upcoming:
+                await session.execute(f"PREPARE __asyncpg_stmt_{number:x}__ AS SELECT 1")
+            await session.execute("COMMIT")
+
+    exported, _ = await export_all(
+        orders, order_service_pb2.ExportOrdersRequest(customer_id=customer)
+    )
+    assert exported == created
+    streamed, _ = await read_all(
+        events.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject))
+    )
+    assert [e.id for e in streamed] == published
