@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from tests.support import (
@@ -16,6 +17,8 @@ from tests.support import (
     rpc_error,
     running_app,
 )
+
+pytestmark = pytest.mark.through_pgbouncer
 
 UPDATE_MARKER = "UPDATE orders AS o"
 
