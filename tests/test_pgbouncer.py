@@ -18,7 +18,8 @@ import pytest
 
 from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_service_pb2
-from service.database import connect_direct
+from service.database import StartupError, connect_direct
+from service.devcluster import Cluster, make_ca_only
 from service.server import App
 from service.settings import Settings, SettingsError
 from tests.pgbouncer import POOL_SIZE, PgBouncer
@@ -88,6 +89,20 @@ def test_unsafe_transaction_pooling_settings_are_refused(overrides, message):
     env = {**BASE_ENV, "ORDERSTREAM_TRANSACTION_POOLING": "1", **overrides}
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+async def test_an_unverifiable_direct_url_stops_startup(
+    service_env, pg_cluster: Cluster, tmp_path: Path
+):
+    """The direct URL is verified like DATABASE_URL, with its own CA, and a
+    failure names the server it could not verify."""
+    wrong_ca = make_ca_only(tmp_path, "not the cluster's CA")
+    env = {
+        **service_env,
+        "ORDERSTREAM_DIRECT_DATABASE_URL": f"{pg_cluster.dsn()}?sslrootcert={wrong_ca}",
+    }
+    with pytest.raises(StartupError, match="cannot verify the database server's certificate at"):
+        await App.start(Settings.from_env(env))
 
 
 @through_pgbouncer
