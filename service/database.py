@@ -83,11 +83,13 @@ async def _configure_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-def _connect_options(settings: Settings) -> dict[str, Any]:
-    """What every connection gets, pooled or direct."""
+def _connect_options(settings: Settings, target: DatabaseTarget | None = None) -> dict[str, Any]:
+    """What every connection gets, pooled or direct, to the primary unless
+    another `target` (the read replica) is given."""
+    target = target or settings.database
     return {
-        "dsn": settings.database.dsn.reveal(),
-        "ssl": ssl_context_for(settings.database, allow_insecure=settings.allow_insecure_database),
+        "dsn": target.dsn.reveal(),
+        "ssl": ssl_context_for(target, allow_insecure=settings.allow_insecure_database),
         "command_timeout": settings.command_timeout,
         "statement_cache_size": settings.statement_cache_size,
         "timeout": settings.pool_acquire_timeout,
@@ -127,6 +129,20 @@ async def open_pool(settings: Settings) -> asyncpg.Pool:
             f"cannot connect to the database at {target.describe()}: {type(exc).__name__}: {exc}"
         ) from None
     return pool
+
+
+async def open_replica_pool(settings: Settings, target: DatabaseTarget) -> asyncpg.Pool:
+    """The read replica's pool: TLS rules and sizes as the primary's, but it
+    connects on demand (min_size 0), so a replica that is down at startup
+    does not stop the service; service/replica_monitor.py finds out."""
+    return await asyncpg.create_pool(
+        **_connect_options(settings, target),
+        min_size=0,
+        max_size=settings.pool_max_size,
+        max_inactive_connection_lifetime=settings.pool_max_idle,
+        init=_configure_connection,
+        reset=_keep_session,
+    )
 
 
 async def close_pool(pool: asyncpg.Pool, timeout: float) -> None:

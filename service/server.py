@@ -24,7 +24,13 @@ from grpc_reflection.v1alpha import reflection
 from orderstream.events.v1 import event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.call import Database
-from service.database import StartupError, close_pool, connect_direct, open_pool
+from service.database import (
+    StartupError,
+    close_pool,
+    connect_direct,
+    open_pool,
+    open_replica_pool,
+)
 from service.event_service import EventService
 from service.feed import EventFeed
 from service.health import DatabaseHealth
@@ -34,6 +40,8 @@ from service.migrate import migrate
 from service.observing import Observer
 from service.order_service import OrderService
 from service.page_token import PageTokens
+from service.read_routing import ReadRouter
+from service.replica_monitor import ReplicaMonitor
 from service.settings import Settings
 from service.streams import StreamSlots
 from service.tracing import Tracing
@@ -120,6 +128,8 @@ class App:
     metrics: Metrics
     metrics_endpoint: MetricsEndpoint | None
     tracing: Tracing | None
+    replica: ReplicaMonitor | None = None
+    _replica_task: asyncio.Task[None] | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -131,12 +141,17 @@ class App:
     ) -> App:
         """`reuse_port`: share the ports with sibling workers (--workers)."""
         pool = await open_pool(settings)
+        replica_pool = None
         try:
             if settings.migrate_on_start:
                 async with pool.acquire(timeout=settings.pool_acquire_timeout) as conn:
                     await migrate(conn)
-            return await cls._serve(settings, pool, reuse_port, tracing)
+            if settings.replica is not None:
+                replica_pool = await open_replica_pool(settings, settings.replica)
+            return await cls._serve(settings, pool, reuse_port, tracing, replica_pool)
         except BaseException:
+            if replica_pool is not None:
+                await close_pool(replica_pool, settings.shutdown_grace)
             await close_pool(pool, settings.shutdown_grace)
             raise
 
@@ -147,6 +162,7 @@ class App:
         pool: asyncpg.Pool,
         reuse_port: bool,
         tracing: Tracing | None,
+        replica_pool: asyncpg.Pool | None = None,
     ) -> App:
         metrics = Metrics()
         metrics.watch_pool(pool)
@@ -160,13 +176,14 @@ class App:
             acquire_timeout=settings.pool_acquire_timeout,
             command_timeout=settings.command_timeout,
         )
+        reads, monitor = await _read_router(settings, db, pool, replica_pool, metrics)
         feed = EventFeed(
             lambda: connect_direct(settings), poll_interval=settings.follow_poll_interval
         )
         streams = StreamSlots(settings.max_streams, "stream")
         followers = StreamSlots(settings.max_followers, "follower")
         orders = OrderService(
-            db, _page_tokens(settings), streams=streams, feed=feed, settings=settings
+            db, _page_tokens(settings), streams=streams, feed=feed, settings=settings, reads=reads
         )
         events = EventService(
             db, streams=streams, followers=followers, feed=feed, settings=settings
@@ -221,6 +238,9 @@ class App:
             await health_server.start()
         await feed.start()
         task = asyncio.create_task(database_health.run(), name="database-health")
+        replica_task = None
+        if monitor is not None:
+            replica_task = asyncio.create_task(monitor.run(), name="replica-monitor")
         return cls(
             settings,
             pool,
@@ -235,6 +255,8 @@ class App:
             metrics,
             endpoint,
             tracing,
+            monitor,
+            replica_task,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -256,11 +278,43 @@ class App:
             await self.health_server.stop(None)
         # The calls are over, so their connections are back or being cut:
         # what is left of the grace, and at least a second, bounds the close.
+        if self.replica is not None and self._replica_task is not None:
+            self.replica.stop()
+            await self._replica_task
+            await close_pool(self.replica.pool, timeout=max(ends - loop.time(), 1.0))
         await close_pool(self.pool, timeout=max(ends - loop.time(), 1.0))
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         if self.tracing is not None:
             self.tracing.shutdown()
+
+
+async def _read_router(
+    settings: Settings,
+    db: Database,
+    pool: asyncpg.Pool,
+    replica_pool: asyncpg.Pool | None,
+    metrics: Metrics,
+) -> tuple[ReadRouter, ReplicaMonitor | None]:
+    """Routes reads to the replica when there is one; its first check runs
+    before serving, so routing is decided from the first call."""
+    if replica_pool is None:
+        return ReadRouter(db, on_served=metrics.count_read), None
+    monitor = ReplicaMonitor(
+        pool,
+        replica_pool,
+        max_lag=settings.replica_max_lag,
+        interval=settings.replica_check_interval,
+        timeout=settings.pool_acquire_timeout,
+    )
+    await monitor.check()
+    metrics.watch_replica(monitor)
+    replica_db = Database(
+        replica_pool,
+        acquire_timeout=settings.pool_acquire_timeout,
+        command_timeout=settings.command_timeout,
+    )
+    return ReadRouter(db, replica_db, monitor, on_served=metrics.count_read), monitor
 
 
 def _listen(server: grpc.aio.Server, host: str, port: int, settings: Settings | None) -> int:

@@ -107,6 +107,10 @@ class Settings:
     metrics_port: int | None
     health_port: int | None
     tls: ListenerTls | None
+    # A streaming standby for reads that tolerate lag (service/read_routing.py).
+    replica: DatabaseTarget | None = None
+    replica_max_lag: float = 5.0
+    replica_check_interval: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -150,6 +154,13 @@ class Settings:
             metrics_port=env.optional_integer("ORDERSTREAM_METRICS_PORT", low=0, high=65535),
             health_port=env.optional_integer("ORDERSTREAM_HEALTH_PORT", low=0, high=65535),
             tls=_listener_tls(env),
+            replica=(
+                _database_target(env, "ORDERSTREAM_REPLICA_DATABASE_URL")
+                if env.raw("ORDERSTREAM_REPLICA_DATABASE_URL") is not None
+                else None
+            ),
+            replica_max_lag=env.seconds("ORDERSTREAM_REPLICA_MAX_LAG", 5.0),
+            replica_check_interval=env.seconds("ORDERSTREAM_REPLICA_CHECK_INTERVAL", 1.0),
         )
         if settings.pool_min_size > settings.pool_max_size:
             raise SettingsError(
@@ -243,13 +254,14 @@ def _listener_tls(env: _Reader) -> ListenerTls | None:
     return ListenerTls(Path(cert), Path(key), Path(client_ca) if client_ca else None)
 
 
-def _database_target(env: _Reader) -> DatabaseTarget:
-    url = env.raw("DATABASE_URL")
+def _database_target(env: _Reader, name: str = "DATABASE_URL") -> DatabaseTarget:
+    """`name`'s URL; the PGSSL* variables apply to every database URL alike."""
+    url = env.raw(name)
     if url is None:
-        raise SettingsError("DATABASE_URL is required (postgresql://user:password@host:port/db)")
+        raise SettingsError(f"{name} is required (postgresql://user:password@host:port/db)")
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql"):
-        raise SettingsError("DATABASE_URL must start with postgresql://")
+        raise SettingsError(f"{name} must start with postgresql://")
     query = parse_qsl(parts.query, keep_blank_values=True)
     from_url = {k: v for k, v in query if k in _SSL_URL_PARAMETERS}
     remaining = [(k, v) for k, v in query if k not in _SSL_URL_PARAMETERS]
@@ -272,7 +284,7 @@ def _database_target(env: _Reader) -> DatabaseTarget:
         host = parts.hostname or "localhost"
         port = parts.port or 5432
     except ValueError:
-        raise SettingsError("DATABASE_URL has an invalid port") from None
+        raise SettingsError(f"{name} has an invalid port") from None
     return DatabaseTarget(
         dsn=Secret(urlunsplit(parts._replace(query=urlencode(remaining)))),
         host=host,
