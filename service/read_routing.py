@@ -103,14 +103,14 @@ class ReadRouter:
         except _REPLICA_LOST as exc:
             if sent.anything:
                 raise
-            self._monitor.mark_down(f"a call lost it: {type(exc).__name__}")
+            await self._monitor.mark_down(f"a call lost it: {type(exc).__name__}")
             return await self._on_primary(method, work)
         except ServiceError as exc:
             # No replica connection in time: a connect that hangs (a host
             # that drops packets) or a busy pool; the next check tells which.
             if sent.anything or exc.reason != POOL_EXHAUSTED:
                 raise
-            self._monitor.mark_down("no connection within the acquire timeout")
+            await self._monitor.mark_down("no connection within the acquire timeout")
             return await self._on_primary(method, work)
         except asyncpg.SerializationError:
             # The standby cancelled the query over a replication conflict;

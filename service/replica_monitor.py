@@ -30,7 +30,7 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-PRIMARY_POSITION = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"
+PRIMARY_POSITION = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
 # A server that is not in recovery (say, the primary itself, named as the
 # replica in development) has replayed everything it has.
 REPLICA_POSITION = """
@@ -64,13 +64,13 @@ class ReplicaMonitor:
         self._positions: deque[tuple[float, int]] = deque()
         self._stopped = asyncio.Event()
 
-    def mark_down(self, reason: str) -> None:
+    async def mark_down(self, reason: str) -> None:
         """A call found the replica broken: reads go to the primary until the
         next check finds it healthy again."""
         self.lag = None
         self._set(False, reason)
         # Connections to a restarted server may look open; start afresh.
-        self.pool.expire_connections()
+        await self.pool.expire_connections()
 
     async def check(self) -> None:
         try:
