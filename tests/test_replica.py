@@ -176,6 +176,20 @@ def routed(app: App, database: str) -> float:
     )
 
 
+async def test_the_standby_streams_over_verified_tls(primary_admin, standby_admin, standby):
+    conninfo = await standby_admin.fetchval("SHOW primary_conninfo")
+    # pg_basebackup writes the values quoted: sslmode='verify-full'.
+    assert re.search(r"\bsslmode='?verify-full\b", conninfo), conninfo
+    assert re.search(r"\bsslrootcert='?/", conninfo), conninfo
+    assert "password" not in conninfo.replace("passfile", "")
+    ssl_in_use = await primary_admin.fetchval(
+        "SELECT s.ssl FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) "
+        "WHERE r.application_name = $1",
+        standby.base_dir.name,
+    )
+    assert ssl_in_use is True
+
+
 async def test_lists_and_exports_are_served_by_the_replica(replica_env, primary_admin, standby):
     """With replay paused, an order committed on the primary is missing from
     both reads: they came from the standby."""
