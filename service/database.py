@@ -86,8 +86,10 @@ async def _configure_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-def _connect_options(settings: Settings, target: DatabaseTarget) -> dict[str, Any]:
-    """What every connection gets, pooled or direct."""
+def _connect_options(settings: Settings, target: DatabaseTarget | None = None) -> dict[str, Any]:
+    """What every connection gets, pooled or direct, to the primary unless
+    another `target` (the read replica) is given."""
+    target = target or settings.database
     return {
         "dsn": target.dsn.reveal(),
         "ssl": ssl_context_for(target, allow_insecure=settings.allow_insecure_database),
@@ -148,6 +150,20 @@ async def open_pool(settings: Settings) -> asyncpg.Pool:
         # min_size may be 0: make sure at least one connection can be made.
         await pool.fetchval("SELECT 1", timeout=settings.command_timeout)
     return pool
+
+
+async def open_replica_pool(settings: Settings, target: DatabaseTarget) -> asyncpg.Pool:
+    """The read replica's pool: TLS rules and sizes as the primary's, but it
+    connects on demand (min_size 0), so a replica that is down at startup
+    does not stop the service; service/replica_monitor.py finds out."""
+    return await asyncpg.create_pool(
+        **_connect_options(settings, target),
+        min_size=0,
+        max_size=settings.pool_max_size,
+        max_inactive_connection_lifetime=settings.pool_max_idle,
+        init=_configure_connection,
+        reset=_keep_session,
+    )
 
 
 async def close_pool(pool: asyncpg.Pool, timeout: float) -> None:

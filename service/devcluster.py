@@ -36,7 +36,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,6 +74,11 @@ _TLS_DIR = "tls"
 _DATA_DIR = "data"
 _LOG_FILE = "server.log"
 _SETTINGS_FILE = "devcluster.conf"
+# A standby's copies of the primary's CA and of the password its WAL receiver
+# logs in with (a libpq passfile, so the password is neither on a command
+# line nor in postgresql.auto.conf).
+_PRIMARY_CA_FILE = "primary-ca.crt"
+_PRIMARY_PASSFILE = "primary.pgpass"
 
 
 # --------------------------------------------------------------------------
@@ -370,13 +375,17 @@ def start_cluster(base_dir: Path, *, port: int | None = None, durable: bool = Tr
 
 
 def _start_or_reload_server(
-    data_dir: Path, port: int, durable: bool, server_user: _ServerUser
+    data_dir: Path,
+    port: int,
+    durable: bool,
+    server_user: _ServerUser,
+    extra_settings: Mapping[str, str] | None = None,
 ) -> None:
     running_port = _running_port(data_dir, server_user)
     if running_port != port:
         # Before touching anything, so a clash leaves a running server as it was.
         _ensure_port_is_free(port)
-    _write_server_settings(data_dir, port, durable, server_user)
+    _write_server_settings(data_dir, port, durable, server_user, extra_settings)
     if running_port == port:
         # Already up where wanted: a reload picks up a changed `durable` setting.
         _pg_ctl(data_dir, server_user, "reload")
@@ -401,6 +410,109 @@ def stop_cluster(cluster_or_base_dir: Cluster | Path | str, *, mode: str = "fast
     with _base_dir_lock(base_dir):
         if _running_port(data_dir, server_user) is not None:
             _pg_ctl_stop(data_dir, server_user, mode=mode)
+
+
+def start_standby(
+    primary: Cluster,
+    base_dir: Path,
+    *,
+    durable: bool = True,
+    settings: Mapping[str, str] | None = None,
+) -> Cluster:
+    """Starts a hot standby of `primary` under base_dir (creating it on first
+    use), streaming WAL from the primary over verified TLS.
+
+    It is made by `pg_basebackup --write-recovery-conf` as the primary's
+    superuser (the only role pg_hba's `hostssl replication` lines let
+    replicate), with sslmode=verify-full against the primary's CA. It runs
+    on a port of its own with the same server certificate (which names
+    localhost and 127.0.0.1) and the same roles and passwords, read-only.
+    `settings` are extra server settings (e.g. log_statement)."""
+    base_dir = Path(base_dir).absolute()
+    server_user = _server_user()
+    _prepare_base_dir(base_dir, server_user)
+    with _base_dir_lock(base_dir):
+        data_dir = base_dir / _DATA_DIR
+        if (base_dir / _CREDENTIALS_FILE).exists():
+            state = _load_or_create_state(base_dir, None)
+        else:
+            state = _ClusterState(primary.admin_password, primary.app_password, _free_port())
+        if not (data_dir / "PG_VERSION").exists():
+            _base_backup(primary, base_dir, data_dir, server_user)
+        _enforce_access_configuration(data_dir, server_user)
+        _install_server_certificates(data_dir, primary.certificates, server_user)
+        _start_or_reload_server(data_dir, state.port, durable, server_user, settings)
+        _save_state(base_dir, state)
+    return Cluster(
+        base_dir=base_dir,
+        data_dir=data_dir,
+        host=_HOST,
+        port=state.port,
+        certificates=primary.certificates,
+        database=primary.database,
+        app_user=primary.app_user,
+        app_password=state.app_password,
+        admin_user=primary.admin_user,
+        admin_password=state.admin_password,
+    )
+
+
+def _base_backup(
+    primary: Cluster, base_dir: Path, data_dir: Path, server_user: _ServerUser
+) -> None:
+    ca_file = base_dir / _PRIMARY_CA_FILE
+    _write_file(ca_file, primary.certificates.ca_cert.read_bytes(), mode=0o644)
+    _give_to_server_user(ca_file, server_user, mode=0o644)
+    passfile = base_dir / _PRIMARY_PASSFILE
+    entry = f"*:*:*:{_pgpass_field(primary.admin_user)}:{_pgpass_field(primary.admin_password)}"
+    _write_file(passfile, entry.encode() + b"\n", mode=0o600)
+    _give_to_server_user(passfile, server_user, mode=0o600)
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    _give_to_server_user(data_dir, server_user, mode=0o700)
+    conninfo = " ".join(
+        f"{key}={_conninfo_value(value)}"
+        for key, value in (
+            ("host", primary.host),
+            ("port", str(primary.port)),
+            ("user", primary.admin_user),
+            ("passfile", str(passfile)),
+            ("sslmode", "verify-full"),
+            ("sslrootcert", str(ca_file)),
+            ("application_name", base_dir.name),
+        )
+    )
+    result = _run_as_server_user(
+        server_user,
+        [
+            _pg_binary("pg_basebackup"),
+            "--pgdata",
+            str(data_dir),
+            "--dbname",
+            conninfo,
+            "--write-recovery-conf",
+            "--wal-method=stream",
+            # Otherwise it waits for the primary's next scheduled checkpoint.
+            "--checkpoint=fast",
+            "--no-sync",
+        ],
+        cwd=base_dir,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"pg_basebackup failed (exit {result.returncode}) into {data_dir}:\n"
+            f"{_tail(result.stdout + result.stderr)}"
+        )
+    # The copy carries the primary's pid file and log; neither belongs here.
+    (data_dir / "postmaster.pid").unlink(missing_ok=True)
+    (data_dir / _LOG_FILE).unlink(missing_ok=True)
+
+
+def _conninfo_value(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _pgpass_field(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
 async def create_database(cluster: Cluster, name: str) -> str:
@@ -641,6 +753,10 @@ def _pg_hba_conf() -> str:
         "hostssl all       all   127.0.0.1/32  scram-sha-256\n"
         "hostssl all       all   ::1/128       scram-sha-256\n"
         f"hostssl all       all   {_MISMATCH_ADDRESS}/32  scram-sha-256\n"
+        # Streaming replication for test standbys (start_standby); only roles
+        # with REPLICATION (here: the superuser) may use these lines.
+        "hostssl replication all 127.0.0.1/32  scram-sha-256\n"
+        "hostssl replication all ::1/128       scram-sha-256\n"
     )
 
 
@@ -659,7 +775,11 @@ def _install_server_certificates(
 
 
 def _write_server_settings(
-    data_dir: Path, port: int, durable: bool, server_user: _ServerUser
+    data_dir: Path,
+    port: int,
+    durable: bool,
+    server_user: _ServerUser,
+    extra_settings: Mapping[str, str] | None = None,
 ) -> None:
     settings = {
         "listen_addresses": f"localhost,{_MISMATCH_ADDRESS}",
@@ -675,6 +795,7 @@ def _write_server_settings(
         "fsync": "on" if durable else "off",
         "synchronous_commit": "on" if durable else "off",
         "full_page_writes": "on" if durable else "off",
+        **(extra_settings or {}),
     }
     lines = ["# Written by service/devcluster.py on every start; edits are lost.\n"]
     lines += [f"{key} = '{value}'\n" for key, value in settings.items()]

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.replica_monitor import ReplicaMonitor
+
 log = logging.getLogger(__name__)
 
 # Unary calls take milliseconds; streams and uploads can take minutes.
@@ -48,6 +50,26 @@ class _PoolCollector(Collector):
             ("orderstream_pool_max_size", "Most connections allowed.", pool.get_max_size()),
         ):
             yield GaugeMetricFamily(name, help_text, value=value)
+
+
+class _ReplicaCollector(Collector):
+    """Reads the replica monitor's verdict at scrape time."""
+
+    def __init__(self, monitor: ReplicaMonitor) -> None:
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "orderstream_replica_usable",
+            "1 while reads may go to the read replica, 0 while they go to the primary.",
+            value=int(self._monitor.usable),
+        )
+        if self._monitor.lag is not None:
+            yield GaugeMetricFamily(
+                "orderstream_replica_lag_seconds",
+                "Age of the oldest primary WAL position the replica has not replayed.",
+                value=self._monitor.lag,
+            )
 
 
 class Metrics:
@@ -85,8 +107,21 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.reads = Counter(
+            "orderstream_routed_reads",
+            "Reads that may use the replica, by method and the database that served them.",
+            ("method", "database"),
+            registry=self.registry,
+        )
+
     def watch_pool(self, pool: asyncpg.Pool) -> None:
         self.registry.register(_PoolCollector(pool))
+
+    def watch_replica(self, monitor: ReplicaMonitor) -> None:
+        self.registry.register(_ReplicaCollector(monitor))
+
+    def count_read(self, method: str, database: str) -> None:
+        self.reads.labels(method, database).inc()
 
 
 class MetricsEndpoint:

@@ -11,6 +11,7 @@ from service import order_sql
 from service.call import Database
 from service.convert import order_from_row
 from service.order_filters import order_filters
+from service.read_routing import Sent
 from service.streams import StreamSlots
 from service.validation import Violations
 
@@ -24,6 +25,7 @@ async def export_orders(
     *,
     streams: StreamSlots,
     batch_bytes: int,
+    sent: Sent,
 ) -> None:
     v = Violations()
     filters = order_filters(request, v)
@@ -45,10 +47,12 @@ async def export_orders(
                         if size >= batch_bytes:
                             # The await is the back-pressure: a slow reader
                             # holds the cursor where it is.
+                            sent.anything = True
                             await context.write(response)
                             response = order_service_pb2.ExportOrdersResponse()
                             size = 0
                 if response.orders:
+                    sent.anything = True
                     await context.write(response)
         finally:
             await db.release(conn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
@@ -18,6 +19,7 @@ from service.order_export import export_orders
 from service.order_filters import order_filters
 from service.order_rules import body_digest, checked_create
 from service.page_token import InvalidPageToken, PageTokens
+from service.read_routing import ReadRouter, Sent
 from service.settings import Settings
 from service.streams import StreamSlots
 from service.validation import Violations, require_positive_id
@@ -52,8 +54,12 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         streams: StreamSlots,
         feed: EventFeed,
         settings: Settings,
+        reads: ReadRouter | None = None,
     ) -> None:
         self._db = db
+        # ListOrders and ExportOrders may be served by the read replica
+        # (service/read_routing.py says why these and no others).
+        self._reads = reads or ReadRouter(db)
         self._page_tokens = page_tokens
         self._streams = streams
         self._feed = feed
@@ -136,13 +142,13 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
                 raise invalid_argument([FieldViolation("page_token", str(exc))]) from None
         page_size = request.page_size or DEFAULT_PAGE_SIZE
         # One row beyond the page tells whether another page exists.
-        rows = await self._db.fetch(
-            context,
-            order_sql.list_orders(tuple(filters)),
-            *filters.values(),
-            after_id,
-            page_size + 1,
-        )
+        query = order_sql.list_orders(tuple(filters))
+        args = (*filters.values(), after_id, page_size + 1)
+
+        async def page(db: Database, _sent: Sent) -> list[asyncpg.Record]:
+            return await db.fetch(context, query, *args)
+
+        rows = await self._reads.read("ListOrders", page)
         response = order_service_pb2.ListOrdersResponse()
         add_order = response.orders.add
         for row in rows[:page_size]:
@@ -220,9 +226,17 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
     async def ExportOrders(  # type: ignore[override]  # writes via context.write
         self, request: order_service_pb2.ExportOrdersRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        await export_orders(
-            self._db, request, context, streams=self._streams, batch_bytes=self._batch_bytes
-        )
+        async def export(db: Database, sent: Sent) -> None:
+            await export_orders(
+                db,
+                request,
+                context,
+                streams=self._streams,
+                batch_bytes=self._batch_bytes,
+                sent=sent,
+            )
+
+        await self._reads.read("ExportOrders", export)
 
     @rpc
     async def ImportOrders(

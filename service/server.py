@@ -30,6 +30,7 @@ from service.database import (
     connect_direct,
     direct_session,
     open_pool,
+    open_replica_pool,
 )
 from service.event_service import EventService
 from service.feed import EventFeed
@@ -40,6 +41,8 @@ from service.migrate import migrate
 from service.observing import Observer
 from service.order_service import OrderService
 from service.page_token import PageTokens
+from service.read_routing import ReadRouter
+from service.replica_monitor import ReplicaMonitor
 from service.settings import Settings
 from service.streams import StreamSlots
 from service.tracing import Tracing
@@ -126,6 +129,8 @@ class App:
     metrics: Metrics
     metrics_endpoint: MetricsEndpoint | None
     tracing: Tracing | None
+    replica: ReplicaMonitor | None = None
+    _replica_task: asyncio.Task[None] | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -137,13 +142,18 @@ class App:
     ) -> App:
         """`reuse_port`: share the ports with sibling workers (--workers)."""
         pool = await open_pool(settings)
+        replica_pool = None
         try:
             if settings.migrate_on_start:
                 # The advisory lock is session state: not on a pooled connection.
                 async with direct_session(settings) as conn:
                     await migrate(conn)
-            return await cls._serve(settings, pool, reuse_port, tracing)
+            if settings.replica is not None:
+                replica_pool = await open_replica_pool(settings, settings.replica)
+            return await cls._serve(settings, pool, reuse_port, tracing, replica_pool)
         except BaseException:
+            if replica_pool is not None:
+                await close_pool(replica_pool, settings.shutdown_grace)
             await close_pool(pool, settings.shutdown_grace)
             raise
 
@@ -154,6 +164,7 @@ class App:
         pool: asyncpg.Pool,
         reuse_port: bool,
         tracing: Tracing | None,
+        replica_pool: asyncpg.Pool | None = None,
     ) -> App:
         metrics = Metrics()
         metrics.watch_pool(pool)
@@ -168,13 +179,14 @@ class App:
             command_timeout=settings.command_timeout,
             transaction_pooling=settings.transaction_pooling,
         )
+        reads, monitor = await _read_router(settings, db, pool, replica_pool, metrics)
         feed = EventFeed(
             lambda: connect_direct(settings), poll_interval=settings.follow_poll_interval
         )
         streams = StreamSlots(settings.max_streams, "stream")
         followers = StreamSlots(settings.max_followers, "follower")
         orders = OrderService(
-            db, _page_tokens(settings), streams=streams, feed=feed, settings=settings
+            db, _page_tokens(settings), streams=streams, feed=feed, settings=settings, reads=reads
         )
         events = EventService(
             db, streams=streams, followers=followers, feed=feed, settings=settings
@@ -229,6 +241,9 @@ class App:
             await health_server.start()
         await feed.start()
         task = asyncio.create_task(database_health.run(), name="database-health")
+        replica_task = None
+        if monitor is not None:
+            replica_task = asyncio.create_task(monitor.run(), name="replica-monitor")
         return cls(
             settings,
             pool,
@@ -243,6 +258,8 @@ class App:
             metrics,
             endpoint,
             tracing,
+            monitor,
+            replica_task,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -264,11 +281,45 @@ class App:
             await self.health_server.stop(None)
         # The calls are over, so their connections are back or being cut:
         # what is left of the grace, and at least a second, bounds the close.
+        if self.replica is not None and self._replica_task is not None:
+            self.replica.stop()
+            await self._replica_task
+            await close_pool(self.replica.pool, timeout=max(ends - loop.time(), 1.0))
         await close_pool(self.pool, timeout=max(ends - loop.time(), 1.0))
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         if self.tracing is not None:
             self.tracing.shutdown()
+
+
+async def _read_router(
+    settings: Settings,
+    db: Database,
+    pool: asyncpg.Pool,
+    replica_pool: asyncpg.Pool | None,
+    metrics: Metrics,
+) -> tuple[ReadRouter, ReplicaMonitor | None]:
+    """Routes reads to the replica when there is one; its first check runs
+    before serving, so routing is decided from the first call."""
+    if replica_pool is None:
+        return ReadRouter(db, on_served=metrics.count_read), None
+    monitor = ReplicaMonitor(
+        pool,
+        replica_pool,
+        max_lag=settings.replica_max_lag,
+        interval=settings.replica_check_interval,
+        timeout=settings.pool_acquire_timeout,
+    )
+    await monitor.check()
+    metrics.watch_replica(monitor)
+    replica_db = Database(
+        replica_pool,
+        acquire_timeout=settings.pool_acquire_timeout,
+        command_timeout=settings.command_timeout,
+        # The standby may sit behind a transaction-pooling PgBouncer too.
+        transaction_pooling=settings.transaction_pooling,
+    )
+    return ReadRouter(db, replica_db, monitor, on_served=metrics.count_read), monitor
 
 
 def _listen(server: grpc.aio.Server, host: str, port: int, settings: Settings | None) -> int:

@@ -111,6 +111,10 @@ class Settings:
     metrics_port: int | None
     health_port: int | None
     tls: ListenerTls | None
+    # A streaming standby for reads that tolerate lag (service/read_routing.py).
+    replica: DatabaseTarget | None = None
+    replica_max_lag: float = 5.0
+    replica_check_interval: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -156,6 +160,13 @@ class Settings:
             metrics_port=env.optional_integer("ORDERSTREAM_METRICS_PORT", low=0, high=65535),
             health_port=env.optional_integer("ORDERSTREAM_HEALTH_PORT", low=0, high=65535),
             tls=_listener_tls(env),
+            replica=(
+                _database_target(env, "ORDERSTREAM_REPLICA_DATABASE_URL")
+                if env.raw("ORDERSTREAM_REPLICA_DATABASE_URL") is not None
+                else None
+            ),
+            replica_max_lag=env.seconds("ORDERSTREAM_REPLICA_MAX_LAG", 5.0),
+            replica_check_interval=env.seconds("ORDERSTREAM_REPLICA_CHECK_INTERVAL", 1.0),
         )
         if settings.pool_min_size > settings.pool_max_size:
             raise SettingsError(
@@ -278,8 +289,8 @@ def _direct_database_target(
     return database
 
 
-def _database_target(env: _Reader, name: str) -> DatabaseTarget:
-    """The URL in variable `name`; ssl* query parameters win over PGSSL*."""
+def _database_target(env: _Reader, name: str = "DATABASE_URL") -> DatabaseTarget:
+    """`name`'s URL; the PGSSL* variables apply to every database URL alike."""
     url = env.raw(name)
     if url is None:
         raise SettingsError(f"{name} is required (postgresql://user:password@host:port/db)")
