@@ -106,7 +106,7 @@ async def test_an_unverifiable_direct_url_stops_startup(
 
 
 @through_pgbouncer
-async def test_pooled_connections_go_through_pgbouncer_and_listen_does_not(app: App):
+async def test_pooled_connections_go_through_pgbouncer_and_the_direct_one_does_not(app: App):
     """PgBouncer hands its clients a cancel key of its own, so only a direct
     connection sees the pid of the backend that runs its statements."""
     async with app.pool.acquire() as pooled:
@@ -160,7 +160,8 @@ async def test_streams_cope_with_statements_another_process_left_behind(
     created = [await orders.CreateOrder(create_request(customer_id=customer)) for _ in range(3)]
     published = await publish(events, subject, 3)
     # The only way to know those names is asyncpg's own counter.
-    upcoming = range(asyncpg.connection._uid + 1, asyncpg.connection._uid + 21)  # type: ignore[attr-defined]
+    counter: int = asyncpg.connection._uid  # type: ignore[attr-defined]
+    upcoming = range(counter + 1, counter + 21)
     async with pgbouncer_sessions(pgbouncer, POOL_SIZE) as sessions:
         # All open in a transaction at once: each holds its own server connection.
         for session in sessions:
