@@ -21,6 +21,8 @@ from service.server import App
 from service.settings import Settings
 from tests.support import admin_ssl_context
 
+pytest_plugins = ("tests.faults.tally",)  # the fault suite's figures, in the summary
+
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Cluster]:
