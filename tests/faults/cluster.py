@@ -73,7 +73,9 @@ class FaultCluster:
         return dataclasses.replace(self.current, host="127.0.0.1", port=port)
 
     async def start(self) -> None:
-        self.cluster = await asyncio.to_thread(start_cluster, self.base_dir, durable=False)
+        # Durable: an immediate stop is a crash, and with synchronous_commit
+        # off a crash loses commits that were acknowledged.
+        self.cluster = await asyncio.to_thread(start_cluster, self.base_dir, durable=True)
 
     async def stop(self, mode: str) -> None:
         await asyncio.to_thread(stop_cluster, self.base_dir, mode=mode)

@@ -25,6 +25,7 @@ from tests.faults.service import RunningProcess, Target, channel_to, running_pro
 from tests.faults.tally import TALLY
 from tests.support import admin_ssl_context
 from tests.tcp_proxy import TcpProxy
+from tests.test_startup import ServiceProcess
 
 HISTORY_EVENTS = 20_000
 HISTORY_ORDERS = 5_000
@@ -125,10 +126,16 @@ async def history(admin: Admin) -> History:
         EVENTS_SUBJECT,
         HISTORY_EVENTS,
     )
+    # Every order has items (the service never writes one without).
     await admin.execute(
         """
-        INSERT INTO orders (customer_id, currency, total_cents)
-        SELECT $1, 'EUR', g FROM generate_series(1, $2::int) AS g
+        WITH created AS (
+            INSERT INTO orders (customer_id, currency, total_cents)
+            SELECT $1, 'EUR', g FROM generate_series(1, $2::int) AS g
+            RETURNING id, total_cents
+        )
+        INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price_cents)
+        SELECT id, 1, 'HISTORY', 1, total_cents FROM created
         """,
         ORDERS_CUSTOMER,
         HISTORY_ORDERS,
@@ -151,13 +158,27 @@ class Scenario:
     targets: list[Target] = field(default_factory=list)
 
 
+class ServiceLog(ServiceProcess):
+    """The JSON records among some of a process's log lines."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+
 @pytest.fixture
 async def scenario(
     service: RunningProcess, channel: grpc.aio.Channel, admin: Admin, proxy: TcpProxy
 ) -> AsyncIterator[Scenario]:
     current = Scenario(targets=[service.target])
+    logged_before = len(service.child.lines)
     yield current
     # A scenario that failed halfway must not leave the network broken.
     proxy.resume()
+    internal = [
+        record.get("error", record)
+        for record in ServiceLog(service.child.lines[logged_before:]).records
+        if record.get("message") == "internal error"
+    ]
+    assert not internal, "the service answered INTERNAL:\n" + "\n".join(map(str, internal))
     totals = await check_invariants(current.targets, admin, current.ledger, channel)
     TALLY.totals.add(totals)
