@@ -30,6 +30,9 @@ from tests.test_startup import ServiceProcess
 HISTORY_EVENTS = 20_000
 HISTORY_ORDERS = 5_000
 EVENTS_SUBJECT = "history/events"
+# A short history, for the scenarios that start streams by the thousand.
+SHORT_EVENTS = 1_000
+SHORT_SUBJECT = "history/short"
 ORDERS_CUSTOMER = "history/orders"
 
 
@@ -125,6 +128,15 @@ async def history(admin: Admin) -> History:
         """,
         EVENTS_SUBJECT,
         HISTORY_EVENTS,
+    )
+    await admin.execute(
+        """
+        INSERT INTO events (type, source, subject, time, payload)
+        SELECT 'history', '/faults', $1, now(), jsonb_build_object('n', g, 'pad', repeat('x', 60))
+        FROM generate_series(1, $2::int) AS g
+        """,
+        SHORT_SUBJECT,
+        SHORT_EVENTS,
     )
     # Every order has items (the service never writes one without).
     await admin.execute(

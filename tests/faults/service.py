@@ -42,6 +42,9 @@ def service_env(cluster: Cluster, **overrides: str) -> dict[str, str]:
         "ORDERSTREAM_HEALTH_CHECK_INTERVAL": "0.5",
         "ORDERSTREAM_POOL_MIN_SIZE": "2",
         "ORDERSTREAM_POOL_MAX_SIZE": "8",
+        # Room for the cancel scenario's batches, whose slots free up only
+        # once the server has seen each cancel.
+        "ORDERSTREAM_MAX_STREAMS": "32",
         "ORDERSTREAM_POOL_ACQUIRE_TIMEOUT": "2",
         "ORDERSTREAM_COMMAND_TIMEOUT": "10",
         "ORDERSTREAM_SHUTDOWN_GRACE": "3",
