@@ -89,7 +89,13 @@ class DatabaseHealth:
     async def run(self) -> None:
         """Checks every interval until `stop`; the first check is immediate."""
         while not self._stopped.is_set():
-            answer = await self._database_answers()
+            try:
+                answer = await self._database_answers()
+            except Exception:
+                # Whatever a broken connection throws, the watcher must
+                # live on: a dead watcher would freeze the status.
+                log.exception("database health check failed")
+                answer = False
             if answer is not None and not self._stopped.is_set():
                 await self._report(answer)
             with contextlib.suppress(TimeoutError):

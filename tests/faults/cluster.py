@@ -52,7 +52,12 @@ CREATE CONSTRAINT TRIGGER fault_gate_at_commit AFTER INSERT ON events
     WHEN (NEW.subject LIKE 'gate:%') EXECUTE FUNCTION fault_gate('subject');
 """
 
-_CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+_CONNECTION_LOST = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,  # still recovering after a restart or crash
+)
 
 
 class FaultCluster:
