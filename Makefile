@@ -16,12 +16,13 @@ STAMPS := .stamps
 DEVDB ?= .devdb
 PYTEST_ARGS ?=
 
-.PHONY: help install run test gen check-gen lint format devdb-down bench contract-baseline
+.PHONY: help install run test gen check-gen lint format devdb-down bench contract-baseline soak
 
 help:
 	@echo "make run    serve on localhost:50051 (starts a local TLS PostgreSQL unless DATABASE_URL is set)"
 	@echo "make test   install what is missing and run the whole suite"
 	@echo "make gen    regenerate the Python and TypeScript stubs from protos/"
+	@echo "make soak   the fault suite's soak for five minutes (SOAK_SECONDS=300)"
 	@echo "make bench  measure bulk streaming against psql COPY and unary calls against their limits (several minutes)"
 
 install: $(STAMPS)/system $(STAMPS)/python $(STAMPS)/node $(STAMPS)/kubectl
@@ -121,6 +122,12 @@ format: $(STAMPS)/python
 
 test: install check-gen lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fault suite's soak, long: mixed load with random faults, then the
+# ledger check (`make test` runs a 20 s version).
+SOAK_SECONDS ?= 300
+soak: install
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest tests/faults/test_soak.py -s --timeout=0 $(PYTEST_ARGS)
 
 run: install
 	@if [ -z "$${DATABASE_URL:-}" ]; then \

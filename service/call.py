@@ -3,6 +3,7 @@ deadline budget for database work."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -37,6 +38,12 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
+            if context.cancelled():
+                # The caller is gone (cancel, deadline, broken connection):
+                # what failed was a write to it, no status can reach it, and
+                # it is no INTERNAL error of ours. End as the cancellation
+                # it is.
+                raise asyncio.CancelledError("the call was cancelled") from None
             await errors.abort(context, errors.from_exception(exc, name))
             raise AssertionError("unreachable: abort raises") from None
 

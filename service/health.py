@@ -2,8 +2,10 @@
 
 SERVING while a trivial query succeeds, NOT_SERVING while it does not, and
 NOT_SERVING for good once shutdown begins. A check that cannot even get a
-pooled connection in time says nothing about the database (the pool is just
-busy), so it leaves the status as it was.
+pooled connection in time because every connection is in use says nothing
+about the database (the pool is just busy), so it leaves the status as it
+was; one that could have opened a connection and did not in time, or whose
+connection cannot be returned, found the database not answering.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import asyncpg
 from grpc_health.v1 import health, health_pb2
 
 log = logging.getLogger(__name__)
+
+_DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -52,24 +56,46 @@ class DatabaseHealth:
             await self._servicer.set(name, SERVING if serving else NOT_SERVING)
 
     async def _database_answers(self) -> bool | None:
+        # Room for a new connection: a wait then means connecting timed out
+        # (a stalled network), which is the database not answering.
+        pool = self._pool
+        could_connect = pool.get_idle_size() > 0 or pool.get_size() < pool.get_max_size()
         try:
-            conn = await self._pool.acquire(timeout=self._timeout)
+            conn = await pool.acquire(timeout=self._timeout)
         except TimeoutError:
-            return None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False if could_connect else None
+        except _DATABASE_ERRORS:
             return False
         try:
             await conn.fetchval("SELECT 1", timeout=self._timeout)
-            return True
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return False
+            answered = True
+        except _DATABASE_ERRORS:
+            answered = False
         finally:
-            await self._pool.release(conn)
+            released = await self._released(conn)
+        return answered and released
+
+    async def _released(self, conn: asyncpg.Connection) -> bool:
+        """Returns the check's connection. On a stalled network the check's
+        timeout leaves a cancellation nobody can confirm, and the release
+        itself times out (the pool then terminates the connection): that
+        is the database not answering, not a reason to stop checking."""
+        try:
+            await self._pool.release(conn, timeout=self._timeout)
+        except _DATABASE_ERRORS:
+            return False
+        return True
 
     async def run(self) -> None:
         """Checks every interval until `stop`; the first check is immediate."""
         while not self._stopped.is_set():
-            answer = await self._database_answers()
+            try:
+                answer = await self._database_answers()
+            except Exception:
+                # Whatever a broken connection throws, the watcher must
+                # live on: a dead watcher would freeze the status.
+                log.exception("database health check failed")
+                answer = False
             if answer is not None and not self._stopped.is_set():
                 await self._report(answer)
             with contextlib.suppress(TimeoutError):

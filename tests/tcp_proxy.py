@@ -1,5 +1,12 @@
-"""A TCP proxy a test can cut: every open connection is torn down at once,
-and new ones are accepted as before (a dropped connection, not a dead host)."""
+"""A TCP proxy a test can break in the two ways networks break.
+
+`cut()` resets every open connection at once (an RST, no FIN), and new ones
+are accepted as before: a dropped connection, not a dead host.
+`blackhole()` keeps every socket open but silently drops the bytes in both
+directions, new connections included, until `resume()`: a stalled network,
+where nothing fails until somebody's timeout does. Dropped bytes stay
+dropped, so a TLS session that lost some is broken for good after `resume()`.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +22,10 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
+        self._blackholed = False
         self.port = 0
         self.connections = 0
+        self.dropped_bytes = 0
 
     async def __aenter__(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, self._host, 0)
@@ -35,11 +44,23 @@ class TcpProxy:
         self.cut()
         await asyncio.gather(*self._pipes, return_exceptions=True)
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._writers) // 2
+
     def cut(self) -> None:
         """Aborts every proxied connection on both sides (an RST, no FIN)."""
         for writer in self._writers:
             writer.transport.abort()
         self._writers.clear()
+
+    def blackhole(self) -> None:
+        """From now on, every byte either side sends is dropped."""
+        self._blackholed = True
+
+    def resume(self) -> None:
+        """Bytes flow again (what was dropped meanwhile is not replayed)."""
+        self._blackholed = False
 
     async def _accept(
         self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
@@ -52,19 +73,22 @@ class TcpProxy:
             return
         self._writers |= {client_out, server_out}
         for reader, writer in ((client_in, server_out), (server_in, client_out)):
-            pipe = asyncio.create_task(_pipe(reader, writer))
+            pipe = asyncio.create_task(self._pipe(reader, writer))
             self._pipes.add(pipe)
             pipe.add_done_callback(self._pipes.discard)
 
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass  # the other side was cut: this direction ends too
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                if self._blackholed:
+                    self.dropped_bytes += len(data)
+                    continue
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass  # the other side was cut: this direction ends too
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

@@ -1,0 +1,196 @@
+"""Fixtures of the fault suite: its own cluster, the proxy between the
+service's pool and that cluster, the service process under test, and the
+`scenario` fixture that checks the invariants after every scenario."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2_grpc
+
+from orderstream.events.v1 import event_service_pb2_grpc
+from orderstream.orders.v1 import order_service_pb2_grpc
+from service.migrate import migrate
+from tests.faults.cluster import GATE_SQL, Admin, FaultCluster
+from tests.faults.invariants import check_invariants
+from tests.faults.ledger import Ledger
+from tests.faults.service import RunningProcess, Target, channel_to, running_process, service_env
+from tests.faults.tally import TALLY
+from tests.support import admin_ssl_context
+from tests.tcp_proxy import TcpProxy
+from tests.test_startup import ServiceProcess
+
+HISTORY_EVENTS = 20_000
+HISTORY_ORDERS = 5_000
+EVENTS_SUBJECT = "history/events"
+# A short history, for the scenarios that start streams by the thousand.
+SHORT_EVENTS = 1_000
+SHORT_SUBJECT = "history/short"
+ORDERS_CUSTOMER = "history/orders"
+
+
+@pytest.fixture(scope="session")
+async def fault_cluster() -> AsyncIterator[FaultCluster]:
+    base = Path(tempfile.mkdtemp(prefix="orderstream-faults-"))
+    faults = FaultCluster(base)
+    await faults.start()
+    cluster = faults.current
+    conn = await asyncpg.connect(cluster.dsn(), ssl=admin_ssl_context(cluster))
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(cluster.dsn(admin=True), ssl=admin_ssl_context(cluster))
+    try:
+        await conn.execute(GATE_SQL)
+    finally:
+        await conn.close()
+    try:
+        yield faults
+    finally:
+        await faults.stop("fast")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def admin(fault_cluster: FaultCluster) -> AsyncIterator[Admin]:
+    admin = Admin(fault_cluster)
+    await admin.open()
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def proxy(fault_cluster: FaultCluster) -> AsyncIterator[TcpProxy]:
+    async with TcpProxy(fault_cluster.current.port) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def fault_env(fault_cluster: FaultCluster, proxy: TcpProxy) -> dict[str, str]:
+    """Settings of a service whose pool goes through the proxy."""
+    return service_env(fault_cluster.proxied(proxy.port))
+
+
+@pytest.fixture(scope="session")
+async def service(fault_env: dict[str, str]) -> AsyncIterator[RunningProcess]:
+    """One process for the whole suite: it must survive every scenario."""
+    async with running_process(fault_env) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+async def channel(service: RunningProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with channel_to(service.target) as chan:
+        yield chan
+
+
+@pytest.fixture(scope="session")
+def orders(channel: grpc.aio.Channel) -> order_service_pb2_grpc.OrderServiceStub:
+    return order_service_pb2_grpc.OrderServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def events(channel: grpc.aio.Channel) -> event_service_pb2_grpc.EventServiceStub:
+    return event_service_pb2_grpc.EventServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def health(channel: grpc.aio.Channel) -> health_pb2_grpc.HealthStub:
+    return health_pb2_grpc.HealthStub(channel)
+
+
+@dataclass(frozen=True)
+class History:
+    """Rows written before any fault, which a stream that ends OK must
+    deliver in full."""
+
+    event_ids: list[int]
+    order_ids: list[int]
+
+
+@pytest.fixture(scope="session")
+async def history(admin: Admin) -> History:
+    await admin.execute(
+        """
+        INSERT INTO events (type, source, subject, time, payload)
+        SELECT 'history', '/faults', $1, now(), jsonb_build_object('n', g, 'pad', repeat('x', 60))
+        FROM generate_series(1, $2::int) AS g
+        """,
+        EVENTS_SUBJECT,
+        HISTORY_EVENTS,
+    )
+    await admin.execute(
+        """
+        INSERT INTO events (type, source, subject, time, payload)
+        SELECT 'history', '/faults', $1, now(), jsonb_build_object('n', g, 'pad', repeat('x', 60))
+        FROM generate_series(1, $2::int) AS g
+        """,
+        SHORT_SUBJECT,
+        SHORT_EVENTS,
+    )
+    # Every order has items (the service never writes one without).
+    await admin.execute(
+        """
+        WITH created AS (
+            INSERT INTO orders (customer_id, currency, total_cents)
+            SELECT $1, 'EUR', g FROM generate_series(1, $2::int) AS g
+            RETURNING id, total_cents
+        )
+        INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price_cents)
+        SELECT id, 1, 'HISTORY', 1, total_cents FROM created
+        """,
+        ORDERS_CUSTOMER,
+        HISTORY_ORDERS,
+    )
+    event_ids = await admin.fetch(
+        "SELECT id FROM events WHERE subject = $1 ORDER BY id", EVENTS_SUBJECT
+    )
+    order_ids = await admin.fetch(
+        "SELECT id FROM orders WHERE customer_id = $1 ORDER BY id", ORDERS_CUSTOMER
+    )
+    return History([r["id"] for r in event_ids], [r["id"] for r in order_ids])
+
+
+@dataclass
+class Scenario:
+    """What one scenario accumulates for the invariants: the ledger of its
+    writes, and any extra service it started (checked as well)."""
+
+    ledger: Ledger = field(default_factory=Ledger)
+    targets: list[Target] = field(default_factory=list)
+
+
+class ServiceLog(ServiceProcess):
+    """The JSON records among some of a process's log lines."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+
+@pytest.fixture
+async def scenario(
+    service: RunningProcess, channel: grpc.aio.Channel, admin: Admin, proxy: TcpProxy
+) -> AsyncIterator[Scenario]:
+    current = Scenario(targets=[service.target])
+    logged_before = len(service.child.lines)
+    yield current
+    # A scenario that failed halfway must not leave the network broken.
+    proxy.resume()
+    internal = [
+        record.get("error", record)
+        for record in ServiceLog(service.child.lines[logged_before:]).records
+        if record.get("message") == "internal error"
+    ]
+    assert not internal, "the service answered INTERNAL:\n" + "\n".join(map(str, internal))
+    totals = await check_invariants(current.targets, admin, current.ledger, channel)
+    TALLY.totals.add(totals)

@@ -1,0 +1,111 @@
+"""Scenario 3: the network to PostgreSQL stalls (sockets open, bytes
+dropped). Every call ends within its deadline, health turns NOT_SERVING,
+SIGTERM still stops a process within a bound, and the service serves again
+once traffic flows."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from orderstream.events.v1 import event_service_pb2
+from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
+from tests.faults.calls import NOT_SERVING, SERVING, FedStream, HealthWatch, PausedStream
+from tests.faults.conftest import EVENTS_SUBJECT
+from tests.faults.ledger import order_request, upload_messages
+from tests.faults.service import channel_to, running_process
+from tests.support import unique
+
+DEADLINE = 3.0
+# How late a call may end after its deadline on this loaded machine: the
+# property is "no hang", not latency.
+SLACK = 10.0
+# ORDERSTREAM_SHUTDOWN_GRACE (3 s, tests/faults/service.py) bounds the
+# drain and again the pool's close; the rest is process start-up slack.
+SHUTDOWN_BOUND = 30.0
+
+
+async def _ends_within_deadline(call) -> grpc.StatusCode:
+    """The status `call` ends with (a call, or a helper that returns a
+    status or a (status, answer) pair); fails if it outlives its deadline."""
+    async with asyncio.timeout(DEADLINE + SLACK):
+        try:
+            result = await call
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+    if isinstance(result, tuple):
+        result = result[0]
+    return result if isinstance(result, grpc.StatusCode) else grpc.StatusCode.OK
+
+
+async def test_blackhole(scenario, proxy, fault_env, orders, events, health, history):
+    ledger = scenario.ledger
+    async with running_process(fault_env) as doomed, channel_to(doomed.target) as doomed_channel:
+        doomed_stub = order_service_pb2_grpc.OrderServiceStub(doomed_channel)
+        watch = HealthWatch(health)
+        await watch.saw(SERVING)
+        proxy.blackhole()
+
+        get = orders.GetOrder(
+            order_service_pb2.GetOrderRequest(id=history.order_ids[0]), timeout=DEADLINE
+        )
+        stream = PausedStream(
+            events.StreamEvents(
+                event_service_pb2.StreamEventsRequest(subject=EVENTS_SUBJECT), timeout=DEADLINE
+            ),
+            "events",
+        )
+        upload_key = unique("blackholed-upload")
+        upload_requests = upload_messages(upload_key, events=20, per_message=10)
+        upload = FedStream(events.UploadEvents, timeout=DEADLINE)
+        upload.send(*upload_requests)
+        codes = await asyncio.gather(
+            _ends_within_deadline(get),
+            _ends_within_deadline(stream.finish(timeout=DEADLINE + SLACK)),
+            _ends_within_deadline(
+                ledger.create_order(orders, order_request(unique("blackholed")), timeout=DEADLINE)
+            ),
+            _ends_within_deadline(upload.close(timeout=DEADLINE + SLACK)),
+            _ends_within_deadline(
+                doomed_stub.GetOrder(
+                    order_service_pb2.GetOrderRequest(id=history.order_ids[0]), timeout=DEADLINE
+                )
+            ),
+        )
+        ledger.record("upload", upload_key, upload_requests, codes[3])
+        # RESOURCE_EXHAUSTED: the pool's connections are all stuck in the
+        # stall, or a new one cannot be opened, within the acquire timeout.
+        stalled = {
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        }
+        assert set(codes) <= stalled | {grpc.StatusCode.OK}
+        # A stalled database answers nothing: a call ending OK would mean
+        # the blackhole leaked (the stream may have had its first rows).
+        assert grpc.StatusCode.OK not in codes, codes
+        await watch.saw(SERVING, NOT_SERVING)
+
+        # SIGTERM while a call waits on the stalled database.
+        pending = asyncio.ensure_future(
+            _ends_within_deadline(
+                doomed_stub.GetOrder(order_service_pb2.GetOrderRequest(id=1), timeout=DEADLINE)
+            )
+        )
+        doomed.terminate()
+        assert await doomed.child.exit_code(timeout=SHUTDOWN_BOUND) == 0
+        # Cancelled by the server when the grace ran out, or ended by its deadline.
+        assert await pending in stalled | {grpc.StatusCode.CANCELLED}
+
+    proxy.resume()
+    await watch.saw(SERVING, NOT_SERVING, SERVING)
+    await watch.close()
+    # Serving again: more calls than the pool has connections, so every
+    # connection that lived through the blackhole is used or replaced.
+    for order_id in history.order_ids[:20]:
+        await orders.GetOrder(order_service_pb2.GetOrderRequest(id=order_id), timeout=10)
+    assert (
+        await ledger.create_order(orders, order_request(unique("resumed")), timeout=10)
+        == grpc.StatusCode.OK
+    )

@@ -1,0 +1,157 @@
+"""Scenario 9: a soak. Mixed load (creates, gets, streams, uploads,
+imports, some invalid writes) while faults are injected at random: resets,
+blackholes, terminated and killed backends, fast and immediate restarts.
+Seeded (the seed is printed; SOAK_SEED replays it), bounded in faults and
+time; ends with the ledger check (the `scenario` fixture) and flat RSS.
+
+CI runs it for SOAK_SECONDS=20 by default; `make soak` for 300.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+
+import grpc
+import pytest
+
+from orderstream.events.v1 import event_service_pb2
+from orderstream.orders.v1 import order_service_pb2
+from tests.faults.calls import PausedStream, ended_honestly
+from tests.faults.conftest import SHORT_SUBJECT
+from tests.faults.ledger import import_messages, order_request, upload_messages
+from tests.support import unique
+
+SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
+MAX_FAULTS = max(3, int(SECONDS / 3))
+WORKERS = 4
+# Growth allowed over the soak after its warm-up: see test_cancels.py.
+RSS_GROWTH_BOUND = 32 * 1024 * 1024
+# What a call may end with while faults come and go; never INTERNAL.
+DURING_FAULTS = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
+
+
+async def _worker(rng, stop, orders, events, ledger, short_ids, seen) -> None:
+    while not stop.is_set():
+        action = rng.choice(("create", "get", "stream", "upload", "import", "invalid"))
+        if action == "create":
+            code = await ledger.create_order(orders, order_request(unique("soak")), timeout=5)
+        elif action == "invalid":
+            bad = order_request(unique("soak-bad"), currency="euro")
+            code = await ledger.create_order(orders, bad, timeout=5)
+            assert code in DURING_FAULTS | {grpc.StatusCode.INVALID_ARGUMENT}
+        elif action == "upload":
+            requests = upload_messages(unique("soak-up"), rng.randint(1, 200), per_message=50)
+            code = await ledger.upload(events, requests, timeout=10)
+        elif action == "import":
+            requests = import_messages(unique("soak-imp"), rng.randint(1, 50), per_message=20)
+            code = await ledger.import_orders(orders, requests, timeout=10)
+        elif action == "get":
+            try:
+                await orders.GetOrder(order_service_pb2.GetOrderRequest(id=1), timeout=5)
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+        else:
+            stream = PausedStream(
+                events.StreamEvents(
+                    event_service_pb2.StreamEventsRequest(subject=SHORT_SUBJECT), timeout=10
+                ),
+                "events",
+            )
+            code = await stream.finish(timeout=30)
+            ended_honestly(code, stream.ids, short_ids)
+        seen[code] = seen.get(code, 0) + 1
+        if action != "invalid":
+            assert code in DURING_FAULTS, f"{action} ended {code.name}"
+
+
+async def _inject(rng, stop, proxy, fault_cluster, admin, log) -> None:
+    faults = 0
+    while not stop.is_set() and faults < MAX_FAULTS:
+        try:
+            async with asyncio.timeout(rng.uniform(1.0, 3.0)):
+                await stop.wait()
+        except TimeoutError:
+            pass
+        if stop.is_set():
+            return
+        fault = rng.choice(
+            ("reset", "blackhole", "terminate", "kill", "restart-fast", "restart-immediate")
+        )
+        log.append(fault)
+        faults += 1
+        if fault == "reset":
+            proxy.cut()
+        elif fault == "blackhole":
+            proxy.blackhole()
+            try:
+                async with asyncio.timeout(rng.uniform(0.5, 2.0)):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            proxy.resume()
+        elif fault in ("terminate", "kill"):
+            backends = [row["pid"] for row in await admin.service_backends()]
+            if backends:
+                pid = rng.choice(backends)
+                if fault == "terminate":
+                    await admin.terminate(pid)
+                else:
+                    fault_cluster.kill_backend(pid)
+        else:
+            await fault_cluster.restart(fault.removeprefix("restart-"))
+
+
+@pytest.mark.soak
+async def test_soak(scenario, service, proxy, fault_cluster, admin, orders, events, history):
+    seed = int(os.environ.get("SOAK_SEED", random.randrange(1 << 32)))
+    print(f"soak seed {seed} (replay: SOAK_SEED={seed}), {SECONDS:g}s, up to {MAX_FAULTS} faults")
+    rng = random.Random(seed)
+    short_ids = await admin.fetch(
+        "SELECT id FROM events WHERE subject = $1 ORDER BY id", SHORT_SUBJECT
+    )
+    ids = [row["id"] for row in short_ids]
+    before = service.target.rss_bytes()
+    stop = asyncio.Event()
+    seen: dict[grpc.StatusCode, int] = {}
+    injected: list[str] = []
+    workers = [
+        asyncio.ensure_future(
+            _worker(random.Random(rng.random()), stop, orders, events, scenario.ledger, ids, seen)
+        )
+        for _ in range(WORKERS)
+    ]
+    injector = asyncio.ensure_future(
+        _inject(random.Random(rng.random()), stop, proxy, fault_cluster, admin, injected)
+    )
+    started = time.monotonic()
+    try:
+        done, _ = await asyncio.wait(
+            [*workers, injector], timeout=SECONDS, return_when=asyncio.FIRST_EXCEPTION
+        )
+        for task in done:
+            task.result()  # a worker's failed assertion fails the soak at once
+    finally:
+        stop.set()
+        async with asyncio.timeout(120):
+            results = await asyncio.gather(*workers, injector, return_exceptions=True)
+        proxy.resume()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    print(
+        f"soak: {time.monotonic() - started:.0f}s, faults {injected}, "
+        f"calls { ({code.name: n for code, n in seen.items()}) }"
+    )
+    assert seen.get(grpc.StatusCode.OK, 0) > 0
+    growth = service.target.rss_bytes() - before
+    assert growth < RSS_GROWTH_BOUND, f"RSS grew {growth / 2**20:.1f} MiB during the soak"
