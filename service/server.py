@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from orderstream.events.v1 import event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
+from service.auth import TokenAuth, Tokens
 from service.call import Database
 from service.database import StartupError, close_pool, connect_direct, open_pool
 from service.event_service import EventService
@@ -152,8 +153,15 @@ class App:
         metrics.watch_pool(pool)
         # A second server on a taken port must fail, not silently share it;
         # only sibling workers share on purpose.
-        options = [("grpc.so_reuseport", int(reuse_port))]
-        server = grpc.aio.server(options=options)
+        options = [
+            ("grpc.so_reuseport", int(reuse_port)),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ]
+        server = grpc.aio.server(
+            options=options,
+            interceptors=_interceptors(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
         observer = Observer(metrics, tracing)
         db = Database(
             pool,
@@ -188,9 +196,10 @@ class App:
         # a database outage makes pods unready instead of restarting them.
         await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
         port = _listen(server, settings.host, settings.port, settings)
         health_server = health_port = None
         if settings.health_port is not None:
@@ -261,6 +270,15 @@ class App:
             self.metrics_endpoint.stop()
         if self.tracing is not None:
             self.tracing.shutdown()
+
+
+def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor] | None:
+    """None unless caller authentication is on: even a no-op interceptor
+    costs every call about 26 µs (269 -> 295 µs of server CPU per call), so
+    the default path has none (the observing is done without one too)."""
+    if settings.auth_tokens_file is None:
+        return None
+    return [TokenAuth(Tokens.load(settings.auth_tokens_file))]
 
 
 def _listen(server: grpc.aio.Server, host: str, port: int, settings: Settings | None) -> int:

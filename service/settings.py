@@ -107,6 +107,10 @@ class Settings:
     metrics_port: int | None
     health_port: int | None
     tls: ListenerTls | None
+    auth_tokens_file: Path | None  # set: every call needs a token (service/auth.py)
+    reflection: bool
+    max_message_bytes: int
+    max_concurrent_rpcs: int | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -150,6 +154,15 @@ class Settings:
             metrics_port=env.optional_integer("ORDERSTREAM_METRICS_PORT", low=0, high=65535),
             health_port=env.optional_integer("ORDERSTREAM_HEALTH_PORT", low=0, high=65535),
             tls=_listener_tls(env),
+            auth_tokens_file=_optional_path(env, "ORDERSTREAM_AUTH_TOKENS_FILE"),
+            reflection=env.boolean("ORDERSTREAM_REFLECTION", True),
+            # gRPC's own default (4 MiB); uploads are packed in 1 MiB messages.
+            max_message_bytes=env.integer(
+                "ORDERSTREAM_MAX_MESSAGE_BYTES", 4 << 20, low=1024, high=256 << 20
+            ),
+            max_concurrent_rpcs=env.optional_integer(
+                "ORDERSTREAM_MAX_CONCURRENT_RPCS", low=1, high=1_000_000
+            ),
         )
         if settings.pool_min_size > settings.pool_max_size:
             raise SettingsError(
@@ -227,6 +240,11 @@ class _Reader:
             return value
 
         return self._parsed(name, default, parse, "one of: " + ", ".join(allowed))
+
+
+def _optional_path(env: _Reader, name: str) -> Path | None:
+    value = env.raw(name)
+    return Path(value) if value is not None else None
 
 
 def _listener_tls(env: _Reader) -> ListenerTls | None:
