@@ -21,8 +21,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from orderstream.events.v1 import event_service_pb2, event_service_pb2_grpc
-from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
+from orderstream.events.v1 import event_service_pb2
+from orderstream.orders.v1 import order_service_pb2
+from service import decoding
 from service.auth import TokenAuth, Tokens
 from service.call import Database
 from service.database import StartupError, close_pool, connect_direct, open_pool
@@ -179,18 +180,10 @@ class App:
         events = EventService(
             db, streams=streams, followers=followers, feed=feed, settings=settings
         )
-        order_service_pb2_grpc.add_OrderServiceServicer_to_server(
-            observer.servicer(
-                orders, order_service_pb2.DESCRIPTOR.services_by_name["OrderService"]
-            ),
-            server,
-        )
-        event_service_pb2_grpc.add_EventServiceServicer_to_server(
-            observer.servicer(
-                events, event_service_pb2.DESCRIPTOR.services_by_name["EventService"]
-            ),
-            server,
-        )
+        # Not the generated add_*Servicer_to_server: a request that does not
+        # parse must be INVALID_ARGUMENT, not UNKNOWN (service/decoding.py).
+        decoding.add_service(server, observer.servicer(orders, ORDER_SERVICE), ORDER_SERVICE)
+        decoding.add_service(server, observer.servicer(events, EVENT_SERVICE), EVENT_SERVICE)
         health_servicer = _HealthServicer()
         # For liveness probes: SERVING while the process answers at all, so
         # a database outage makes pods unready instead of restarting them.

@@ -19,6 +19,7 @@ from orderstream.orders.v1 import order_service_pb2_grpc
 from service.devcluster import Cluster, start_cluster, stop_cluster
 from service.server import App
 from service.settings import Settings
+from tests.input_tally import pytest_terminal_summary  # noqa: F401  (the hostile-input tally)
 from tests.support import admin_ssl_context
 
 
