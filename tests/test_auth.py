@@ -19,11 +19,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from orderstream.client import create_channel
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service import auth
 from service.auth import METHOD_SCOPES, SCOPES, TokenAuth, Tokens
 from service.database import StartupError
+from service.devcluster import make_certificates
 from service.server import EVENT_SERVICE, ORDER_SERVICE, App, _interceptors
 from service.settings import Settings
 from tests.support import StatusDetails, create_request, details, running_app, table_counts, unique
@@ -374,3 +376,31 @@ def test_lookup_compares_digests(tokens):
     assert table.find(tokens.both + "x") is None
     assert table.find(digest(tokens.both)) is None  # the file's digest is no token
     assert auth.OPEN_SERVICES == ("grpc.health.v1.Health",)
+
+
+# --------------------------------------------------------------------------
+# The Python client's token option
+# --------------------------------------------------------------------------
+
+
+async def test_the_python_client_sends_its_token_over_tls(service_env, tokens, tmp_path, order_id):
+    certs = make_certificates(tmp_path, hosts=("127.0.0.1",))
+    async with (
+        running_app(
+            service_env,
+            ORDERSTREAM_AUTH_TOKENS_FILE=str(tokens.file),
+            ORDERSTREAM_TLS_CERT=str(certs.server_cert),
+            ORDERSTREAM_TLS_KEY=str(certs.server_key),
+        ) as app,
+        create_channel(f"127.0.0.1:{app.port}", ca_file=certs.ca_cert, token=tokens.reader) as ch,
+    ):
+        stub = order_service_pb2_grpc.OrderServiceStub(ch)
+        read = await stub.GetOrder(order_service_pb2.GetOrderRequest(id=order_id))
+        assert read.id == order_id
+        error = await refused(create_order, ch, ())
+        assert error.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_python_client_refuses_a_token_in_plain_text():
+    with pytest.raises(ValueError, match="over TLS only"):
+        create_channel("127.0.0.1:1", insecure=True, token="secret")
