@@ -8,7 +8,9 @@ method's scope, never echoing the token, and a refused write writes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from service.settings import Settings
 from tests.support import StatusDetails, create_request, details, running_app, table_counts, unique
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -404,3 +407,39 @@ async def test_the_python_client_sends_its_token_over_tls(service_env, tokens, t
 def test_the_python_client_refuses_a_token_in_plain_text():
     with pytest.raises(ValueError, match="over TLS only"):
         create_channel("127.0.0.1:1", insecure=True, token="secret")
+
+
+def readme_token_line() -> str:
+    (line,) = [
+        line
+        for line in (REPO / "README.md").read_text().splitlines()
+        if line.startswith("TOKEN=... ; npx buf curl")
+    ]
+    return line
+
+
+@pytest.mark.slow
+async def test_the_readme_buf_curl_line_with_a_token_works(service_env, tokens, tmp_path, order_id):
+    certs = make_certificates(tmp_path, hosts=("127.0.0.1",))
+    async with running_app(
+        service_env,
+        ORDERSTREAM_AUTH_TOKENS_FILE=str(tokens.file),
+        ORDERSTREAM_TLS_CERT=str(certs.server_cert),
+        ORDERSTREAM_TLS_KEY=str(certs.server_key),
+    ) as app:
+        command = (
+            readme_token_line()
+            .replace("TOKEN=...", f"TOKEN={tokens.reader}")
+            .replace("--cacert ca.crt", f"--cacert {certs.ca_cert}")
+            .replace("https://orderstream:50051", f"https://127.0.0.1:{app.port}")
+            .replace('{"id": 1}', f'{{"id": {order_id}}}')
+        )
+        process = await asyncio.create_subprocess_shell(
+            command,
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    assert json.loads(out)["id"] == str(order_id)

@@ -46,7 +46,7 @@ CALL_TIMEOUT = 60.0
 
 settings.register_profile(
     "hostile",
-    max_examples=60,
+    max_examples=150,
     deadline=None,
     derandomize=True,
     database=None,
