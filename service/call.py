@@ -12,6 +12,7 @@ import asyncpg
 import grpc
 
 from service import errors
+from service.decoding import Undecodable
 from service.errors import ServiceError
 
 Request = TypeVar("Request")
@@ -34,6 +35,8 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
     @functools.wraps(method)
     async def handle(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
         try:
+            if request.__class__ is Undecodable:  # see service/decoding.py
+                raise request.error("request")  # type: ignore[attr-defined]
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise

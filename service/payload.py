@@ -3,6 +3,7 @@ so that PostgreSQL's jsonb never rejects a row the caller cannot place."""
 
 from __future__ import annotations
 
+import decimal
 import json
 import re
 
@@ -11,6 +12,10 @@ from google.protobuf import json_format
 from orderstream.events.v1 import event_pb2
 
 MAX_PAYLOAD_BYTES = 1 << 20
+# jsonb keeps numbers as `numeric`, which holds at most 131072 digits before
+# the decimal point and 16383 after it; JSON itself has no bound.
+_NUMERIC_MAX_WEIGHT = 131_071
+_NUMERIC_MAX_SCALE = 16_383
 
 
 class InvalidPayload(ValueError):
@@ -21,6 +26,19 @@ def _reject_constant(name: str) -> None:
     raise InvalidPayload(f"{name} is not valid JSON")
 
 
+def _numeric_compatible(text: str) -> float:
+    """json's parse_float: refuses numbers that jsonb's numeric cannot hold
+    (found by tests/test_hostile_input.py: 1E131100 reached PostgreSQL)."""
+    number = decimal.Decimal(text)
+    _, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)  # the JSON grammar has no NaN or Infinity
+    if -exponent > _NUMERIC_MAX_SCALE or (
+        number and exponent + len(digits) - 1 > _NUMERIC_MAX_WEIGHT
+    ):
+        raise InvalidPayload(f"the number {text[:24]} is out of PostgreSQL's numeric range")
+    return float(number)
+
+
 def json_object_text(event: event_pb2.Event) -> str:
     """Returns the payload as JSON text for jsonb, or raises InvalidPayload."""
     kind = event.WhichOneof("payload")
@@ -29,7 +47,11 @@ def json_object_text(event: event_pb2.Event) -> str:
         if len(text) > MAX_PAYLOAD_BYTES:
             raise InvalidPayload(f"at most {MAX_PAYLOAD_BYTES} bytes")
         try:
-            value = json.loads(text, parse_constant=_reject_constant)
+            value = json.loads(
+                text, parse_constant=_reject_constant, parse_float=_numeric_compatible
+            )
+        except InvalidPayload:
+            raise
         except RecursionError:
             raise InvalidPayload("nested too deeply") from None
         except ValueError as exc:

@@ -21,8 +21,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from orderstream.events.v1 import event_service_pb2, event_service_pb2_grpc
-from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
+from orderstream.events.v1 import event_service_pb2
+from orderstream.orders.v1 import order_service_pb2
+from service import decoding
+from service.auth import TokenAuth, Tokens
 from service.call import Database
 from service.database import (
     StartupError,
@@ -170,8 +172,15 @@ class App:
         metrics.watch_pool(pool)
         # A second server on a taken port must fail, not silently share it;
         # only sibling workers share on purpose.
-        options = [("grpc.so_reuseport", int(reuse_port))]
-        server = grpc.aio.server(options=options)
+        options = [
+            ("grpc.so_reuseport", int(reuse_port)),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ]
+        server = grpc.aio.server(
+            options=options,
+            interceptors=_interceptors(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
         observer = Observer(metrics, tracing)
         db = Database(
             pool,
@@ -191,26 +200,19 @@ class App:
         events = EventService(
             db, streams=streams, followers=followers, feed=feed, settings=settings
         )
-        order_service_pb2_grpc.add_OrderServiceServicer_to_server(
-            observer.servicer(
-                orders, order_service_pb2.DESCRIPTOR.services_by_name["OrderService"]
-            ),
-            server,
-        )
-        event_service_pb2_grpc.add_EventServiceServicer_to_server(
-            observer.servicer(
-                events, event_service_pb2.DESCRIPTOR.services_by_name["EventService"]
-            ),
-            server,
-        )
+        # Not the generated add_*Servicer_to_server: a request that does not
+        # parse must be INVALID_ARGUMENT, not UNKNOWN (service/decoding.py).
+        decoding.add_service(server, observer.servicer(orders, ORDER_SERVICE), ORDER_SERVICE)
+        decoding.add_service(server, observer.servicer(events, EVENT_SERVICE), EVENT_SERVICE)
         health_servicer = _HealthServicer()
         # For liveness probes: SERVING while the process answers at all, so
         # a database outage makes pods unready instead of restarting them.
         await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
         port = _listen(server, settings.host, settings.port, settings)
         health_server = health_port = None
         if settings.health_port is not None:
@@ -320,6 +322,15 @@ async def _read_router(
         transaction_pooling=settings.transaction_pooling,
     )
     return ReadRouter(db, replica_db, monitor, on_served=metrics.count_read), monitor
+
+
+def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor] | None:
+    """None unless caller authentication is on: even a no-op interceptor
+    costs every call about 26 µs (269 -> 295 µs of server CPU per call), so
+    the default path has none (the observing is done without one too)."""
+    if settings.auth_tokens_file is None:
+        return None
+    return [TokenAuth(Tokens.load(settings.auth_tokens_file))]
 
 
 def _listen(server: grpc.aio.Server, host: str, port: int, settings: Settings | None) -> int:

@@ -111,6 +111,10 @@ class Settings:
     metrics_port: int | None
     health_port: int | None
     tls: ListenerTls | None
+    auth_tokens_file: Path | None  # set: every call needs a token (service/auth.py)
+    reflection: bool
+    max_message_bytes: int
+    max_concurrent_rpcs: int | None
     # A streaming standby for reads that tolerate lag (service/read_routing.py).
     replica: DatabaseTarget | None = None
     replica_max_lag: float = 5.0
@@ -160,6 +164,15 @@ class Settings:
             metrics_port=env.optional_integer("ORDERSTREAM_METRICS_PORT", low=0, high=65535),
             health_port=env.optional_integer("ORDERSTREAM_HEALTH_PORT", low=0, high=65535),
             tls=_listener_tls(env),
+            auth_tokens_file=_optional_path(env, "ORDERSTREAM_AUTH_TOKENS_FILE"),
+            reflection=env.boolean("ORDERSTREAM_REFLECTION", True),
+            # gRPC's own default (4 MiB); uploads are packed in 1 MiB messages.
+            max_message_bytes=env.integer(
+                "ORDERSTREAM_MAX_MESSAGE_BYTES", 4 << 20, low=1024, high=256 << 20
+            ),
+            max_concurrent_rpcs=env.optional_integer(
+                "ORDERSTREAM_MAX_CONCURRENT_RPCS", low=1, high=1_000_000
+            ),
             replica=(
                 _database_target(env, "ORDERSTREAM_REPLICA_DATABASE_URL")
                 if env.raw("ORDERSTREAM_REPLICA_DATABASE_URL") is not None
@@ -244,6 +257,11 @@ class _Reader:
             return value
 
         return self._parsed(name, default, parse, "one of: " + ", ".join(allowed))
+
+
+def _optional_path(env: _Reader, name: str) -> Path | None:
+    value = env.raw(name)
+    return Path(value) if value is not None else None
 
 
 def _listener_tls(env: _Reader) -> ListenerTls | None:

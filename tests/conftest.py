@@ -28,7 +28,8 @@ from service.settings import Settings
 from tests.pgbouncer import PgBouncer, start_pgbouncer, stop_pgbouncer
 from tests.support import admin_ssl_context
 
-pytest_plugins = ("tests.faults.tally",)  # the fault suite's figures, in the summary
+# The fault suite's and the hostile-input run's figures, in the summary.
+pytest_plugins = ("tests.faults.tally", "tests.input_tally")
 
 DATABASE_ROUTES = ("direct", "pgbouncer")
 

@@ -107,6 +107,7 @@ def create_channel(
     client_cert_file: str | Path | None = None,
     client_key_file: str | Path | None = None,
     insecure: bool = False,
+    token: str | None = None,
     service_config: dict[str, Any] | None = None,
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
@@ -115,8 +116,11 @@ def create_channel(
     TLS verifies the server with `ca_file` (the system roots when None);
     `client_cert_file` and `client_key_file` together add a client
     certificate for mTLS. `insecure=True` speaks plain text, for `make run`
-    and tests only. `service_config` replaces `DEFAULT_SERVICE_CONFIG`;
-    `options` are appended to (and so override) the keepalive defaults.
+    and tests only. `token` is sent with every call as `authorization:
+    Bearer <token>` (for a server with ORDERSTREAM_AUTH_TOKENS_FILE); gRPC
+    sends it over TLS only, so it cannot go with `insecure=True`.
+    `service_config` replaces `DEFAULT_SERVICE_CONFIG`; `options` are
+    appended to (and so override) the keepalive defaults.
 
         channel = create_channel("dns:///orderstream:50051", ca_file="/etc/ca.crt")
         order = await OrderServiceStub(channel).GetOrder(GetOrderRequest(id=1))
@@ -125,6 +129,8 @@ def create_channel(
         raise ValueError("create_channel: client_cert_file and client_key_file go together")
     if insecure and (ca_file or client_cert_file):
         raise ValueError("create_channel: insecure=True takes no certificates")
+    if insecure and token is not None:
+        raise ValueError("create_channel: a token is sent over TLS only, not with insecure=True")
     config = DEFAULT_SERVICE_CONFIG if service_config is None else service_config
     channel_options = [
         ("grpc.service_config", json.dumps(config)),
@@ -139,6 +145,10 @@ def create_channel(
         private_key=_read(client_key_file),
         certificate_chain=_read(client_cert_file),
     )
+    if token is not None:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(token)
+        )
     return grpc.aio.secure_channel(target, credentials, options=channel_options)
 
 
