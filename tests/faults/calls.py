@@ -108,10 +108,16 @@ class HealthWatch:
 
     async def saw(self, *sequence: int, timeout: float = 60) -> None:
         """Waits until the statuses sent so far contain `sequence` in order."""
-        async with asyncio.timeout(timeout):
-            while not _contains_in_order(self.statuses, sequence):
-                self._changed.clear()
-                await self._changed.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while not _contains_in_order(self.statuses, sequence):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            ended = f", the watch ended: {self._task.exception()!r}" if self._task.done() else ""
+            raise AssertionError(
+                f"health never went {sequence} within {timeout}s; it sent {self.statuses}{ended}"
+            ) from None
 
     async def close(self) -> None:
         self._call.cancel()
