@@ -94,6 +94,13 @@ class Database:
         except TimeoutError:
             if deadline_bound:
                 raise errors.deadline_exceeded() from None
+            if self.pool.get_size() < self.pool.get_max_size():
+                # A pool with room for a connection was waiting to open one:
+                # the database (or the network to it) is not answering. Asked
+                # only after the timeout, so the hot path pays nothing for it.
+                raise errors.unavailable(
+                    f"the database did not accept a connection within {self._acquire_timeout:g}s"
+                ) from None
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "POOL_EXHAUSTED",

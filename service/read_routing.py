@@ -54,7 +54,9 @@ T = TypeVar("T")
 
 PRIMARY = "primary"
 REPLICA = "replica"
-POOL_EXHAUSTED = "POOL_EXHAUSTED"  # service/call.py's reason
+# service/call.py's reasons for no connection within the acquire timeout:
+# a busy pool, or a pool with room whose new connection did not open.
+NO_CONNECTION = ("POOL_EXHAUSTED", "DATABASE_UNAVAILABLE")
 
 # The replica is gone or going: worth marking down.
 _REPLICA_LOST = (
@@ -108,7 +110,7 @@ class ReadRouter:
         except ServiceError as exc:
             # No replica connection in time: a connect that hangs (a host
             # that drops packets) or a busy pool; the next check tells which.
-            if sent.anything or exc.reason != POOL_EXHAUSTED:
+            if sent.anything or exc.reason not in NO_CONNECTION:
                 raise
             await self._monitor.mark_down("no connection within the acquire timeout")
             return await self._on_primary(method, work)

@@ -75,7 +75,8 @@ async def test_blackhole(scenario, proxy, fault_env, orders, events, health, his
         )
         ledger.record("upload", upload_key, upload_requests, codes[3])
         # RESOURCE_EXHAUSTED: the pool's connections are all stuck in the
-        # stall, or a new one cannot be opened, within the acquire timeout.
+        # stall (a new one that cannot open is UNAVAILABLE,
+        # tests/test_connect_stall.py).
         stalled = {
             grpc.StatusCode.DEADLINE_EXCEEDED,
             grpc.StatusCode.UNAVAILABLE,
