@@ -68,7 +68,11 @@ async def test_postgres_restart_mid_calls(
                 stop,
             )
         )
-        await fault_cluster.restart(mode)
+        await fault_cluster.stop(mode)
+        # Down until health has said so: an outage shorter than the check
+        # interval would otherwise pass unseen (and the test would race).
+        await watch.saw(SERVING, NOT_SERVING)
+        await fault_cluster.start()
 
     upload.send(*upload_requests[1:])
     upload_code, upload_answer = await upload.close()
