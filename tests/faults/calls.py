@@ -64,15 +64,31 @@ class FedStream:
 
     def __init__(self, method: Any, *, timeout: float = 60) -> None:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._sent = 0
+        self._written = 0
+        self._progress = asyncio.Event()
         self.call = method(self._requests(), timeout=timeout)
 
     async def _requests(self) -> AsyncIterator[Any]:
         while (message := await self._queue.get()) is not None:
             yield message
+            # grpc.aio asks for the next message only once it has written
+            # this one to the transport.
+            self._written += 1
+            self._progress.set()
 
     def send(self, *messages: Any) -> None:
         for message in messages:
+            self._sent += 1
             self._queue.put_nowait(message)
+
+    async def written(self, timeout: float = 30) -> None:
+        """Waits until every message sent so far is on its way to the
+        server, not just queued in this process."""
+        async with asyncio.timeout(timeout):
+            while self._written < self._sent:
+                self._progress.clear()
+                await self._progress.wait()
 
     async def close(self, timeout: float = 60) -> tuple[grpc.StatusCode, Any]:
         """Half-closes and waits for the answer: (status, response or None)."""

@@ -42,6 +42,7 @@ async def _cancel_upload(events, ledger, after: int) -> None:
     requests = upload_messages(key, events=(after + 1) * 5, per_message=5)
     upload = FedStream(events.UploadEvents)
     upload.send(*requests[:after])
+    await upload.written()
     upload.call.cancel()
     assert await upload.call.code() == grpc.StatusCode.CANCELLED
     ledger.record_not_committed("upload", key, requests)
