@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,6 +19,8 @@ from service.errors import ServiceError
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+log = logging.getLogger(__name__)
 
 
 def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
@@ -109,8 +112,20 @@ class Database:
             ) from None
 
     async def release(self, conn: asyncpg.Connection) -> None:
-        # asyncpg shields the release itself, so cancellation cannot leak it.
-        await self.pool.release(conn)
+        """Returns `conn` to the pool; never fails the call.
+
+        asyncpg shields the release itself, so cancellation cannot leak it.
+        A release fails only when the connection is beyond use: its reset
+        failed (asyncpg then terminates it) or the server ended it while the
+        release was under way (asyncpg already took it back: "release()
+        called on a free connection holder", seen in the fault soak). Either
+        way the pool is whole again, and the call's statements are done: a
+        committed write must not be reported as failed because of it.
+        """
+        try:
+            await self.pool.release(conn)
+        except Exception as exc:
+            log.warning("a connection failed its release and was closed", exc_info=exc)
 
     async def cursor(
         self, conn: asyncpg.Connection, context: grpc.aio.ServicerContext, query: str, *args: Any

@@ -209,6 +209,20 @@ def from_exception(exc: BaseException, method: str) -> ServiceError:
         exc, (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, ConnectionError, OSError)
     ):
         return unavailable("lost the database connection")
+    if isinstance(exc, asyncpg.InternalClientError):
+        # asyncpg lost track of its connection's protocol state. Seen in the
+        # fault soak when the server ends a connection between two statements
+        # (pg_terminate_backend, a crash): asyncpg reads the FATAL message
+        # while idle, is left "in progress", and refuses the next statement
+        # before sending it ("cannot switch to state 12; another operation
+        # (2) is in progress"). Nothing was sent, so retrying is safe. Logged
+        # in full, so a real asyncpg bug still shows.
+        log.warning(
+            "database connection in a broken state",
+            exc_info=exc,
+            extra={"method": method},
+        )
+        return unavailable("lost the database connection")
     return _internal(exc, method)
 
 

@@ -5,12 +5,16 @@ an incident id and nothing of the error's text."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from service.call import Database
 from service.errors import ServiceError, from_exception
+from tests.support import admin_ssl_context
 
 # Statements that make PostgreSQL raise one SQLSTATE each, in a transaction
 # that is rolled back. Where no ordinary statement can (a serialization
@@ -110,3 +114,42 @@ async def test_unknown_errors_are_internal_with_an_incident_and_no_text(caplog):
     assert (info.reason, info.metadata["incident"]) == ("INTERNAL", incident)
     # The traceback is logged under the same incident for the operator.
     assert any(getattr(r, "incident", None) == incident for r in caplog.records)
+
+
+# --------------------------------------------------------------------------
+# Connections the server ends at an awkward moment (found by the fault soak,
+# tests/faults/test_soak.py): a status the caller can act on, never INTERNAL.
+# --------------------------------------------------------------------------
+
+
+def test_a_connection_asyncpg_lost_track_of_is_unavailable():
+    """What asyncpg raises for the next statement when it read the server's
+    FATAL (pg_terminate_backend, a crash) while idle: the statement was never
+    sent, so the caller may retry."""
+    exc = asyncpg.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    )
+    error = from_exception(exc, "Test")
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
+    assert has_retry_info(status_of(error))
+
+
+async def test_a_connection_ended_during_its_release_fails_nothing(pg_cluster, admin_db):
+    pool = await asyncpg.create_pool(
+        pg_cluster.dsn(admin=True), ssl=admin_ssl_context(pg_cluster), min_size=1, max_size=1
+    )
+    db = Database(pool, acquire_timeout=5, command_timeout=5)
+    try:
+        conn = await pool.acquire()
+        assert await conn.fetchval("SELECT 1") == 1
+        behind_the_proxy = conn._con
+        releasing = asyncio.ensure_future(db.release(conn))
+        # One turn of the loop: the release checks the connection and
+        # schedules its shielded part, which has not run yet ...
+        await asyncio.sleep(0)
+        # ... when the connection ends (asyncpg takes its holder back).
+        behind_the_proxy.terminate()
+        await releasing  # asyncpg: "release() called on a free connection holder"
+        assert await pool.fetchval("SELECT 2") == 2  # the pool is whole again
+    finally:
+        await pool.close()
