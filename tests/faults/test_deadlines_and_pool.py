@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import grpc
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
@@ -16,29 +17,47 @@ from tests.faults.service import CHANNEL_OPTIONS, Target
 from tests.support import eventually, rpc_error, running_app, unique
 
 
-async def test_deadline_shorter_than_a_slow_statement(scenario, admin, orders):
+async def _backend(admin, pid: int) -> asyncpg.Record | None:
+    rows = await admin.fetch("SELECT state, query_start FROM pg_stat_activity WHERE pid = $1", pid)
+    return rows[0] if rows else None
+
+
+async def test_deadline_shorter_than_a_slow_statement(scenario, service, admin, orders):
     # A create that waits in its commit is the slow statement here.
     key = unique("slow")
     request = order_request(key, customer_id=f"gate:{key}")
     async with admin.gate(request.customer_id):
+        creating = asyncio.ensure_future(scenario.ledger.create_order(orders, request, timeout=5))
+        await eventually(admin.waiting_at_gate, what="the create to wait in its commit")
+        [pid] = await admin.waiting_at_gate()
         async with asyncio.timeout(30):
-            code = await scenario.ledger.create_order(orders, request, timeout=1.0)
-        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert await creating == grpc.StatusCode.DEADLINE_EXCEEDED
 
-        # Cancelled in PostgreSQL while the gate is still closed: not just
-        # abandoned by the caller.
-        async def gone() -> bool:
-            return not await admin.waiting_at_gate()
+        # Cancelled in PostgreSQL while the gate is still closed (not just
+        # abandoned by the caller), on a connection that stays open: the
+        # backend is still there, idle, out of its transaction.
+        async def statement_gone() -> bool:
+            backend = await _backend(admin, pid)
+            assert backend is not None, "the connection was closed, not kept"
+            return bool(backend["state"] == "idle")
 
-        await eventually(gone, what="the statement to be cancelled")
+        await eventually(statement_gone, what="the statement to be cancelled")
+    # Back in the pool (its reset on release done), before it is looked at.
+    await eventually(lambda: pool_at_baseline(service.target), what="the pool's baseline")
+    cancelled = await _backend(admin, pid)
+    assert cancelled is not None, "the connection was closed, not kept"
     # Rolled back, not committed behind the caller's back.
     assert await admin.fetchval("SELECT count(*) FROM orders WHERE request_id = $1", key) == 0
-    # The connection that ran it is reusable: the pool never grew past its size.
+    # The connection that ran it is reused: the pool hands out the connection
+    # released last first (asyncpg's pool is a LIFO queue).
     for _ in range(10):
         assert (
             await scenario.ledger.create_order(orders, order_request(unique("next")), timeout=10)
             == grpc.StatusCode.OK
         )
+    reused = await _backend(admin, pid)
+    assert reused is not None, "the connection was dropped after its statement was cancelled"
+    assert reused["query_start"] > cancelled["query_start"], "the connection was never used again"
 
 
 async def test_pool_exhaustion_fails_fast_and_recovers(scenario, admin, fault_env):
