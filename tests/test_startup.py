@@ -183,6 +183,7 @@ REFUSALS = [
         lambda c, tmp: {"PGSSLROOTCERT": str(tmp / "no-such-ca.crt")},
         StartupError,
         ("no-such-ca.crt", "does not exist"),
+        checks_no_plain_text=True,
     ),
     Refusal(
         "disable-without-opt-in",
