@@ -35,9 +35,6 @@ class PausedStream:
 
     async def finish(self, timeout: float = 60) -> grpc.StatusCode:
         """Reads to the end; returns the status the stream ended with."""
-        return await self._finish(timeout)
-
-    async def _finish(self, timeout: float) -> grpc.StatusCode:
         async with asyncio.timeout(timeout):
             try:
                 while (message := await self._call.read()) is not grpc.aio.EOF:

@@ -120,24 +120,17 @@ class History:
 
 @pytest.fixture(scope="session")
 async def history(admin: Admin) -> History:
-    await admin.execute(
-        """
-        INSERT INTO events (type, source, subject, time, payload)
-        SELECT 'history', '/faults', $1, now(), jsonb_build_object('n', g, 'pad', repeat('x', 60))
-        FROM generate_series(1, $2::int) AS g
-        """,
-        EVENTS_SUBJECT,
-        HISTORY_EVENTS,
-    )
-    await admin.execute(
-        """
-        INSERT INTO events (type, source, subject, time, payload)
-        SELECT 'history', '/faults', $1, now(), jsonb_build_object('n', g, 'pad', repeat('x', 60))
-        FROM generate_series(1, $2::int) AS g
-        """,
-        SHORT_SUBJECT,
-        SHORT_EVENTS,
-    )
+    for subject, count in ((EVENTS_SUBJECT, HISTORY_EVENTS), (SHORT_SUBJECT, SHORT_EVENTS)):
+        await admin.execute(
+            """
+            INSERT INTO events (type, source, subject, time, payload)
+            SELECT 'history', '/faults', $1, now(),
+                   jsonb_build_object('n', g, 'pad', repeat('x', 60))
+            FROM generate_series(1, $2::int) AS g
+            """,
+            subject,
+            count,
+        )
     # Every order has items (the service never writes one without).
     await admin.execute(
         """

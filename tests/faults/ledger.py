@@ -198,13 +198,7 @@ class Ledger:
         timeout: float,
     ) -> grpc.StatusCode:
         key = requests[0].upload_id
-        try:
-            answer = await stub.UploadEvents(iter(requests), timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            self.record("upload", key, requests, error.code())
-            return error.code()
-        self.record("upload", key, requests, grpc.StatusCode.OK, answer)
-        return grpc.StatusCode.OK
+        return await self._load("upload", stub.UploadEvents, key, requests, timeout)
 
     async def import_orders(
         self,
@@ -214,12 +208,18 @@ class Ledger:
         timeout: float,
     ) -> grpc.StatusCode:
         key = requests[0].import_id
+        return await self._load("import", stub.ImportOrders, key, requests, timeout)
+
+    async def _load(
+        self, kind: str, method: Any, key: str, requests: Sequence[Any], timeout: float
+    ) -> grpc.StatusCode:
+        """One client-streamed load (UploadEvents or ImportOrders), recorded."""
         try:
-            answer = await stub.ImportOrders(iter(requests), timeout=timeout)
+            answer = await method(iter(requests), timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            self.record("import", key, requests, error.code())
+            self.record(kind, key, requests, error.code())
             return error.code()
-        self.record("import", key, requests, grpc.StatusCode.OK, answer)
+        self.record(kind, key, requests, grpc.StatusCode.OK, answer)
         return grpc.StatusCode.OK
 
     async def settle(self, channel: grpc.aio.Channel, admin: Admin) -> Totals:

@@ -26,9 +26,10 @@ from tests.faults.ledger import order_request, upload_messages
 from tests.support import eventually, unique
 
 
-async def _lose_the_ack(admin, proxy, call) -> grpc.StatusCode:
-    """Runs `call` until its commit waits at the gate, resets the
-    connections, opens the gate and returns the caller's status."""
+async def _lose_the_ack(admin, proxy, call) -> tuple[grpc.StatusCode, int]:
+    """Runs `call` until its commit waits at the gate and resets the
+    connections; returns the caller's status and the committing backend's
+    pid. The caller opens the gate."""
     task = asyncio.ensure_future(call)
 
     async def at_the_gate() -> bool:
