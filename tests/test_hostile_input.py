@@ -338,7 +338,12 @@ COUNTED_TABLES = ("orders", "order_items", "events", "uploads", "imports")
 
 
 async def counts(db: asyncpg.Pool) -> dict[str, int]:
-    return {table: await db.fetchval(f"SELECT count(*) FROM {table}") for table in COUNTED_TABLES}
+    """Rows per table, and the sum of the orders' versions: a rejected
+    UpdateOrderStatus adds no row but must not change an order either
+    (every change bumps its version)."""
+    found = {table: await db.fetchval(f"SELECT count(*) FROM {table}") for table in COUNTED_TABLES}
+    found["orders.version"] = await db.fetchval("SELECT coalesce(sum(version), 0) FROM orders")
+    return found
 
 
 async def outcome(rpc: str, call: Awaitable[object]) -> StatusDetails | None:
