@@ -146,29 +146,47 @@ async def pgbouncer_sessions(
             await session.close()
 
 
+async def statements_on_every_server_connection(bouncer: PgBouncer) -> list[set[str]]:
+    """The prepared statements on each of PgBouncer's server connections:
+    POOL_SIZE sessions all in a transaction at once hold one each."""
+    async with pgbouncer_sessions(bouncer, POOL_SIZE) as sessions:
+        for session in sessions:
+            await session.execute("BEGIN")
+        found = [
+            {row["name"] for row in await session.fetch("SELECT name FROM pg_prepared_statements")}
+            for session in sessions
+        ]
+        for session in sessions:
+            await session.execute("COMMIT")
+    return found
+
+
 @through_pgbouncer
 async def test_streams_cope_with_statements_another_process_left_behind(
     pgbouncer: PgBouncer, orders, events
 ):
-    """asyncpg prepares a cursor's query as a named statement even with the
-    statement cache off, and names them from a per-process counter that
-    starts at 1 in every process. Another replica behind the same PgBouncer
-    leaves such statements on the server connections it used; here the test
-    plays that replica, leaving the names this process uses next on every
-    server connection of PgBouncer's pool, and the streams must still work."""
+    """asyncpg names its prepared statements from a per-process counter that
+    starts at 1 in every process, and `conn.cursor` prepares a named one
+    even with the statement cache off. Another replica behind the same
+    PgBouncer could leave such statements on the server connections it used;
+    here the test plays that replica, leaving the names this process would
+    use next on every server connection of PgBouncer's pool. The streams
+    must still work, and neither leave statements of their own behind (for
+    other clients to trip over) nor drop the other clients' ones."""
     customer, subject = unique("cust"), unique("leftovers/")
     created = [await orders.CreateOrder(create_request(customer_id=customer)) for _ in range(3)]
     published = await publish(events, subject, 3)
     # The only way to know those names is asyncpg's own counter.
     counter: int = asyncpg.connection._uid  # type: ignore[attr-defined]
-    upcoming = range(counter + 1, counter + 21)
+    planted = {f"__asyncpg_stmt_{number:x}__" for number in range(counter + 1, counter + 21)}
     async with pgbouncer_sessions(pgbouncer, POOL_SIZE) as sessions:
         # All open in a transaction at once: each holds its own server connection.
         for session in sessions:
             await session.execute("BEGIN")
         for session in sessions:
-            for number in upcoming:
-                await session.execute(f"PREPARE __asyncpg_stmt_{number:x}__ AS SELECT 1")
+            await session.execute("DEALLOCATE ALL")  # what earlier tests left
+            for name in planted:
+                await session.execute(f"PREPARE {name} AS SELECT 1")
             await session.execute("COMMIT")
 
     exported, _ = await export_all(
@@ -179,3 +197,5 @@ async def test_streams_cope_with_statements_another_process_left_behind(
         events.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject))
     )
     assert [e.id for e in streamed] == published
+    left = await statements_on_every_server_connection(pgbouncer)
+    assert left == [planted] * POOL_SIZE
