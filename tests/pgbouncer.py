@@ -86,9 +86,12 @@ class PgBouncer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def start_pgbouncer(directory: Path, cluster: Cluster) -> PgBouncer:
-    """Starts PgBouncer for `cluster`'s app database and returns once a
-    client can run a query through it."""
+def start_pgbouncer(
+    directory: Path, cluster: Cluster, *, server_ca: Path | None = None, wait: bool = True
+) -> PgBouncer:
+    """Starts PgBouncer for `cluster`'s app database and (with `wait`)
+    returns once a client can run a query through it. PgBouncer verifies
+    the cluster with `server_ca`, the cluster's own CA unless given."""
     if not Path(PGBOUNCER).exists():
         raise RuntimeError(f"{PGBOUNCER} not found: install the Debian package pgbouncer")
     server_user = _server_user()
@@ -107,7 +110,7 @@ def start_pgbouncer(directory: Path, cluster: Cluster) -> PgBouncer:
         _give_to_server_user(path, server_user, mode=mode)
     cluster_ca = directory / "cluster-ca.crt"
     files = {
-        cluster_ca: cluster.certificates.ca_cert.read_text(),
+        cluster_ca: (server_ca or cluster.certificates.ca_cert).read_text(),
         # A plain-text password lets PgBouncer do SCRAM with both its clients
         # and the server.
         directory / "userlist.txt": f'"{cluster.app_user}" "{cluster.app_password}"\n',
@@ -127,6 +130,8 @@ def start_pgbouncer(directory: Path, cluster: Cluster) -> PgBouncer:
             stderr=subprocess.STDOUT,
         )
     bouncer = PgBouncer(directory, "127.0.0.1", port, certificates.ca_cert, process, cluster)
+    if not wait:
+        return bouncer
     try:
         asyncio.run(_wait_until_ready(bouncer))
     except BaseException:

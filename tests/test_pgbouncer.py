@@ -7,9 +7,12 @@ connections."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import shutil
 import ssl
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -22,8 +25,8 @@ from service.database import StartupError, connect_direct
 from service.devcluster import Cluster, make_ca_only
 from service.server import App
 from service.settings import Settings, SettingsError
-from tests.pgbouncer import POOL_SIZE, PgBouncer
-from tests.support import create_request, unique
+from tests.pgbouncer import POOL_SIZE, PgBouncer, start_pgbouncer, stop_pgbouncer
+from tests.support import create_request, eventually, unique
 from tests.test_event_stream import publish, read_all
 from tests.test_export import export_all
 from tests.test_startup import process_env, service_process
@@ -146,19 +149,80 @@ async def pgbouncer_sessions(
             await session.close()
 
 
-async def statements_on_every_server_connection(bouncer: PgBouncer) -> list[set[str]]:
-    """The prepared statements on each of PgBouncer's server connections:
-    POOL_SIZE sessions all in a transaction at once hold one each."""
+async def on_every_server_connection(bouncer: PgBouncer, query: str) -> list[list[asyncpg.Record]]:
+    """`query`'s rows on each of PgBouncer's server connections: POOL_SIZE
+    sessions all in a transaction at once hold one each."""
     async with pgbouncer_sessions(bouncer, POOL_SIZE) as sessions:
         for session in sessions:
             await session.execute("BEGIN")
-        found = [
-            {row["name"] for row in await session.fetch("SELECT name FROM pg_prepared_statements")}
-            for session in sessions
-        ]
+        found = [await session.fetch(query) for session in sessions]
         for session in sessions:
             await session.execute("COMMIT")
     return found
+
+
+async def test_pgbouncer_reaches_the_cluster_over_tls_only(pgbouncer: PgBouncer):
+    """Every server connection of PgBouncer's pool is encrypted (the cluster
+    accepts nothing else; PgBouncer verifies it, see the next test)."""
+    found = await on_every_server_connection(
+        pgbouncer, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+    )
+    assert [row["ssl"] for rows in found for row in rows] == [True] * POOL_SIZE
+
+
+async def test_pgbouncer_refuses_a_cluster_it_cannot_verify(pg_cluster: Cluster, tmp_path: Path):
+    """server_tls_sslmode=verify-full: with another CA than the cluster's,
+    PgBouncer's handshake with the cluster fails and no query gets through."""
+    directory = Path(tempfile.mkdtemp(prefix="orderstream-pgbouncer-"))
+    wrong_ca = make_ca_only(tmp_path, "not the cluster's CA")
+    bouncer = start_pgbouncer(directory, pg_cluster, server_ca=wrong_ca, wait=False)
+    try:
+        context = ssl.create_default_context(cafile=str(bouncer.ca_cert))
+
+        async def query() -> object:
+            conn = await asyncpg.connect(bouncer.dsn(), ssl=context, statement_cache_size=0)
+            try:
+                return await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close()
+
+        def logged(text: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return text in bouncer.log_tail()
+
+            return check
+
+        await eventually(logged("listening on"), timeout=30, what="PgBouncer to listen")
+        # PgBouncer keeps the client waiting and retries the server login.
+        client = asyncio.ensure_future(query())
+        try:
+            await eventually(
+                logged("certificate verify failed"),
+                timeout=30,
+                what="PgBouncer to refuse the cluster's certificate",
+            )
+            assert not client.done()
+        finally:
+            client.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await client
+    finally:
+        stop_pgbouncer(bouncer)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_pgbouncer_refuses_clients_without_tls(pgbouncer: PgBouncer):
+    with pytest.raises(asyncpg.ProtocolViolationError, match="SSL required"):
+        await asyncpg.connect(pgbouncer.dsn(), ssl=False)
+
+
+@through_pgbouncer
+async def test_the_service_verifies_pgbouncer(service_env, tmp_path: Path):
+    """DATABASE_URL (PgBouncer) is verified with its own CA, PGSSLROOTCERT:
+    a certificate from another CA stops startup."""
+    wrong_ca = make_ca_only(tmp_path, "not PgBouncer's CA")
+    with pytest.raises(StartupError, match="cannot verify the database server's certificate at"):
+        await App.start(Settings.from_env({**service_env, "PGSSLROOTCERT": str(wrong_ca)}))
 
 
 @through_pgbouncer
@@ -197,5 +261,5 @@ async def test_streams_cope_with_statements_another_process_left_behind(
         events.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject))
     )
     assert [e.id for e in streamed] == published
-    left = await statements_on_every_server_connection(pgbouncer)
-    assert left == [planted] * POOL_SIZE
+    left = await on_every_server_connection(pgbouncer, "SELECT name FROM pg_prepared_statements")
+    assert [{row["name"] for row in rows} for rows in left] == [planted] * POOL_SIZE
