@@ -32,8 +32,8 @@ Per RPC (the README's "Scaling" section has the same table):
 
 A read goes to the replica only while ReplicaMonitor calls it usable. If the
 replica fails before anything was sent to the caller (cannot connect, the
-connection breaks, the standby cancels the query over a replication
-conflict), the call runs again on the primary and the caller sees no error;
+connection breaks, a query times out, the standby cancels the query over a
+replication conflict), the call runs again on the primary and the caller sees no error;
 a broken connection also marks the replica down until the next check. Once
 rows are on the wire the error is the caller's, as on the primary.
 """
@@ -60,7 +60,7 @@ NO_CONNECTION = ("POOL_EXHAUSTED", "DATABASE_UNAVAILABLE")
 
 # The replica is gone or going: worth marking down.
 _REPLICA_LOST = (
-    OSError,
+    OSError,  # TimeoutError among them: a query the replica did not answer in time
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
