@@ -30,10 +30,10 @@ import asyncpg
 from service.devcluster import (
     Certificates,
     Cluster,
-    _give_to_server_user,
-    _server_user,
-    _write_file,
+    give_to_server_user,
     make_certificates,
+    resolve_server_user,
+    write_file_atomically,
 )
 
 PGBOUNCER = "/usr/sbin/pgbouncer"
@@ -94,20 +94,20 @@ def start_pgbouncer(
     the cluster with `server_ca`, the cluster's own CA unless given."""
     if not Path(PGBOUNCER).exists():
         raise RuntimeError(f"{PGBOUNCER} not found: install the Debian package pgbouncer")
-    server_user = _server_user()
+    server_user = resolve_server_user()
     directory.mkdir(parents=True, exist_ok=True)
     # Its own 0700 directory, so the key and the passwords stay private.
-    _give_to_server_user(directory, server_user, mode=0o700)
+    give_to_server_user(directory, server_user, mode=0o700)
     certificates = make_certificates(
         directory / "tls", hosts=("127.0.0.1",), common_name="orderstream pgbouncer test CA"
     )
-    _give_to_server_user(directory / "tls", server_user, mode=0o700)
+    give_to_server_user(directory / "tls", server_user, mode=0o700)
     for path, mode in (
         (certificates.server_cert, 0o644),
         (certificates.server_key, 0o600),
         (certificates.ca_cert, 0o644),
     ):
-        _give_to_server_user(path, server_user, mode=mode)
+        give_to_server_user(path, server_user, mode=mode)
     cluster_ca = directory / "cluster-ca.crt"
     files = {
         cluster_ca: (server_ca or cluster.certificates.ca_cert).read_text(),
@@ -118,8 +118,8 @@ def start_pgbouncer(
     port = _free_port()
     files[directory / _CONFIG] = _config(directory, cluster, port, certificates, cluster_ca)
     for path, content in files.items():
-        _write_file(path, content.encode(), mode=0o600)
-        _give_to_server_user(path, server_user, mode=0o600)
+        write_file_atomically(path, content.encode(), mode=0o600)
+        give_to_server_user(path, server_user, mode=0o600)
 
     with open(directory / "stdout.log", "wb") as output:
         process = subprocess.Popen(
