@@ -30,6 +30,7 @@ from service.server import App
 from service.settings import Settings
 from tests.support import admin_ssl_context, create_request, eventually, running_app, unique
 from tests.tcp_proxy import TcpProxy
+from tests.test_imports import order as order_to_import
 
 pytestmark = pytest.mark.slow
 
@@ -272,6 +273,14 @@ async def test_writes_never_reach_the_replica(replica_env, standby):
             one(event_service_pb2.UploadEventsRequest(upload_id=unique("up"), events=[event])),
             timeout=30,
         )
+        await orders.ImportOrders(
+            one(
+                order_service_pb2.ImportOrdersRequest(
+                    import_id=unique("import"), orders=[order_to_import(customer_id=customer)]
+                )
+            ),
+            timeout=30,
+        )
         await listed(orders, customer)
     with open(log, "rb") as handle:
         handle.seek(start)
@@ -312,9 +321,12 @@ async def test_a_lagging_replica_is_bypassed(replica_env, primary_admin, standby
 
 
 async def test_a_replica_that_caught_up_is_used_again(replica_env, primary_admin, standby):
-    async with running_app(
-        replica_env, ORDERSTREAM_REPLICA_MAX_LAG="1", ORDERSTREAM_REPLICA_CHECK_INTERVAL="0.1"
-    ) as app:
+    async with (
+        running_app(
+            replica_env, ORDERSTREAM_REPLICA_MAX_LAG="1", ORDERSTREAM_REPLICA_CHECK_INTERVAL="0.1"
+        ) as app,
+        stubs(app) as orders,
+    ):
         monitor = app.replica
         assert monitor is not None
         async with replay_paused(standby):
@@ -329,6 +341,9 @@ async def test_a_replica_that_caught_up_is_used_again(replica_env, primary_admin
             return monitor.usable
 
         await eventually(usable, what="the monitor to see the replica caught up")
+        served_by_replica = routed(app, "replica")
+        await listed(orders, unique("cust"))
+        assert routed(app, "replica") == served_by_replica + 1
 
 
 async def test_a_dead_replica_is_bypassed_without_error(replica_env, primary, standby):
