@@ -440,7 +440,7 @@ def start_standby(
         else:
             state = _ClusterState(primary.admin_password, primary.app_password, _free_port())
         if not (data_dir / "PG_VERSION").exists():
-            _base_backup(primary, base_dir, data_dir, server_user)
+            _base_backup(primary, base_dir, data_dir, server_user, durable=durable)
         _enforce_access_configuration(data_dir, server_user)
         _install_server_certificates(data_dir, primary.certificates, server_user)
         _start_or_reload_server(data_dir, state.port, durable, server_user, settings)
@@ -459,7 +459,9 @@ def start_standby(
     )
 
 
-def _base_backup(primary: Cluster, base_dir: Path, data_dir: Path, server_user: ServerUser) -> None:
+def _base_backup(
+    primary: Cluster, base_dir: Path, data_dir: Path, server_user: ServerUser, *, durable: bool
+) -> None:
     ca_file = base_dir / _PRIMARY_CA_FILE
     write_file_atomically(ca_file, primary.certificates.ca_cert.read_bytes(), mode=0o644)
     give_to_server_user(ca_file, server_user, mode=0o644)
@@ -493,7 +495,8 @@ def _base_backup(primary: Cluster, base_dir: Path, data_dir: Path, server_user: 
             "--wal-method=stream",
             # Otherwise it waits for the primary's next scheduled checkpoint.
             "--checkpoint=fast",
-            "--no-sync",
+            # Like fsync=off on a cluster that need not survive a crash.
+            *(() if durable else ("--no-sync",)),
         ],
         cwd=base_dir,
     )
