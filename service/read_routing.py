@@ -7,9 +7,12 @@ Per RPC (the README's "Scaling" section has the same table):
                                          seconds of lag (ORDERSTREAM_REPLICA_MAX_LAG
                                          at most) only means the newest orders
                                          appear a little later. Keyset page
-                                         tokens (the last id) neither repeat nor
-                                         skip rows when one page comes from the
-                                         replica and the next from the primary.
+                                         tokens (the last id) never repeat rows
+                                         when one page comes from the replica
+                                         and the next from the primary; a row
+                                         the replica had not replayed yet counts
+                                         as committed during the walk (which
+                                         may miss it, as the paging rules say).
     GetOrder, GetEvent         primary   read-your-writes: callers read back
                                          what CreateOrder, UpdateOrderStatus and
                                          PublishEvents just returned.
