@@ -1,9 +1,10 @@
 """Behind PgBouncer in transaction mode: what the second run of the modules
 marked `through_pgbouncer` does not show by itself. The settings that make
-the service safe there, that its pooled connections really go through
-PgBouncer while LISTEN and migrations do not, and that cursor streams cope
-with the prepared statements asyncpg leaves on PgBouncer's server
-connections."""
+the service safe there, verified TLS on both sides of PgBouncer, that its
+pooled connections really go through PgBouncer while LISTEN and migrations
+do not, and that cursor streams cope with prepared statements other
+processes leave on PgBouncer's server connections, leaving none of their
+own."""
 
 from __future__ import annotations
 
