@@ -132,17 +132,20 @@ class Database:
     ) -> asyncpg.cursor.Cursor:
         """Opens a cursor in the transaction open on `conn`.
 
-        asyncpg prepares a cursor's query as a *named* statement even with
-        its cache off, and closes it only later, on whatever server
-        connection a transaction-pooling PgBouncer then hands out. So the
-        statement stays behind on this one, where another process's asyncpg
-        (whose names count from the same start) may prepare the same name
-        and fail. Behind such a PgBouncer, statements left by earlier clients
-        are dropped first: during this transaction the server connection is
-        ours alone, and nothing of ours there is prepared yet."""
+        `conn.cursor` prepares the query as a *named* statement even with the
+        statement cache off, and closes it only later, on whatever server
+        connection a transaction-pooling PgBouncer then hands out: the name
+        stays behind on this one, where another process's asyncpg (whose
+        names count from the same start) may prepare it again and fail.
+        Behind such a PgBouncer (the cache is then off) `conn.prepare` makes
+        the *unnamed* statement instead, parsed again with the portal's Bind:
+        the portal lives until the transaction ends and nothing outlives it,
+        so no other client's statements need dropping either."""
+        timeout = self.query_timeout(context)
         if self._transaction_pooling:
-            await conn.execute("DEALLOCATE ALL", timeout=self.query_timeout(context))
-        return await conn.cursor(query, *args, timeout=self.query_timeout(context))
+            statement = await conn.prepare(query, timeout=timeout)
+            return await statement.cursor(*args, timeout=self.query_timeout(context))
+        return await conn.cursor(query, *args, timeout=timeout)
 
     async def fetchrow(
         self, context: grpc.aio.ServicerContext, query: str, *args: Any

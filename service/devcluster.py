@@ -121,10 +121,10 @@ def make_certificates(
 
     # The CA key is deliberately never written: nothing else is signed with it,
     # so there is no long-lived signing secret lying around in the dev tree.
-    _write_file(certificates.server_key, _private_key_pem(server_key), mode=0o600)
-    _write_file(certificates.server_cert, _certificate_pem(server_cert), mode=0o644)
+    write_file_atomically(certificates.server_key, _private_key_pem(server_key), mode=0o600)
+    write_file_atomically(certificates.server_cert, _certificate_pem(server_cert), mode=0o644)
     # Written last so that a half-finished run is never mistaken for a complete one.
-    _write_file(certificates.ca_cert, _certificate_pem(ca_cert), mode=0o644)
+    write_file_atomically(certificates.ca_cert, _certificate_pem(ca_cert), mode=0o644)
     return certificates
 
 
@@ -134,7 +134,9 @@ def make_ca_only(directory: Path, common_name: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     path = directory / f"{_slug(common_name)}-ca.crt"
-    _write_file(path, _certificate_pem(_build_ca_certificate(ca_key, common_name)), mode=0o644)
+    write_file_atomically(
+        path, _certificate_pem(_build_ca_certificate(ca_key, common_name)), mode=0o644
+    )
     return path
 
 
@@ -249,7 +251,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "ca"
 
 
-def _write_file(path: Path, content: bytes, *, mode: int) -> None:
+def write_file_atomically(path: Path, content: bytes, *, mode: int) -> None:
     """Writes atomically with `mode` from the start, so secrets are never briefly world-readable."""
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -311,7 +313,7 @@ class _ClusterState:
 
 
 @dataclass(frozen=True)
-class _ServerUser:
+class ServerUser:
     """The OS user the server runs as, and how to run commands as it."""
 
     uid: int
@@ -334,7 +336,7 @@ def start_cluster(base_dir: Path, *, port: int | None = None, durable: bool = Tr
     durable=False turns off fsync, synchronous_commit and full_page_writes
     (fast, but the data does not survive an OS crash) - meant for tests."""
     base_dir = Path(base_dir).absolute()
-    server_user = _server_user()
+    server_user = resolve_server_user()
     _prepare_base_dir(base_dir, server_user)
     with _base_dir_lock(base_dir):
         state = _load_or_create_state(base_dir, port)
@@ -378,7 +380,7 @@ def _start_or_reload_server(
     data_dir: Path,
     port: int,
     durable: bool,
-    server_user: _ServerUser,
+    server_user: ServerUser,
     extra_settings: Mapping[str, str] | None = None,
 ) -> None:
     running_port = _running_port(data_dir, server_user)
@@ -406,7 +408,7 @@ def stop_cluster(cluster_or_base_dir: Cluster | Path | str, *, mode: str = "fast
     data_dir = base_dir / _DATA_DIR
     if not (data_dir / "PG_VERSION").exists():
         return
-    server_user = _server_user()
+    server_user = resolve_server_user()
     with _base_dir_lock(base_dir):
         if _running_port(data_dir, server_user) is not None:
             _pg_ctl_stop(data_dir, server_user, mode=mode)
@@ -429,7 +431,7 @@ def start_standby(
     localhost and 127.0.0.1) and the same roles and passwords, read-only.
     `settings` are extra server settings (e.g. log_statement)."""
     base_dir = Path(base_dir).absolute()
-    server_user = _server_user()
+    server_user = resolve_server_user()
     _prepare_base_dir(base_dir, server_user)
     with _base_dir_lock(base_dir):
         data_dir = base_dir / _DATA_DIR
@@ -438,7 +440,7 @@ def start_standby(
         else:
             state = _ClusterState(primary.admin_password, primary.app_password, _free_port())
         if not (data_dir / "PG_VERSION").exists():
-            _base_backup(primary, base_dir, data_dir, server_user)
+            _base_backup(primary, base_dir, data_dir, server_user, durable=durable)
         _enforce_access_configuration(data_dir, server_user)
         _install_server_certificates(data_dir, primary.certificates, server_user)
         _start_or_reload_server(data_dir, state.port, durable, server_user, settings)
@@ -458,17 +460,17 @@ def start_standby(
 
 
 def _base_backup(
-    primary: Cluster, base_dir: Path, data_dir: Path, server_user: _ServerUser
+    primary: Cluster, base_dir: Path, data_dir: Path, server_user: ServerUser, *, durable: bool
 ) -> None:
     ca_file = base_dir / _PRIMARY_CA_FILE
-    _write_file(ca_file, primary.certificates.ca_cert.read_bytes(), mode=0o644)
-    _give_to_server_user(ca_file, server_user, mode=0o644)
+    write_file_atomically(ca_file, primary.certificates.ca_cert.read_bytes(), mode=0o644)
+    give_to_server_user(ca_file, server_user, mode=0o644)
     passfile = base_dir / _PRIMARY_PASSFILE
     entry = f"*:*:*:{_pgpass_field(primary.admin_user)}:{_pgpass_field(primary.admin_password)}"
-    _write_file(passfile, entry.encode() + b"\n", mode=0o600)
-    _give_to_server_user(passfile, server_user, mode=0o600)
+    write_file_atomically(passfile, entry.encode() + b"\n", mode=0o600)
+    give_to_server_user(passfile, server_user, mode=0o600)
     data_dir.mkdir(mode=0o700, exist_ok=True)
-    _give_to_server_user(data_dir, server_user, mode=0o700)
+    give_to_server_user(data_dir, server_user, mode=0o700)
     conninfo = " ".join(
         f"{key}={_conninfo_value(value)}"
         for key, value in (
@@ -493,7 +495,8 @@ def _base_backup(
             "--wal-method=stream",
             # Otherwise it waits for the primary's next scheduled checkpoint.
             "--checkpoint=fast",
-            "--no-sync",
+            # Like fsync=off on a cluster that need not survive a crash.
+            *(() if durable else ("--no-sync",)),
         ],
         cwd=base_dir,
     )
@@ -536,9 +539,11 @@ async def create_database(cluster: Cluster, name: str) -> str:
 # --------------------------------------------------------------------------
 
 
-def _server_user() -> _ServerUser:
+def resolve_server_user() -> ServerUser:
+    """This process's user, or under root the `postgres` user run via runuser
+    (for the cluster and anything else that refuses root, such as PgBouncer)."""
     if os.geteuid() != 0:
-        return _ServerUser(
+        return ServerUser(
             uid=os.geteuid(),
             gid=os.getegid(),
             group_ids=frozenset(os.getgroups()) | {os.getegid()},
@@ -555,7 +560,7 @@ def _server_user() -> _ServerUser:
     runuser = shutil.which("runuser")
     if runuser is None:
         raise RuntimeError("start cluster: running as root needs `runuser` to drop privileges")
-    return _ServerUser(
+    return ServerUser(
         uid=entry.pw_uid,
         gid=entry.pw_gid,
         group_ids=frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid)),
@@ -563,7 +568,7 @@ def _server_user() -> _ServerUser:
     )
 
 
-def _prepare_base_dir(base_dir: Path, server_user: _ServerUser) -> None:
+def _prepare_base_dir(base_dir: Path, server_user: ServerUser) -> None:
     if server_user.is_other_user:
         # Checked before creating anything so a bad location leaves no debris.
         blocked = _first_untraversable_ancestor(base_dir, server_user)
@@ -581,7 +586,7 @@ def _prepare_base_dir(base_dir: Path, server_user: _ServerUser) -> None:
         os.chmod(base_dir, stat.S_IMODE(base_dir.stat().st_mode) | stat.S_IXOTH)
 
 
-def _first_untraversable_ancestor(path: Path, server_user: _ServerUser) -> Path | None:
+def _first_untraversable_ancestor(path: Path, server_user: ServerUser) -> Path | None:
     for ancestor in reversed(path.parents):
         if not ancestor.exists():
             return None
@@ -590,7 +595,7 @@ def _first_untraversable_ancestor(path: Path, server_user: _ServerUser) -> Path 
     return None
 
 
-def _can_traverse(directory: Path, server_user: _ServerUser) -> bool:
+def _can_traverse(directory: Path, server_user: ServerUser) -> bool:
     status = directory.stat()
     if status.st_uid == server_user.uid:
         return bool(status.st_mode & stat.S_IXUSR)
@@ -646,7 +651,7 @@ def _save_state(base_dir: Path, state: _ClusterState) -> None:
         },
         indent=2,
     )
-    _write_file(base_dir / _CREDENTIALS_FILE, content.encode() + b"\n", mode=0o600)
+    write_file_atomically(base_dir / _CREDENTIALS_FILE, content.encode() + b"\n", mode=0o600)
 
 
 def _free_port() -> int:
@@ -686,7 +691,8 @@ def _port_is_free(address: str, port: int) -> bool:
     return True
 
 
-def _give_to_server_user(path: Path, server_user: _ServerUser, *, mode: int) -> None:
+def give_to_server_user(path: Path, server_user: ServerUser, *, mode: int) -> None:
+    """Hands `path` to the server's OS user (when that is another user), with `mode`."""
     if server_user.is_other_user:
         os.chown(path, server_user.uid, server_user.gid)
     os.chmod(path, mode)
@@ -697,14 +703,14 @@ def _give_to_server_user(path: Path, server_user: _ServerUser, *, mode: int) -> 
 # --------------------------------------------------------------------------
 
 
-def _initialise_data_dir(data_dir: Path, state: _ClusterState, server_user: _ServerUser) -> None:
+def _initialise_data_dir(data_dir: Path, state: _ClusterState, server_user: ServerUser) -> None:
     # Created here because the server user cannot create entries in base_dir.
     data_dir.mkdir(mode=0o700, exist_ok=True)
-    _give_to_server_user(data_dir, server_user, mode=0o700)
+    give_to_server_user(data_dir, server_user, mode=0o700)
 
     password_file = data_dir.parent / ".initdb-password"
-    _write_file(password_file, state.admin_password.encode() + b"\n", mode=0o600)
-    _give_to_server_user(password_file, server_user, mode=0o600)
+    write_file_atomically(password_file, state.admin_password.encode() + b"\n", mode=0o600)
+    give_to_server_user(password_file, server_user, mode=0o600)
     try:
         result = _run_as_server_user(
             server_user,
@@ -732,7 +738,7 @@ def _initialise_data_dir(data_dir: Path, state: _ClusterState, server_user: _Ser
         )
 
 
-def _enforce_access_configuration(data_dir: Path, server_user: _ServerUser) -> None:
+def _enforce_access_configuration(data_dir: Path, server_user: ServerUser) -> None:
     """Applied on every start, not just after initdb, so that neither an
     interrupted first start nor a hand-edited pg_hba.conf can leave a cluster
     that accepts plain-text connections."""
@@ -761,7 +767,7 @@ def _pg_hba_conf() -> str:
 
 
 def _install_server_certificates(
-    data_dir: Path, certificates: Certificates, server_user: _ServerUser
+    data_dir: Path, certificates: Certificates, server_user: ServerUser
 ) -> None:
     """Copies cert and key into the data directory, owned by the server user:
     the server refuses a key that is not 0600 and owned by itself (or root)."""
@@ -770,15 +776,15 @@ def _install_server_certificates(
         (certificates.server_key, "server.key", 0o600),
     ):
         target = data_dir / name
-        _write_file(target, source.read_bytes(), mode=mode)
-        _give_to_server_user(target, server_user, mode=mode)
+        write_file_atomically(target, source.read_bytes(), mode=mode)
+        give_to_server_user(target, server_user, mode=mode)
 
 
 def _write_server_settings(
     data_dir: Path,
     port: int,
     durable: bool,
-    server_user: _ServerUser,
+    server_user: ServerUser,
     extra_settings: Mapping[str, str] | None = None,
 ) -> None:
     settings = {
@@ -802,9 +808,9 @@ def _write_server_settings(
     _write_server_file(data_dir / _SETTINGS_FILE, "".join(lines), server_user, mode=0o600)
 
 
-def _write_server_file(path: Path, content: str, server_user: _ServerUser, *, mode: int) -> None:
-    _write_file(path, content.encode(), mode=mode)
-    _give_to_server_user(path, server_user, mode=mode)
+def _write_server_file(path: Path, content: str, server_user: ServerUser, *, mode: int) -> None:
+    write_file_atomically(path, content.encode(), mode=mode)
+    give_to_server_user(path, server_user, mode=mode)
 
 
 def _initdb_locale() -> str:
@@ -822,7 +828,7 @@ def _initdb_locale() -> str:
 # --------------------------------------------------------------------------
 
 
-def _pg_ctl_start(data_dir: Path, server_user: _ServerUser) -> None:
+def _pg_ctl_start(data_dir: Path, server_user: ServerUser) -> None:
     result = _pg_ctl(
         data_dir,
         server_user,
@@ -840,7 +846,7 @@ def _pg_ctl_start(data_dir: Path, server_user: _ServerUser) -> None:
         )
 
 
-def _pg_ctl_stop(data_dir: Path, server_user: _ServerUser, *, mode: str) -> None:
+def _pg_ctl_stop(data_dir: Path, server_user: ServerUser, *, mode: str) -> None:
     result = _pg_ctl(
         data_dir,
         server_user,
@@ -860,7 +866,7 @@ def _pg_ctl_stop(data_dir: Path, server_user: _ServerUser, *, mode: str) -> None
         )
 
 
-def _running_port(data_dir: Path, server_user: _ServerUser) -> int | None:
+def _running_port(data_dir: Path, server_user: ServerUser) -> int | None:
     """The port of the server running on data_dir, or None if none is running."""
     result = _pg_ctl(data_dir, server_user, "status", check=False)
     # pg_ctl status: 0 running, 3 not running, 4 no accessible data directory.
@@ -874,7 +880,7 @@ def _running_port(data_dir: Path, server_user: _ServerUser) -> int | None:
 
 
 def _pg_ctl(
-    data_dir: Path, server_user: _ServerUser, action: str, *options: str, check: bool = True
+    data_dir: Path, server_user: ServerUser, action: str, *options: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     result = _run_as_server_user(
         server_user,
@@ -891,7 +897,7 @@ def _pg_ctl(
 
 
 def _run_as_server_user(
-    server_user: _ServerUser, command: list[str], *, cwd: Path
+    server_user: ServerUser, command: list[str], *, cwd: Path
 ) -> subprocess.CompletedProcess[str]:
     # PG* variables from the developer's shell (PGDATA, PGPORT, ...) would
     # silently override what we configure, so the tools never see them.

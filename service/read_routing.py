@@ -7,9 +7,12 @@ Per RPC (the README's "Scaling" section has the same table):
                                          seconds of lag (ORDERSTREAM_REPLICA_MAX_LAG
                                          at most) only means the newest orders
                                          appear a little later. Keyset page
-                                         tokens (the last id) neither repeat nor
-                                         skip rows when one page comes from the
-                                         replica and the next from the primary.
+                                         tokens (the last id) never repeat rows
+                                         when one page comes from the replica
+                                         and the next from the primary; a row
+                                         the replica had not replayed yet counts
+                                         as committed during the walk (which
+                                         may miss it, as the paging rules say).
     GetOrder, GetEvent         primary   read-your-writes: callers read back
                                          what CreateOrder, UpdateOrderStatus and
                                          PublishEvents just returned.
@@ -32,8 +35,8 @@ Per RPC (the README's "Scaling" section has the same table):
 
 A read goes to the replica only while ReplicaMonitor calls it usable. If the
 replica fails before anything was sent to the caller (cannot connect, the
-connection breaks, the standby cancels the query over a replication
-conflict), the call runs again on the primary and the caller sees no error;
+connection breaks, a query times out, the standby cancels the query over a
+replication conflict), the call runs again on the primary and the caller sees no error;
 a broken connection also marks the replica down until the next check. Once
 rows are on the wire the error is the caller's, as on the primary.
 """
@@ -60,7 +63,7 @@ NO_CONNECTION = ("POOL_EXHAUSTED", "DATABASE_UNAVAILABLE")
 
 # The replica is gone or going: worth marking down.
 _REPLICA_LOST = (
-    OSError,
+    OSError,  # TimeoutError among them: a query the replica did not answer in time
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,

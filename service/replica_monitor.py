@@ -4,7 +4,8 @@ Lag is measured in WAL, not in clock time of the last replayed commit:
 `now() - pg_last_xact_replay_timestamp()` grows on a replica that is fully
 caught up with an idle primary, and would send reads away from a perfectly
 good replica. Instead, every check reads the primary's WAL position
-(`pg_current_wal_lsn()`) and remembers when it was first seen, then reads
+(`pg_current_wal_insert_lsn()`: everything written, flushed or not) and
+remembers when it was first seen, then reads
 how far the replica has replayed (`pg_last_wal_replay_lsn()`). The lag is
 the age of the oldest remembered primary position the replica has not
 replayed yet: "the replica is missing something the primary had written

@@ -30,10 +30,10 @@ import asyncpg
 from service.devcluster import (
     Certificates,
     Cluster,
-    _give_to_server_user,
-    _server_user,
-    _write_file,
+    give_to_server_user,
     make_certificates,
+    resolve_server_user,
+    write_file_atomically,
 )
 
 PGBOUNCER = "/usr/sbin/pgbouncer"
@@ -86,28 +86,31 @@ class PgBouncer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def start_pgbouncer(directory: Path, cluster: Cluster) -> PgBouncer:
-    """Starts PgBouncer for `cluster`'s app database and returns once a
-    client can run a query through it."""
+def start_pgbouncer(
+    directory: Path, cluster: Cluster, *, server_ca: Path | None = None, wait: bool = True
+) -> PgBouncer:
+    """Starts PgBouncer for `cluster`'s app database and (with `wait`)
+    returns once a client can run a query through it. PgBouncer verifies
+    the cluster with `server_ca`, the cluster's own CA unless given."""
     if not Path(PGBOUNCER).exists():
         raise RuntimeError(f"{PGBOUNCER} not found: install the Debian package pgbouncer")
-    server_user = _server_user()
+    server_user = resolve_server_user()
     directory.mkdir(parents=True, exist_ok=True)
     # Its own 0700 directory, so the key and the passwords stay private.
-    _give_to_server_user(directory, server_user, mode=0o700)
+    give_to_server_user(directory, server_user, mode=0o700)
     certificates = make_certificates(
         directory / "tls", hosts=("127.0.0.1",), common_name="orderstream pgbouncer test CA"
     )
-    _give_to_server_user(directory / "tls", server_user, mode=0o700)
+    give_to_server_user(directory / "tls", server_user, mode=0o700)
     for path, mode in (
         (certificates.server_cert, 0o644),
         (certificates.server_key, 0o600),
         (certificates.ca_cert, 0o644),
     ):
-        _give_to_server_user(path, server_user, mode=mode)
+        give_to_server_user(path, server_user, mode=mode)
     cluster_ca = directory / "cluster-ca.crt"
     files = {
-        cluster_ca: cluster.certificates.ca_cert.read_text(),
+        cluster_ca: (server_ca or cluster.certificates.ca_cert).read_text(),
         # A plain-text password lets PgBouncer do SCRAM with both its clients
         # and the server.
         directory / "userlist.txt": f'"{cluster.app_user}" "{cluster.app_password}"\n',
@@ -115,8 +118,8 @@ def start_pgbouncer(directory: Path, cluster: Cluster) -> PgBouncer:
     port = _free_port()
     files[directory / _CONFIG] = _config(directory, cluster, port, certificates, cluster_ca)
     for path, content in files.items():
-        _write_file(path, content.encode(), mode=0o600)
-        _give_to_server_user(path, server_user, mode=0o600)
+        write_file_atomically(path, content.encode(), mode=0o600)
+        give_to_server_user(path, server_user, mode=0o600)
 
     with open(directory / "stdout.log", "wb") as output:
         process = subprocess.Popen(
@@ -127,6 +130,8 @@ def start_pgbouncer(directory: Path, cluster: Cluster) -> PgBouncer:
             stderr=subprocess.STDOUT,
         )
     bouncer = PgBouncer(directory, "127.0.0.1", port, certificates.ca_cert, process, cluster)
+    if not wait:
+        return bouncer
     try:
         asyncio.run(_wait_until_ready(bouncer))
     except BaseException:

@@ -1,15 +1,19 @@
 """Behind PgBouncer in transaction mode: what the second run of the modules
 marked `through_pgbouncer` does not show by itself. The settings that make
-the service safe there, that its pooled connections really go through
-PgBouncer while LISTEN and migrations do not, and that cursor streams cope
-with the prepared statements asyncpg leaves on PgBouncer's server
-connections."""
+the service safe there, verified TLS on both sides of PgBouncer, that its
+pooled connections really go through PgBouncer while LISTEN and migrations
+do not, and that cursor streams cope with prepared statements other
+processes leave on PgBouncer's server connections, leaving none of their
+own."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import shutil
 import ssl
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -22,8 +26,8 @@ from service.database import StartupError, connect_direct
 from service.devcluster import Cluster, make_ca_only
 from service.server import App
 from service.settings import Settings, SettingsError
-from tests.pgbouncer import POOL_SIZE, PgBouncer
-from tests.support import create_request, unique
+from tests.pgbouncer import POOL_SIZE, PgBouncer, start_pgbouncer, stop_pgbouncer
+from tests.support import create_request, eventually, unique
 from tests.test_event_stream import publish, read_all
 from tests.test_export import export_all
 from tests.test_startup import process_env, service_process
@@ -146,29 +150,108 @@ async def pgbouncer_sessions(
             await session.close()
 
 
+async def on_every_server_connection(bouncer: PgBouncer, query: str) -> list[list[asyncpg.Record]]:
+    """`query`'s rows on each of PgBouncer's server connections: POOL_SIZE
+    sessions all in a transaction at once hold one each."""
+    async with pgbouncer_sessions(bouncer, POOL_SIZE) as sessions:
+        for session in sessions:
+            await session.execute("BEGIN")
+        found = [await session.fetch(query) for session in sessions]
+        for session in sessions:
+            await session.execute("COMMIT")
+    return found
+
+
+async def test_pgbouncer_reaches_the_cluster_over_tls_only(pgbouncer: PgBouncer):
+    """Every server connection of PgBouncer's pool is encrypted (the cluster
+    accepts nothing else; PgBouncer verifies it, see the next test)."""
+    found = await on_every_server_connection(
+        pgbouncer, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+    )
+    assert [row["ssl"] for rows in found for row in rows] == [True] * POOL_SIZE
+
+
+async def test_pgbouncer_refuses_a_cluster_it_cannot_verify(pg_cluster: Cluster, tmp_path: Path):
+    """server_tls_sslmode=verify-full: with another CA than the cluster's,
+    PgBouncer's handshake with the cluster fails and no query gets through."""
+    directory = Path(tempfile.mkdtemp(prefix="orderstream-pgbouncer-"))
+    wrong_ca = make_ca_only(tmp_path, "not the cluster's CA")
+    bouncer = start_pgbouncer(directory, pg_cluster, server_ca=wrong_ca, wait=False)
+    try:
+        context = ssl.create_default_context(cafile=str(bouncer.ca_cert))
+
+        async def query() -> object:
+            conn = await asyncpg.connect(bouncer.dsn(), ssl=context, statement_cache_size=0)
+            try:
+                return await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close()
+
+        def logged(text: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return text in bouncer.log_tail()
+
+            return check
+
+        await eventually(logged("listening on"), timeout=30, what="PgBouncer to listen")
+        # PgBouncer keeps the client waiting and retries the server login.
+        client = asyncio.ensure_future(query())
+        try:
+            await eventually(
+                logged("certificate verify failed"),
+                timeout=30,
+                what="PgBouncer to refuse the cluster's certificate",
+            )
+            assert not client.done()
+        finally:
+            client.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await client
+    finally:
+        stop_pgbouncer(bouncer)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_pgbouncer_refuses_clients_without_tls(pgbouncer: PgBouncer):
+    with pytest.raises(asyncpg.ProtocolViolationError, match="SSL required"):
+        await asyncpg.connect(pgbouncer.dsn(), ssl=False)
+
+
+@through_pgbouncer
+async def test_the_service_verifies_pgbouncer(service_env, tmp_path: Path):
+    """DATABASE_URL (PgBouncer) is verified with its own CA, PGSSLROOTCERT:
+    a certificate from another CA stops startup."""
+    wrong_ca = make_ca_only(tmp_path, "not PgBouncer's CA")
+    with pytest.raises(StartupError, match="cannot verify the database server's certificate at"):
+        await App.start(Settings.from_env({**service_env, "PGSSLROOTCERT": str(wrong_ca)}))
+
+
 @through_pgbouncer
 async def test_streams_cope_with_statements_another_process_left_behind(
     pgbouncer: PgBouncer, orders, events
 ):
-    """asyncpg prepares a cursor's query as a named statement even with the
-    statement cache off, and names them from a per-process counter that
-    starts at 1 in every process. Another replica behind the same PgBouncer
-    leaves such statements on the server connections it used; here the test
-    plays that replica, leaving the names this process uses next on every
-    server connection of PgBouncer's pool, and the streams must still work."""
+    """asyncpg names its prepared statements from a per-process counter that
+    starts at 1 in every process, and `conn.cursor` prepares a named one
+    even with the statement cache off. Another replica behind the same
+    PgBouncer could leave such statements on the server connections it used;
+    here the test plays that replica, leaving the names this process would
+    use next on every server connection of PgBouncer's pool. The streams
+    must still work, and neither leave statements of their own behind (for
+    other clients to trip over) nor drop the other clients' ones."""
     customer, subject = unique("cust"), unique("leftovers/")
     created = [await orders.CreateOrder(create_request(customer_id=customer)) for _ in range(3)]
     published = await publish(events, subject, 3)
     # The only way to know those names is asyncpg's own counter.
     counter: int = asyncpg.connection._uid  # type: ignore[attr-defined]
-    upcoming = range(counter + 1, counter + 21)
+    planted = {f"__asyncpg_stmt_{number:x}__" for number in range(counter + 1, counter + 21)}
     async with pgbouncer_sessions(pgbouncer, POOL_SIZE) as sessions:
         # All open in a transaction at once: each holds its own server connection.
         for session in sessions:
             await session.execute("BEGIN")
         for session in sessions:
-            for number in upcoming:
-                await session.execute(f"PREPARE __asyncpg_stmt_{number:x}__ AS SELECT 1")
+            await session.execute("DEALLOCATE ALL")  # what earlier tests left
+            for name in planted:
+                await session.execute(f"PREPARE {name} AS SELECT 1")
             await session.execute("COMMIT")
 
     exported, _ = await export_all(
@@ -179,3 +262,5 @@ async def test_streams_cope_with_statements_another_process_left_behind(
         events.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject))
     )
     assert [e.id for e in streamed] == published
+    left = await on_every_server_connection(pgbouncer, "SELECT name FROM pg_prepared_statements")
+    assert [{row["name"] for row in rows} for rows in left] == [planted] * POOL_SIZE

@@ -1,13 +1,16 @@
 """A read replica: a real hot standby, made with pg_basebackup from a primary
 of its own (so pausing replay or stopping the standby disturbs no other
 test), streaming over verified TLS. ListOrders and ExportOrders reach it;
-writes and read-your-writes reads never do; a lagging or dead replica is
-bypassed with no error to the caller, and used again once it is back. One
-more test records why StreamEvents stays on the primary."""
+writes, read-your-writes reads and event streams never do; a lagging, dead
+or stalled replica is bypassed with no error to the caller, and used again
+once it is back. One more test records why StreamEvents stays on the
+primary."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import re
 import shutil
 import tempfile
@@ -26,6 +29,8 @@ from service.migrate import migrate
 from service.server import App
 from service.settings import Settings
 from tests.support import admin_ssl_context, create_request, eventually, running_app, unique
+from tests.tcp_proxy import TcpProxy
+from tests.test_imports import order as order_to_import
 
 pytestmark = pytest.mark.slow
 
@@ -220,6 +225,32 @@ async def test_get_order_reads_the_primary(replica_env, primary_admin, standby):
     assert fetched == created
 
 
+async def test_event_reads_stay_on_the_primary(replica_env, primary_admin, standby):
+    """GetEvent (read-your-writes) and StreamEvents history (the safe horizon
+    is right only on the primary) find an event the standby cannot have yet,
+    while the replica is in use."""
+    subject = unique("replica/")
+    event = event_pb2.Event(type="t", source=unique("/replica"), subject=subject, json_payload="{}")
+    async with running_app(replica_env) as app, event_stub(app) as events:
+        await caught_up(primary_admin, standby)
+        async with replay_paused(standby):
+            published = await events.PublishEvents(
+                event_service_pb2.PublishEventsRequest(events=[event]), timeout=30
+            )
+            fetched = await events.GetEvent(
+                event_service_pb2.GetEventRequest(id=published.ids[0]), timeout=30
+            )
+            request = event_service_pb2.StreamEventsRequest(subject=subject)
+            streamed = [
+                e.id
+                async for message in events.StreamEvents(request, timeout=30)
+                for e in message.events
+            ]
+            assert app.replica is not None and app.replica.usable
+    assert fetched.id == published.ids[0]
+    assert streamed == list(published.ids)
+
+
 async def test_writes_never_reach_the_replica(replica_env, standby):
     """The standby logs every statement it runs: the service's reads are
     there, its writes are not."""
@@ -240,6 +271,14 @@ async def test_writes_never_reach_the_replica(replica_env, standby):
         )
         await events.UploadEvents(
             one(event_service_pb2.UploadEventsRequest(upload_id=unique("up"), events=[event])),
+            timeout=30,
+        )
+        await orders.ImportOrders(
+            one(
+                order_service_pb2.ImportOrdersRequest(
+                    import_id=unique("import"), orders=[order_to_import(customer_id=customer)]
+                )
+            ),
             timeout=30,
         )
         await listed(orders, customer)
@@ -282,9 +321,12 @@ async def test_a_lagging_replica_is_bypassed(replica_env, primary_admin, standby
 
 
 async def test_a_replica_that_caught_up_is_used_again(replica_env, primary_admin, standby):
-    async with running_app(
-        replica_env, ORDERSTREAM_REPLICA_MAX_LAG="1", ORDERSTREAM_REPLICA_CHECK_INTERVAL="0.1"
-    ) as app:
+    async with (
+        running_app(
+            replica_env, ORDERSTREAM_REPLICA_MAX_LAG="1", ORDERSTREAM_REPLICA_CHECK_INTERVAL="0.1"
+        ) as app,
+        stubs(app) as orders,
+    ):
         monitor = app.replica
         assert monitor is not None
         async with replay_paused(standby):
@@ -299,6 +341,9 @@ async def test_a_replica_that_caught_up_is_used_again(replica_env, primary_admin
             return monitor.usable
 
         await eventually(usable, what="the monitor to see the replica caught up")
+        served_by_replica = routed(app, "replica")
+        await listed(orders, unique("cust"))
+        assert routed(app, "replica") == served_by_replica + 1
 
 
 async def test_a_dead_replica_is_bypassed_without_error(replica_env, primary, standby):
@@ -323,6 +368,41 @@ async def test_a_dead_replica_is_bypassed_without_error(replica_env, primary, st
             assert routed(app, "replica") == 1
         finally:
             start_standby(primary, standby.base_dir, durable=False, settings=STANDBY_SETTINGS)
+
+
+async def test_a_replica_behind_a_stalled_network_is_bypassed_without_error(replica_env, standby):
+    """A standby whose host stops answering (bytes dropped, nothing reset),
+    with only the calls to notice: the pooled connection's query times out
+    and new connections do not open within the acquire timeout, yet every
+    read is served by the primary without error."""
+    customer = unique("cust")
+    async with TcpProxy(standby.port) as proxy:
+        through_proxy = dataclasses.replace(standby, port=proxy.port).dsn()
+        async with (
+            running_app(
+                replica_env,
+                ORDERSTREAM_REPLICA_DATABASE_URL=through_proxy,
+                ORDERSTREAM_REPLICA_CHECK_INTERVAL=NEVER,
+                ORDERSTREAM_POOL_ACQUIRE_TIMEOUT="2",
+                ORDERSTREAM_COMMAND_TIMEOUT="2",
+                ORDERSTREAM_SHUTDOWN_GRACE="2",
+            ) as app,
+            stubs(app) as orders,
+        ):
+            monitor = app.replica
+            assert monitor is not None and monitor.usable
+            assert await listed(orders, customer) == []  # a pooled replica connection
+            assert routed(app, "replica") == 1
+            proxy.blackhole()
+            fresh = await create(orders, customer)
+            # At once: one read takes the pooled connection, whose query
+            # times out; the others wait for new ones, which never open.
+            reads = await asyncio.gather(
+                listed(orders, customer), listed(orders, customer), exported(orders, customer)
+            )
+            assert reads == [[fresh]] * 3
+            assert not monitor.usable
+            assert routed(app, "replica") == 1
 
 
 async def test_a_replica_that_comes_back_is_used_again(

@@ -9,16 +9,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 import grpc
 import pytest
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
-from orderstream.orders.v1 import order_service_pb2_grpc
+from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.devcluster import Cluster, create_database
 from service.migrate import available_migrations
 from tests.support import admin_ssl_context, create_request, eventually, unique
+from tests.test_imports import order
 from tests.test_startup import ServiceProcess, process_env, service_process
 
 pytestmark = pytest.mark.slow
@@ -27,6 +29,8 @@ PROCESSES = 4
 FOLLOWERS = 3
 EVENTS = 30
 UploadRequest = event_service_pb2.UploadEventsRequest
+ImportRequest = order_service_pb2.ImportOrdersRequest
+T = TypeVar("T")
 
 
 @dataclass
@@ -140,7 +144,7 @@ def _event(source: str, subject: str = "things/1") -> event_pb2.Event:
     )
 
 
-async def _requests(*messages: UploadRequest) -> AsyncIterator[UploadRequest]:
+async def _requests(*messages: T) -> AsyncIterator[T]:
     for message in messages:
         yield message
 
@@ -177,6 +181,44 @@ async def test_one_upload_id_sent_to_two_processes_at_once_loads_once(deployment
         [source_a, source_b],
     )
     assert {row["source"]: row["n"] for row in rows} == {source_a: 100}
+
+
+async def test_one_import_id_sent_to_two_processes_at_once_imports_once(deployment):
+    """As for upload_id: the second import waits for the first one's claim
+    and is told the same id range."""
+    first, second = deployment.replicas[:2]
+    import_id = unique("import")
+    customer_a, customer_b = unique("cust-a"), unique("cust-b")
+    call_a = first.orders.ImportOrders(timeout=60)
+    await call_a.write(
+        ImportRequest(import_id=import_id, orders=[order(customer_id=customer_a)] * 20)
+    )
+
+    async def copying() -> bool:
+        return bool(await deployment.admin.fetchval("SELECT count(*) FROM pg_stat_progress_copy"))
+
+    await eventually(copying, timeout=30, what="the first import to start its COPY")
+    call_b = second.orders.ImportOrders(
+        _requests(ImportRequest(import_id=import_id, orders=[order(customer_id=customer_b)] * 7)),
+        timeout=60,
+    )
+
+    async def second_waiting() -> bool:
+        return await _waiting_on_lock(deployment.admin, "INSERT INTO imports", 1)
+
+    await eventually(second_waiting, timeout=30, what="the second import to wait for the claim")
+    await call_a.write(ImportRequest(orders=[order(customer_id=customer_a)] * 20))
+    await call_a.done_writing()
+    response_a, response_b = await call_a, await call_b
+
+    assert response_a.order_count == 40
+    assert response_b == response_a
+    rows = await deployment.admin.fetch(
+        "SELECT customer_id, count(*) AS n FROM orders WHERE customer_id = ANY($1::text[]) "
+        "GROUP BY customer_id",
+        [customer_a, customer_b],
+    )
+    assert {row["customer_id"]: row["n"] for row in rows} == {customer_a: 40}
 
 
 async def _follow_until(
