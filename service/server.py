@@ -174,7 +174,9 @@ class App:
         # only sibling workers share on purpose.
         options = [
             ("grpc.so_reuseport", int(reuse_port)),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # Twice the limit: service/decoding.py refuses what lies between
+            # with details; gRPC refuses the rest without reading it.
+            ("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
         ]
         server = grpc.aio.server(
             options=options,
@@ -202,8 +204,18 @@ class App:
         )
         # Not the generated add_*Servicer_to_server: a request that does not
         # parse must be INVALID_ARGUMENT, not UNKNOWN (service/decoding.py).
-        decoding.add_service(server, observer.servicer(orders, ORDER_SERVICE), ORDER_SERVICE)
-        decoding.add_service(server, observer.servicer(events, EVENT_SERVICE), EVENT_SERVICE)
+        decoding.add_service(
+            server,
+            observer.servicer(orders, ORDER_SERVICE),
+            ORDER_SERVICE,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        decoding.add_service(
+            server,
+            observer.servicer(events, EVENT_SERVICE),
+            EVENT_SERVICE,
+            max_message_bytes=settings.max_message_bytes,
+        )
         health_servicer = _HealthServicer()
         # For liveness probes: SERVING while the process answers at all, so
         # a database outage makes pods unready instead of restarting them.

@@ -1,5 +1,5 @@
 """Limits that are settings, each enforced with its status: the largest
-request message (RESOURCE_EXHAUSTED, nothing written), concurrent RPCs
+request message (RESOURCE_EXHAUSTED naming the message, nothing written), concurrent RPCs
 (RESOURCE_EXHAUSTED), and reflection that production turns off."""
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ from tests.support import (
 )
 
 LIMIT = 8192
+
+
+def assert_too_large(error, field: str) -> None:
+    """RESOURCE_EXHAUSTED from the service, naming the message and the limit."""
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.error_info.reason == "MESSAGE_TOO_LARGE"
+    assert error.error_info.metadata["max_bytes"] == str(LIMIT)
+    assert list(error.violations) == [field]
 
 
 def event_of(size: int) -> event_pb2.Event:
@@ -61,8 +69,18 @@ async def test_a_unary_message_over_the_limit_is_resource_exhausted(small_messag
     request = event_service_pb2.PublishEventsRequest(events=[event_of(LIMIT)])
     before = await table_counts(admin_db)
     error = await rpc_error(stub.PublishEvents(request))
-    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_too_large(error, "request")
     assert await table_counts(admin_db) == before
+
+
+async def test_a_message_over_twice_the_limit_is_refused_by_grpc_unread(small_messages):
+    """gRPC's own limit (twice the setting) refuses it before the service
+    sees it, so there are no details: the memory bound holds regardless."""
+    stub = event_service_pb2_grpc.EventServiceStub(small_messages)
+    request = event_service_pb2.PublishEventsRequest(events=[event_of(2 * LIMIT)])
+    error = await rpc_error(stub.PublishEvents(request))
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.error_info is None
 
 
 async def test_one_oversized_message_in_an_upload_aborts_it(small_messages, admin_db):
@@ -74,7 +92,7 @@ async def test_one_oversized_message_in_an_upload_aborts_it(small_messages, admi
     ]
     before = await table_counts(admin_db)
     error = await rpc_error(stub.UploadEvents(requests(messages)))
-    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_too_large(error, "messages[1]")
     assert await table_counts(admin_db) == before
     stored = await admin_db.fetchval("SELECT count(*) FROM uploads WHERE upload_id = $1", upload_id)
     assert stored == 0
@@ -87,8 +105,9 @@ async def test_an_oversized_import_message_is_resource_exhausted(small_messages,
     message = order_service_pb2.ImportOrdersRequest(import_id=unique("imp"), orders=[order])
     assert message.ByteSize() > LIMIT
     before = await table_counts(admin_db)
+    assert message.ByteSize() < 2 * LIMIT
     error = await rpc_error(stub.ImportOrders(requests([message])))
-    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_too_large(error, "messages[0]")
     assert await table_counts(admin_db) == before
 
 
