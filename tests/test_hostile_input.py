@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import decimal
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -358,6 +359,47 @@ async def outcome(rpc: str, call: Awaitable[object]) -> StatusDetails | None:
     return None
 
 
+METHODS = {
+    method.name: method
+    for service in (
+        order_service_pb2.DESCRIPTOR.services_by_name["OrderService"],
+        event_service_pb2.DESCRIPTOR.services_by_name["EventService"],
+    )
+    for method in service.methods
+}
+FIELD_STEP = re.compile(r"([a-z_]+)(?:\[(\d+)\])?")
+
+
+def names_a_field(rpc: str, path: str) -> bool:
+    """Whether a violation's field path leads through `rpc`'s request type:
+    `items[2].quantity`, or for a request stream `messages[3].events[0].type`;
+    `request` or `messages[3]` alone name a whole message."""
+    method = METHODS[rpc]
+    steps = path.split(".")
+    first = FIELD_STEP.fullmatch(steps[0])
+    if first is None:
+        return False
+    whole = "messages" if method.client_streaming else "request"
+    if first.group(1) == whole:
+        if (first.group(2) is not None) != method.client_streaming:
+            return False
+        steps = steps[1:]
+    message = method.input_type
+    for n, step in enumerate(steps):
+        match = FIELD_STEP.fullmatch(step)
+        if message is None or match is None or match.group(1) not in message.fields_by_name:
+            return False
+        field = message.fields_by_name[match.group(1)]
+        last = n == len(steps) - 1
+        indexed = match.group(2) is not None
+        # An index only on a repeated field; a repeated field without one
+        # only at the end (the list as a whole, e.g. too many items).
+        if (indexed and not field.is_repeated) or (field.is_repeated and not indexed and not last):
+            return False
+        message = None if last else field.message_type
+    return True
+
+
 def check(
     rpc: str, error: StatusDetails | None, allowed: Sequence[grpc.StatusCode]
 ) -> StatusDetails | None:
@@ -372,6 +414,8 @@ def check(
     elif error.error_info is None:
         # Only gRPC's own message-size check answers without details.
         assert error.code == TOO_BIG and "message larger than max" in error.message, (rpc, error)
+    for path in error.violations:
+        assert names_a_field(rpc, path), (rpc, path, error)
     return error
 
 
