@@ -37,6 +37,7 @@ import grpc
 
 from service import errors
 from service.database import StartupError
+from service.decoding import HANDLER_KINDS
 from service.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -230,10 +231,4 @@ def _refusing(
         )
         await errors.abort(context, error)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](refuse)

@@ -88,7 +88,8 @@ def _checking_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
     return handle
 
 
-_HANDLER_KINDS = {
+# (request streaming, response streaming) -> grpc's handler factory.
+HANDLER_KINDS = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
     (True, False): grpc.stream_unary_rpc_method_handler,
@@ -106,7 +107,7 @@ def add_service(
         behavior = getattr(servicer, method.name)
         if method.client_streaming:
             behavior = _checking_stream(behavior)
-        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        kind = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
             behavior,
             request_deserializer=_tolerant(method, max_message_bytes),

@@ -118,8 +118,8 @@ class Observer:
         self._access_log = logs.AccessLog()
 
     def servicer(self, servicer: Any, service: ServiceDescriptor) -> Any:
-        """An object with `servicer`'s methods of `service`, observed, to hand
-        to the generated add_*Servicer_to_server."""
+        """An object with `servicer`'s methods of `service`, observed, to
+        register (service/decoding.py's add_service)."""
         observed = SimpleNamespace()
         for descriptor in service.methods:
             behavior = getattr(servicer, descriptor.name)
