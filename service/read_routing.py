@@ -100,7 +100,11 @@ class ReadRouter:
     async def read(self, method: str, work: Read[T]) -> T:
         """Runs `work` on the replica if it is usable, else (or if it fails
         before sending anything) on the primary."""
-        if self._replica is None or self._monitor is None or not self._monitor.usable:
+        if self._replica is None or self._monitor is None:
+            # No replica: nothing to route, and nothing worth counting (the
+            # rpcs counter already counts these calls).
+            return await work(self._primary, Sent())
+        if not self._monitor.usable:
             return await self._on_primary(method, work)
         sent = Sent()
         try:

@@ -316,7 +316,7 @@ async def _read_router(
     """Routes reads to the replica when there is one; its first check runs
     before serving, so routing is decided from the first call."""
     if replica_pool is None:
-        return ReadRouter(db, on_served=metrics.count_read), None
+        return ReadRouter(db), None
     monitor = ReplicaMonitor(
         pool,
         replica_pool,
