@@ -137,16 +137,8 @@ def _startup_errors(target: DatabaseTarget) -> Iterator[None]:
 
 async def open_pool(settings: Settings) -> asyncpg.Pool:
     """Opens the pool and proves one connection works, or raises StartupError."""
-    options = _connect_options(settings, settings.database)
     with _startup_errors(settings.database):
-        pool = await asyncpg.create_pool(
-            **options,
-            min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size,
-            max_inactive_connection_lifetime=settings.pool_max_idle,
-            init=_configure_connection,
-            reset=_keep_session,
-        )
+        pool = await _create_pool(settings, settings.database, settings.pool_min_size)
         # min_size may be 0: make sure at least one connection can be made.
         await pool.fetchval("SELECT 1", timeout=settings.command_timeout)
     return pool
@@ -156,9 +148,13 @@ async def open_replica_pool(settings: Settings, target: DatabaseTarget) -> async
     """The read replica's pool: TLS rules and sizes as the primary's, but it
     connects on demand (min_size 0), so a replica that is down at startup
     does not stop the service; service/replica_monitor.py finds out."""
+    return await _create_pool(settings, target, 0)
+
+
+async def _create_pool(settings: Settings, target: DatabaseTarget, min_size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         **_connect_options(settings, target),
-        min_size=0,
+        min_size=min_size,
         max_size=settings.pool_max_size,
         max_inactive_connection_lifetime=settings.pool_max_idle,
         init=_configure_connection,
