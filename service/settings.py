@@ -116,9 +116,9 @@ class Settings:
     max_message_bytes: int
     max_concurrent_rpcs: int | None
     # A streaming standby for reads that tolerate lag (service/read_routing.py).
-    replica: DatabaseTarget | None = None
-    replica_max_lag: float = 5.0
-    replica_check_interval: float = 1.0
+    replica: DatabaseTarget | None
+    replica_max_lag: float
+    replica_check_interval: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
