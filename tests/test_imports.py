@@ -5,7 +5,6 @@ on import_id, within the stream limits."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Sequence
 
 import grpc
@@ -417,10 +416,7 @@ async def test_larger_import_in_many_messages(orders, admin_db, app):
         )
         for m in range(count // per_message)
     ]
-    started = time.perf_counter()
     response = await run_import(orders, requests)
-    elapsed = time.perf_counter() - started
-    print(f"\nImportOrders: {count} orders in {elapsed:.2f}s = {count / elapsed:,.0f} orders/s")
 
     assert response.order_count == count
     summary = await admin_db.fetchrow(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
@@ -542,10 +541,7 @@ async def test_large_upload_in_many_messages(events, admin_db, app):
         )
         for m in range(count // per_message)
     ]
-    started = time.perf_counter()
     response = await upload(events, requests)
-    elapsed = time.perf_counter() - started
-    print(f"\nUploadEvents: {count} events in {elapsed:.2f}s = {count / elapsed:,.0f} rows/s")
 
     assert response.event_count == count
     summary = await admin_db.fetchrow(
