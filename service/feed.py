@@ -73,9 +73,10 @@ class EventFeed:
             asyncio.ensure_future(self._closing.wait()),
         )
         try:
-            await asyncio.wait(
-                waiters, timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED
-            )
+            # While the listener is up it checks the horizon for everyone;
+            # losing it wakes every follower, which then polls by itself.
+            timeout = None if self._connected else self.poll_interval
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
