@@ -13,6 +13,7 @@ import asyncpg
 import grpc
 
 from service import errors
+from service.database import was_connecting
 from service.decoding import Undecodable
 from service.errors import ServiceError
 
@@ -97,10 +98,8 @@ class Database:
         except TimeoutError:
             if deadline_bound:
                 raise errors.deadline_exceeded() from None
-            if self.pool.get_size() < self.pool.get_max_size():
-                # A pool with room for a connection was waiting to open one:
-                # the database (or the network to it) is not answering. Asked
-                # only after the timeout, so the hot path pays nothing for it.
+            # Asked only after the timeout, so the hot path pays nothing for it.
+            if was_connecting(self.pool):
                 raise errors.unavailable(
                     f"the database did not accept a connection within {self._acquire_timeout:g}s"
                 ) from None

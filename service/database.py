@@ -162,6 +162,13 @@ async def _create_pool(settings: Settings, target: DatabaseTarget, min_size: int
     )
 
 
+def was_connecting(pool: asyncpg.Pool) -> bool:
+    """Asked after an acquire timed out: a pool with room for another
+    connection was waiting to open one, so the database (or the network to
+    it) did not answer; a full pool was only busy."""
+    return pool.get_size() < pool.get_max_size()
+
+
 async def close_pool(pool: asyncpg.Pool, timeout: float) -> None:
     """Closes gracefully; connections still busy after `timeout` are cut."""
     try:

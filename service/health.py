@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import asyncpg
 from grpc_health.v1 import health, health_pb2
 
+from service.database import was_connecting
+
 log = logging.getLogger(__name__)
 
 _DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -56,14 +58,11 @@ class DatabaseHealth:
             await self._servicer.set(name, SERVING if serving else NOT_SERVING)
 
     async def _database_answers(self) -> bool | None:
-        # Room for a new connection: a wait then means connecting timed out
-        # (a stalled network), which is the database not answering.
         pool = self._pool
-        could_connect = pool.get_idle_size() > 0 or pool.get_size() < pool.get_max_size()
         try:
             conn = await pool.acquire(timeout=self._timeout)
         except TimeoutError:
-            return False if could_connect else None
+            return False if was_connecting(pool) else None
         except _DATABASE_ERRORS:
             return False
         try:
