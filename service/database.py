@@ -25,6 +25,20 @@ log = logging.getLogger(__name__)
 _PG_EPOCH_OFFSET_US = 946_684_800_000_000
 
 
+# What talking to PostgreSQL raises when the server or the network fails:
+# errors it reports, lost or refused connections, timeouts, and asyncpg's
+# InternalClientError, which follows a connection the server ended between
+# two statements ("another operation is in progress", seen in the fault
+# soak). Whoever must outlive a database failure catches these.
+DATABASE_FAILURES = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
 class StartupError(Exception):
     """The service cannot start; the message says why and what to change."""
 
@@ -129,7 +143,7 @@ def _startup_errors(target: DatabaseTarget) -> Iterator[None]:
             f"cannot verify the database server's certificate at {target.describe()}: "
             f"{exc.verify_message}"
         ) from None
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_FAILURES as exc:
         raise StartupError(
             f"cannot connect to the database at {target.describe()}: {type(exc).__name__}: {exc}"
         ) from None

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from service.database import DATABASE_FAILURES
 from service.event_sql import SAFE_HORIZON
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class EventFeed:
         while not self.closing:
             try:
                 conn = await self._connect()
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_FAILURES as exc:
                 log.warning("event feed listener cannot connect: %s", type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -120,7 +121,7 @@ class EventFeed:
                 # Anything may have been missed while disconnected.
                 self._wake()
                 await self._announce_until_lost(conn, lost)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_FAILURES as exc:
                 log.warning("event feed listener lost its connection: %s", type(exc).__name__)
             finally:
                 self._connected = False

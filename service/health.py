@@ -18,11 +18,10 @@ from collections.abc import Iterable
 import asyncpg
 from grpc_health.v1 import health, health_pb2
 
-from service.database import was_connecting
+from service.database import DATABASE_FAILURES, was_connecting
 
 log = logging.getLogger(__name__)
 
-_DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -63,12 +62,12 @@ class DatabaseHealth:
             conn = await pool.acquire(timeout=self._timeout)
         except TimeoutError:
             return False if was_connecting(pool) else None
-        except _DATABASE_ERRORS:
+        except DATABASE_FAILURES:
             return False
         try:
             await conn.fetchval("SELECT 1", timeout=self._timeout)
             answered = True
-        except _DATABASE_ERRORS:
+        except DATABASE_FAILURES:
             answered = False
         finally:
             released = await self._released(conn)
@@ -81,7 +80,7 @@ class DatabaseHealth:
         is the database not answering, not a reason to stop checking."""
         try:
             await self._pool.release(conn, timeout=self._timeout)
-        except _DATABASE_ERRORS:
+        except DATABASE_FAILURES:
             return False
         return True
 

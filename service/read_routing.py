@@ -65,6 +65,7 @@ NO_CONNECTION = ("POOL_EXHAUSTED", "DATABASE_UNAVAILABLE")
 _REPLICA_LOST = (
     OSError,  # TimeoutError among them: a query the replica did not answer in time
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # see service/database.py's DATABASE_FAILURES
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,

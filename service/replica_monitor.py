@@ -29,6 +29,8 @@ from collections import deque
 
 import asyncpg
 
+from service.database import DATABASE_FAILURES
+
 log = logging.getLogger(__name__)
 
 PRIMARY_POSITION = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
@@ -39,8 +41,6 @@ SELECT pg_wal_lsn_diff(
     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END,
     '0/0')::bigint
 """
-
-_DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class ReplicaMonitor:
@@ -76,12 +76,12 @@ class ReplicaMonitor:
     async def check(self) -> None:
         try:
             primary_at = await self._position(self._primary, PRIMARY_POSITION)
-        except _DATABASE_ERRORS:
+        except DATABASE_FAILURES:
             return  # says nothing about the replica; the primary's health reports it
         now = asyncio.get_running_loop().time()
         try:
             replayed = await self._position(self.pool, REPLICA_POSITION)
-        except _DATABASE_ERRORS as exc:
+        except DATABASE_FAILURES as exc:
             self.lag = None
             self._set(False, f"unreachable: {type(exc).__name__}")
             return
