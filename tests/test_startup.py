@@ -10,11 +10,12 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 import pytest
@@ -91,17 +92,20 @@ class ServiceProcess:
 
 
 @contextlib.asynccontextmanager
-async def service_process(env: dict[str, str], *args: str) -> AsyncIterator[ServiceProcess]:
-    """Starts `python -m service ARGS`; kills it if the test leaves it running."""
+async def service_process(
+    env: dict[str, str], *args: str, cwd: Path = ROOT, stdout: int | IO[bytes] = subprocess.PIPE
+) -> AsyncIterator[ServiceProcess]:
+    """Starts `python -m service ARGS`; kills it if the test leaves it running.
+    Its stdout is read as log lines unless `stdout` sends it elsewhere."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service",
         *args,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
     child = ServiceProcess(process)
