@@ -39,6 +39,17 @@ PLAIN_TEXT_REJECTED = "no encryption"  # PostgreSQL's pg_hba message for a plain
 # --------------------------------------------------------------------------
 
 
+def json_records(lines: list[str]) -> list[dict[str, Any]]:
+    """The JSON log records among some output lines."""
+    found = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                found.append(entry)
+    return found
+
+
 class ServiceProcess:
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
@@ -62,13 +73,7 @@ class ServiceProcess:
 
     @property
     def records(self) -> list[dict[str, Any]]:
-        found = []
-        for line in self.lines:
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict):
-                    found.append(entry)
-        return found
+        return json_records(self.lines)
 
     async def record(self, message: str, timeout: float = 15.0) -> dict[str, Any]:
         """Waits for the log record with this message."""
