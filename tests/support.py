@@ -136,3 +136,8 @@ async def backends_running(db: asyncpg.Pool, fragment: str) -> int:
         """,
         fragment,
     )
+
+
+async def pool_is_full(app: App) -> bool:
+    """Every connection of the app's pool is back in it (idle)."""
+    return app.pool.get_idle_size() == app.pool.get_size()

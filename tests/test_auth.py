@@ -8,7 +8,6 @@ method's scope, never echoing the token, and a refused write writes nothing.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import secrets
@@ -31,6 +30,7 @@ from service.devcluster import make_certificates
 from service.server import EVENT_SERVICE, ORDER_SERVICE, App, _interceptors
 from service.settings import Settings
 from tests.support import StatusDetails, create_request, details, running_app, table_counts, unique
+from tests.test_readme import run_shell
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 REPO = Path(__file__).resolve().parents[1]
@@ -434,12 +434,6 @@ async def test_the_readme_buf_curl_line_with_a_token_works(service_env, tokens, 
             .replace("https://orderstream:50051", f"https://127.0.0.1:{app.port}")
             .replace('{"id": 1}', f'{{"id": {order_id}}}')
         )
-        process = await asyncio.create_subprocess_shell(
-            command,
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
+        code, out, err = await run_shell(command)
+    assert code == 0, err
     assert json.loads(out)["id"] == str(order_id)

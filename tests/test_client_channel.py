@@ -5,22 +5,18 @@ TLS listener is configured elsewhere."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from orderstream.client import create_channel
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.devcluster import Certificates, make_ca_only, make_certificates
+from tests.client_identity import client_identity
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -37,49 +33,15 @@ class ClientCertificates:
     key: Path
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
 @pytest.fixture(scope="module")
 def client_certs(tmp_path_factory) -> ClientCertificates:
-    """A client CA and a clientAuth certificate it signed (devcluster only
-    makes server certificates, which a server refuses as a client's)."""
+    """A client CA and a clientAuth certificate it signed, as files."""
     folder = tmp_path_factory.mktemp("client")
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("client CA"))
-        .issuer_name(_name("client CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("orderstream-client"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    identity = client_identity("orderstream-client")
     found = ClientCertificates(folder / "ca.crt", folder / "client.crt", folder / "client.key")
-    found.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    found.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    found.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    found.ca_cert.write_bytes(identity.ca_cert)
+    found.cert.write_bytes(identity.cert)
+    found.key.write_bytes(identity.key)
     return found
 
 

@@ -13,6 +13,7 @@ from tests.support import (
     backends_running,
     create_request,
     eventually,
+    pool_is_full,
     row_locked,
     rpc_error,
     running_app,
@@ -27,10 +28,6 @@ def pay(order_id: int) -> order_service_pb2.UpdateOrderStatusRequest:
     return order_service_pb2.UpdateOrderStatusRequest(
         id=order_id, status=order_pb2.ORDER_STATUS_PAID
     )
-
-
-async def pool_is_full(app) -> bool:
-    return app.pool.get_idle_size() == app.pool.get_size()
 
 
 async def test_deadline_shorter_than_the_query_cancels_it(app, orders, admin_db):

@@ -5,7 +5,6 @@ ENTRYPOINT serves against the test database."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
@@ -22,7 +21,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.test_shutdown import migrated  # noqa: F401  (fixture)
-from tests.test_startup import ServiceProcess, process_env
+from tests.test_startup import process_env, service_process
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = sorted(path.name for path in (ROOT / "deploy" / "overlays").iterdir())
@@ -208,17 +207,7 @@ async def test_the_entrypoint_serves(service_env, migrated, tmp_path):  # noqa: 
     # `python` is the image's interpreter; here, the virtualenv's. Run from
     # an empty directory, as the image does, so the checkout is not on the path
     # by accident of the working directory.
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *command[1:],
-        env=env,
-        cwd=tmp_path,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    child = ServiceProcess(process)
-    try:
+    async with service_process(env, *command[3:], cwd=tmp_path) as child:
         port = (await child.record("serving"))["port"]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -226,12 +215,8 @@ async def test_the_entrypoint_serves(service_env, migrated, tmp_path):  # noqa: 
             while (await watch.read()).status != SERVING:
                 pass
             watch.cancel()
-        process.send_signal(signal.SIGTERM)
+        child.process.send_signal(signal.SIGTERM)
         assert await child.exit_code() == 0, child.output
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 def test_every_setting_is_in_the_readme_configuration_table():

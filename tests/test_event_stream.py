@@ -13,7 +13,7 @@ from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.server import App
 from service.settings import Settings
-from tests.support import create_request, eventually, rpc_error, running_app, unique
+from tests.support import create_request, eventually, pool_is_full, rpc_error, running_app, unique
 
 pytestmark = pytest.mark.through_pgbouncer
 
@@ -42,10 +42,6 @@ async def read_all(call) -> tuple[list[event_pb2.Event], int]:
         messages += 1
         received.extend(response.events)
     return received, messages
-
-
-async def pool_is_full(app) -> bool:
-    return app.pool.get_idle_size() == app.pool.get_size()
 
 
 async def no_open_transactions(admin_db) -> bool:

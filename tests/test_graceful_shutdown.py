@@ -18,10 +18,10 @@ from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb
 from tests.support import eventually, unique
 from tests.test_shutdown import (  # noqa: F401  (fixtures)
     admin,
-    backends_of,
     login,
     migrated,
     new_call_is_refused,
+    pool_closed,
     serve_env,
 )
 from tests.test_startup import service_process
@@ -159,10 +159,4 @@ async def test_sigterm_lets_an_upload_and_a_stream_finish(service_env, login, ad
         uploaded.first_event_id,
         uploaded.last_event_id,
     )
-    await eventually(
-        lambda: _none(backends_of(admin, login.role)), what="the process's pool to close"
-    )
-
-
-async def _none(count) -> bool:
-    return await count == 0
+    await eventually(lambda: pool_closed(admin, login.role), what="the process's pool to close")

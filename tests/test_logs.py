@@ -5,10 +5,8 @@ their queries only when the OTEL_* variables ask for them."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,7 +15,7 @@ import grpc
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from tests.support import create_request, rpc_error
 from tests.test_shutdown import migrated  # noqa: F401  (fixture)
-from tests.test_startup import ROOT, ServiceProcess, process_env, service_process
+from tests.test_startup import process_env, service_process
 
 GET_ORDER = "/orderstream.orders.v1.OrderService/GetOrder"
 CREATE_ORDER = "/orderstream.orders.v1.OrderService/CreateOrder"
@@ -62,28 +60,15 @@ async def traced_run(env: dict[str, str], spans_file: Path) -> list[dict]:
     """Serves with stdout (where the console exporter writes) in a file,
     makes one traced call and stops; returns the spans printed."""
     with spans_file.open("wb") as stdout:
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "service", "serve"),
-            env=env,
-            cwd=ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    child = ServiceProcess(process)
-    try:
-        port = (await child.record("serving"))["port"]
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            orders = order_service_pb2_grpc.OrderServiceStub(channel)
-            parent = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
-            await orders.CreateOrder(create_request(), metadata=(("traceparent", parent),))
-        process.send_signal(signal.SIGTERM)
-        # The exporter flushes its queue on shutdown.
-        assert await child.exit_code() == 0, child.output
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        async with service_process(env, "serve", stdout=stdout) as child:
+            port = (await child.record("serving"))["port"]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                orders = order_service_pb2_grpc.OrderServiceStub(channel)
+                parent = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+                await orders.CreateOrder(create_request(), metadata=(("traceparent", parent),))
+            child.process.send_signal(signal.SIGTERM)
+            # The exporter flushes its queue on shutdown.
+            assert await child.exit_code() == 0, child.output
     decoder, text, spans = json.JSONDecoder(), spans_file.read_text().strip(), []
     while text:
         span, end = decoder.raw_decode(text)

@@ -9,7 +9,7 @@ import asyncio
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -110,6 +110,11 @@ async def backends_of(admin: asyncpg.Pool, role: str) -> int:
     )
 
 
+async def pool_closed(admin: asyncpg.Pool, role: str) -> bool:
+    """No connection of `role`'s service is left in the database."""
+    return await backends_of(admin, role) == 0
+
+
 def serve_env(
     service_env: dict[str, str], login: Login, grace: int, event_loop: str | None
 ) -> dict[str, str]:
@@ -182,9 +187,7 @@ async def test_sigterm_drains_in_flight_write_then_exits(
 
     row = await admin.fetchrow("SELECT status, version FROM orders WHERE id = $1", order.id)
     assert (row["status"], row["version"]) == ("PAID", 2)
-    await eventually(
-        lambda: _none(backends_of(admin, login.role)), what="the process's pool to close"
-    )
+    await eventually(lambda: pool_closed(admin, login.role), what="the process's pool to close")
 
 
 async def test_call_still_blocked_after_the_grace_is_cancelled(
@@ -214,13 +217,9 @@ async def test_call_still_blocked_after_the_grace_is_cancelled(
                 # Nothing of the process is left in the database while the
                 # lock is still held, so the update cannot go through later.
                 await eventually(
-                    lambda: _none(backends_of(admin, login.role)),
+                    lambda: pool_closed(admin, login.role),
                     what="the process's backends to go",
                 )
     assert 1 <= exited_after < 5
     row = await admin.fetchrow("SELECT status, version FROM orders WHERE id = $1", order.id)
     assert (row["status"], row["version"]) == ("PENDING", 1)
-
-
-async def _none(count: Awaitable[int]) -> bool:
-    return await count == 0

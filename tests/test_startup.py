@@ -10,11 +10,12 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 import pytest
@@ -36,6 +37,17 @@ PLAIN_TEXT_REJECTED = "no encryption"  # PostgreSQL's pg_hba message for a plain
 # --------------------------------------------------------------------------
 # A real `python -m service` child process, its log lines read as they come
 # --------------------------------------------------------------------------
+
+
+def json_records(lines: list[str]) -> list[dict[str, Any]]:
+    """The JSON log records among some output lines."""
+    found = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                found.append(entry)
+    return found
 
 
 class ServiceProcess:
@@ -61,13 +73,7 @@ class ServiceProcess:
 
     @property
     def records(self) -> list[dict[str, Any]]:
-        found = []
-        for line in self.lines:
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict):
-                    found.append(entry)
-        return found
+        return json_records(self.lines)
 
     async def record(self, message: str, timeout: float = 15.0) -> dict[str, Any]:
         """Waits for the log record with this message."""
@@ -91,17 +97,20 @@ class ServiceProcess:
 
 
 @contextlib.asynccontextmanager
-async def service_process(env: dict[str, str], *args: str) -> AsyncIterator[ServiceProcess]:
-    """Starts `python -m service ARGS`; kills it if the test leaves it running."""
+async def service_process(
+    env: dict[str, str], *args: str, cwd: Path = ROOT, stdout: int | IO[bytes] = subprocess.PIPE
+) -> AsyncIterator[ServiceProcess]:
+    """Starts `python -m service ARGS`; kills it if the test leaves it running.
+    Its stdout is read as log lines unless `stdout` sends it elsewhere."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service",
         *args,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
     child = ServiceProcess(process)

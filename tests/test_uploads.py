@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
-from tests.support import eventually, rpc_error, running_app, table_counts, unique
+from tests.support import eventually, pool_is_full, rpc_error, running_app, table_counts, unique
 
 pytestmark = pytest.mark.through_pgbouncer
 
@@ -46,10 +46,6 @@ async def stream(requests: Iterable[object]) -> AsyncIterator[object]:
 
 async def upload(events, requests: Iterable[Request], **kwargs: object):
     return await events.UploadEvents(stream(requests), **kwargs)
-
-
-async def pool_is_full(app) -> bool:
-    return app.pool.get_idle_size() == app.pool.get_size()
 
 
 async def nothing_left_running(admin_db) -> bool:

@@ -17,15 +17,12 @@ from tests.test_shutdown import (  # noqa: F401  (fixtures)
     backends_of,
     login,
     migrated,
+    pool_closed,
     serve_env,
 )
 from tests.test_startup import service_process
 
 CALLS = 24  # each on its own connection; the kernel hashes them over the workers
-
-
-async def _none(count) -> bool:
-    return await count == 0
 
 
 async def test_workers_share_the_port_and_drain_on_sigterm(service_env, login, admin):  # noqa: F811
@@ -73,9 +70,7 @@ async def test_workers_share_the_port_and_drain_on_sigterm(service_env, login, a
         assert await child.exit_code(timeout=20) == 0, child.output
     stopped = [entry for entry in child.records if entry.get("message") == "stopped"]
     assert {entry["pid"] for entry in stopped} == worker_pids
-    await eventually(
-        lambda: _none(backends_of(admin, login.role)), what="both workers' pools to close"
-    )
+    await eventually(lambda: pool_closed(admin, login.role), what="both workers' pools to close")
 
 
 async def test_workers_refuse_a_port_another_process_holds(service_env, login):  # noqa: F811

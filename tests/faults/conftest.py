@@ -25,7 +25,7 @@ from tests.faults.service import RunningProcess, Target, channel_to, running_pro
 from tests.faults.tally import TALLY
 from tests.support import admin_ssl_context
 from tests.tcp_proxy import TcpProxy
-from tests.test_startup import ServiceProcess
+from tests.test_startup import json_records
 
 HISTORY_EVENTS = 20_000
 HISTORY_ORDERS = 5_000
@@ -163,13 +163,6 @@ class Scenario:
     targets: list[Target] = field(default_factory=list)
 
 
-class ServiceLog(ServiceProcess):
-    """The JSON records among some of a process's log lines."""
-
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
-
-
 @pytest.fixture
 async def scenario(
     service: RunningProcess, channel: grpc.aio.Channel, admin: Admin, proxy: TcpProxy
@@ -181,7 +174,7 @@ async def scenario(
     proxy.resume()
     internal = [
         record.get("error", record)
-        for record in ServiceLog(service.child.lines[logged_before:]).records
+        for record in json_records(service.child.lines[logged_before:])
         if record.get("message") == "internal error"
     ]
     assert not internal, "the service answered INTERNAL:\n" + "\n".join(map(str, internal))
