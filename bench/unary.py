@@ -41,6 +41,7 @@ import grpc
 
 from bench import h2load
 from bench.chart import draw
+from bench.grpc_load import line_items
 from bench.grpc_wire import write_frame
 from bench.harness import (
     RESULTS,
@@ -90,10 +91,6 @@ def orderstream_env(db: Cluster) -> dict[str, str]:
     )
 
 
-def item(n: int) -> order_pb2.LineItem:
-    return order_pb2.LineItem(sku=f"SKU-{n}", quantity=n + 1, unit_price_cents=1250)
-
-
 async def seed(port: int, count: int) -> dict[str, bytes]:
     """Creates `count` orders of 3 items; returns one response of each method,
     serialised, for the ceiling to answer with."""
@@ -106,7 +103,7 @@ async def seed(port: int, count: int) -> dict[str, bytes]:
                         request_id=f"seed-{n}",
                         customer_id=f"c-{n % 10}",
                         currency="EUR",
-                        items=[item(i) for i in range(3)],
+                        items=line_items(),
                     )
                 )
                 for n in range(count)
@@ -135,7 +132,7 @@ def request_frames(directory: Path, order_id: int) -> dict[str, Path]:
             request_id="h2load",
             customer_id="c-1",
             currency="EUR",
-            items=[item(i) for i in range(3)],
+            items=line_items(),
         ),
         EVENTS + "PublishEvents": event_service_pb2.PublishEventsRequest(events=[event]),
     }
