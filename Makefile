@@ -25,26 +25,26 @@ help:
 	@echo "make soak   the fault suite's soak for five minutes (SOAK_SECONDS=300)"
 	@echo "make bench  measure bulk streaming against psql COPY and unary calls against their limits (several minutes)"
 
+# $(call apt_install,MISSING,PACKAGES,WHAT): when the shell test MISSING
+# holds, apt-installs the Debian PACKAGES as root, else fails naming them.
+define apt_install
+@if $(1); then \
+  if [ "$$(id -u)" = 0 ]; then \
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(2); \
+  else \
+    echo "missing $(3): install the Debian packages $(2)" >&2; exit 1; \
+  fi; \
+fi
+endef
+
 install: $(STAMPS)/system $(STAMPS)/python $(STAMPS)/node $(STAMPS)/kubectl
 
 $(STAMPS)/system:
 	@mkdir -p $(STAMPS)
-	@if [ ! -x $(PG_BIN)/postgres ] || ! command -v npm >/dev/null || ! command -v jq >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15 nodejs npm jq; \
-	  else \
-	    echo "missing PostgreSQL 15 server binaries, npm or jq: install the Debian packages postgresql-15 nodejs npm jq" >&2; exit 1; \
-	  fi; \
-	fi
+	$(call apt_install,[ ! -x $(PG_BIN)/postgres ] || ! command -v npm >/dev/null || ! command -v jq >/dev/null,postgresql-15 nodejs npm jq,PostgreSQL 15 server binaries or npm or jq)
 	@# Separately, so a node.js from elsewhere (which conflicts with Debian's npm)
 	@# does not stop it being installed.
-	@if [ ! -x $(PGBOUNCER) ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer; \
-	  else \
-	    echo "missing pgbouncer (the tests run the core suite through it): install the Debian package pgbouncer" >&2; exit 1; \
-	  fi; \
-	fi
+	$(call apt_install,[ ! -x $(PGBOUNCER) ],pgbouncer,pgbouncer (the tests run the core suite through it))
 	@touch $@
 
 $(STAMPS)/python: requirements.txt requirements-dev.txt pyproject.toml clients/python/pyproject.toml
@@ -82,13 +82,7 @@ contract-baseline: $(STAMPS)/node
 # will do, else Debian's kubernetes-client.
 $(STAMPS)/kubectl:
 	@mkdir -p $(STAMPS)
-	@if ! command -v kubectl >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q kubernetes-client; \
-	  else \
-	    echo "missing kubectl: install the Debian package kubernetes-client" >&2; exit 1; \
-	  fi; \
-	fi
+	$(call apt_install,! command -v kubectl >/dev/null,kubernetes-client,kubectl)
 	@touch $@
 
 .PHONY: deploy-check
@@ -142,13 +136,7 @@ devdb-down: $(STAMPS)/python
 # h2load (Debian's nghttp2-client) drives the unary benchmark.
 $(STAMPS)/bench:
 	@mkdir -p $(STAMPS)
-	@if ! command -v h2load >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nghttp2-client; \
-	  else \
-	    echo "missing h2load: install the Debian package nghttp2-client" >&2; exit 1; \
-	  fi; \
-	fi
+	$(call apt_install,! command -v h2load >/dev/null,nghttp2-client,h2load)
 	@touch $@
 
 bench: install $(STAMPS)/bench

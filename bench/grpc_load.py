@@ -29,6 +29,13 @@ from orderstream.orders.v1 import order_pb2, order_service_pb2
 CREATE_ORDER = "/orderstream.orders.v1.OrderService/CreateOrder"
 
 
+def line_items() -> list[order_pb2.LineItem]:
+    """The 3 items of every CreateOrder the benchmarks send."""
+    return [
+        order_pb2.LineItem(sku=f"SKU-{n}", quantity=n + 1, unit_price_cents=1250) for n in range(3)
+    ]
+
+
 def create_order_bodies(run_id: str) -> Iterator[bytes]:
     """Endless CreateOrder bodies (3 items), each with its own request_id.
 
@@ -38,10 +45,7 @@ def create_order_bodies(run_id: str) -> Iterator[bytes]:
     rest = order_service_pb2.CreateOrderRequest(
         customer_id="c-bench",
         currency="EUR",
-        items=[
-            order_pb2.LineItem(sku=f"SKU-{n}", quantity=n + 1, unit_price_cents=1250)
-            for n in range(3)
-        ],
+        items=line_items(),
     ).SerializeToString()
     for n in itertools.count():
         request_id = f"{run_id}-{n}".encode()
@@ -99,10 +103,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--run-id", default=f"bench-{os.getpid()}-{time.time_ns()}")
     args = parser.parse_args()
+    run_id = f"bench-{os.getpid()}-{time.time_ns()}"
     result, cpu = uvloop.run(
-        closed_loop(args.port, args.concurrency, args.seconds, args.warmup, args.run_id)
+        closed_loop(args.port, args.concurrency, args.seconds, args.warmup, run_id)
     )
     print(json.dumps({**result.as_dict(), "client_cpu_s": cpu}))
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def cluster() -> Iterator[Cluster]:
         yield running
     finally:
         stop_cluster(running, mode="fast")
-        subprocess.run(["rm", "-rf", str(base)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def postgres_pids(db: Cluster) -> list[int]:
@@ -68,17 +69,25 @@ def _status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-@contextlib.contextmanager
-def service(db: Cluster, **env: str) -> Iterator[ServiceProcess]:
-    """`python -m service serve` on a free port (ORDERSTREAM_PORT=0), as deployed."""
-    environment = {
+def service_env(db: Cluster, **overrides: str) -> dict[str, str]:
+    """The service's environment as deployed, on a free port (ORDERSTREAM_PORT=0)."""
+    return {
         **db.service_env(),
         "ORDERSTREAM_HOST": "127.0.0.1",
         "ORDERSTREAM_PORT": "0",
         "ORDERSTREAM_LOG_LEVEL": "INFO",  # the "serving" line carries the port
-        **env,
+        **overrides,
     }
-    with served([sys.executable, "-m", "service", "serve"], environment) as process:
+
+
+def service_argv(workers: int = 1) -> list[str]:
+    return [sys.executable, "-m", "service", "serve", "--workers", str(workers)]
+
+
+@contextlib.contextmanager
+def service(db: Cluster, **env: str) -> Iterator[ServiceProcess]:
+    """`python -m service serve`, as deployed."""
+    with served(service_argv(), service_env(db, **env)) as process:
         yield process
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import RESULTS
-from bench.unary import HEADLINE, METHODS, SERVERS, TARGETS, at
+from bench.unary import HEADLINE, METHODS, SERVERS, at, verdict
 
 RATIO_LABELS = {
     "get_vs_ceiling": f"`GetOrder` / ceiling, {HEADLINE} concurrent",
@@ -44,10 +44,8 @@ def figures(results: dict[str, Any]) -> list[str]:
 def ratios(results: dict[str, Any]) -> list[str]:
     lines = ["| ratio | measured | target | |", "|---|---:|---:|---|"]
     for key, label in RATIO_LABELS.items():
-        value, target = results["ratios"][key], TARGETS[key]
-        upper = key == "get_p99_ms"
-        met = value <= target if upper else value >= target
-        bound = f"{'<=' if upper else '>='} {target:g}"
+        value = results["ratios"][key]
+        bound, met = verdict(key, value)
         lines.append(f"| {label} | {value:.2f} | {bound} | {'met' if met else '**not met**'} |")
     lines.append(
         f"| `GetOrder` / the ceiling plus one `SELECT 1`, {HEADLINE} concurrent "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ import grpc
 
 from bench import h2load
 from bench.chart import draw
+from bench.grpc_load import line_items
 from bench.grpc_wire import write_frame
 from bench.harness import (
     RESULTS,
@@ -51,6 +53,8 @@ from bench.harness import (
     process_tree,
     save,
     served,
+    service_argv,
+    service_env,
 )
 from bench.streaming import upload_messages
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
@@ -78,24 +82,13 @@ TARGETS = {
 }
 
 
-def service_env(db: Cluster) -> dict[str, str]:
-    return {
-        **db.service_env(),
-        "ORDERSTREAM_HOST": "127.0.0.1",
-        "ORDERSTREAM_PORT": "0",
-        "ORDERSTREAM_LOG_LEVEL": "INFO",  # as deployed; the "serving" line carries the port
-        "ORDERSTREAM_PAGE_TOKEN_KEY": secrets.token_urlsafe(32),
-        "ORDERSTREAM_POOL_MIN_SIZE": str(POOL_SIZE),
-        "ORDERSTREAM_POOL_MAX_SIZE": str(POOL_SIZE),
-    }
-
-
-def orderstream_argv(workers: int = 1) -> list[str]:
-    return [sys.executable, "-m", "service", "serve", "--workers", str(workers)]
-
-
-def item(n: int) -> order_pb2.LineItem:
-    return order_pb2.LineItem(sku=f"SKU-{n}", quantity=n + 1, unit_price_cents=1250)
+def orderstream_env(db: Cluster) -> dict[str, str]:
+    return service_env(
+        db,
+        ORDERSTREAM_PAGE_TOKEN_KEY=secrets.token_urlsafe(32),
+        ORDERSTREAM_POOL_MIN_SIZE=str(POOL_SIZE),
+        ORDERSTREAM_POOL_MAX_SIZE=str(POOL_SIZE),
+    )
 
 
 async def seed(port: int, count: int) -> dict[str, bytes]:
@@ -110,7 +103,7 @@ async def seed(port: int, count: int) -> dict[str, bytes]:
                         request_id=f"seed-{n}",
                         customer_id=f"c-{n % 10}",
                         currency="EUR",
-                        items=[item(i) for i in range(3)],
+                        items=line_items(),
                     )
                 )
                 for n in range(count)
@@ -127,23 +120,26 @@ async def seed(port: int, count: int) -> dict[str, bytes]:
 
 
 def request_frames(directory: Path, order_id: int) -> dict[str, Path]:
-    """The request h2load repeats, per method, as gRPC frame files."""
+    """The request h2load repeats, per method path, as gRPC frame files."""
     event = event_pb2.Event(
         type="bench.order_paid", source="/bench", subject="orders/1", json_payload='{"n": 1}'
     )
     messages = {
-        "GetOrder": order_service_pb2.GetOrderRequest(id=order_id),
-        "ListOrders": order_service_pb2.ListOrdersRequest(page_size=50),
+        ORDERS + "GetOrder": order_service_pb2.GetOrderRequest(id=order_id),
+        ORDERS + "ListOrders": order_service_pb2.ListOrdersRequest(page_size=50),
         # Only for the ceiling: a repeated request_id is a replay on a real server.
-        "CreateOrder": order_service_pb2.CreateOrderRequest(
+        ORDERS + "CreateOrder": order_service_pb2.CreateOrderRequest(
             request_id="h2load",
             customer_id="c-1",
             currency="EUR",
-            items=[item(i) for i in range(3)],
+            items=line_items(),
         ),
-        "PublishEvents": event_service_pb2.PublishEventsRequest(events=[event]),
+        EVENTS + "PublishEvents": event_service_pb2.PublishEventsRequest(events=[event]),
     }
-    return {name: write_frame(m, directory / f"{name}.bin") for name, m in messages.items()}
+    return {
+        path: write_frame(message, directory / f"{path.rsplit('/', 1)[1]}.bin")
+        for path, message in messages.items()
+    }
 
 
 async def probe(port: int, path: str, frame: Path) -> None:
@@ -153,8 +149,12 @@ async def probe(port: int, path: str, frame: Path) -> None:
         await channel.unary_unary(path)(body, timeout=10)
 
 
-def place(pid: int, cpus: str) -> None:
-    pin(process_tree(pid), cpus)
+@contextlib.contextmanager
+def served_on(cpus: str, argv: list[str], env: dict[str, str]) -> Iterator[ServiceProcess]:
+    """A server process (and any workers it forked) pinned to `cpus`."""
+    with served(argv, env) as server:
+        pin(process_tree(server.pid), cpus)
+        yield server
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -172,9 +172,10 @@ class Runner:
     CPU time and the call count): less sensitive to other load on the
     machine than throughput, and it shows where the server's core goes."""
 
-    def __init__(self, seconds: float, warmup: float) -> None:
+    def __init__(self, seconds: float, warmup: float, frames: dict[str, Path]) -> None:
         self.seconds = seconds
         self.warmup = warmup
+        self.frames = frames
 
     def _with_server_cpu(self, server: ServiceProcess, load: Callable[[], dict]) -> dict:
         pids = process_tree(server.pid)
@@ -185,8 +186,9 @@ class Runner:
         return {**figures, "server_cpu_us_per_call": used / calls * 1e6 if calls else 0.0}
 
     def h2load(
-        self, server: ServiceProcess, path: str, frame: Path, concurrency: int, cpus: str
+        self, server: ServiceProcess, path: str, concurrency: int, cpus: str = CLIENT_CPU
     ) -> dict:
+        frame = self.frames[path]
         asyncio.run(probe(server.port, path, frame))
         return self._with_server_cpu(
             server,
@@ -214,21 +216,19 @@ class Runner:
             ),
         )
 
-    def unary_matrix(
-        self, server: ServiceProcess, frames: dict[str, Path]
-    ) -> dict[str, list[dict]]:
+    def unary_matrix(self, server: ServiceProcess) -> dict[str, list[dict]]:
         figures: dict[str, list[dict]] = {}
         for method in METHODS:
             figures[method] = [
                 self.python_creates(server, c)
                 if method == "CreateOrder"
-                else self.h2load(server, ORDERS + method, frames[method], c, CLIENT_CPU)
+                else self.h2load(server, ORDERS + method, c)
                 for c in CONCURRENCY
             ]
         return figures
 
 
-def pgbench(db: Cluster, runner: Runner) -> list[dict]:
+def pgbench(db: Cluster, seconds: float) -> list[dict]:
     """`pgbench -S -M prepared` over the same verified TLS, in the server's
     place (CPU 0) against PostgreSQL on CPU 1."""
     env = {
@@ -242,7 +242,7 @@ def pgbench(db: Cluster, runner: Runner) -> list[dict]:
     for c in CONCURRENCY:
         out = subprocess.run(
             ["taskset", "-c", SERVER_CPU, "pgbench", "-S", "-M", "prepared", "-n",
-             f"-c{c}", "-j1", f"-T{max(1, round(runner.seconds))}", db.dsn()],
+             f"-c{c}", "-j1", f"-T{max(1, round(seconds))}", db.dsn()],
             env=env, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         tps = re.search(r"tps = ([\d.]+)", out)
@@ -270,60 +270,50 @@ async def upload(port: int, count: int) -> dict[str, float]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    runner = Runner(args.seconds, args.warmup)
     # This process (and its output-draining threads) stays off the server's CPU.
     os.sched_setaffinity(0, {int(CLIENT_CPU)})
     results: dict[str, Any] = {"unary": {}}
     with cluster() as db, tempfile.TemporaryDirectory() as scratch:
         pin(postgres_pids(db), CLIENT_CPU)
-        env = service_env(db)
-        with served(orderstream_argv(), env) as server:
+        env = orderstream_env(db)
+        with served(service_argv(), env) as server:
             responses = asyncio.run(seed(server.port, 200))
             first_id = order_pb2.Order.FromString(responses["GetOrder"]).id
         canned = Path(scratch) / "responses.json"
         canned.write_text(json.dumps({k: v.hex() for k, v in responses.items()}))
-        frames = request_frames(Path(scratch), first_id)
+        runner = Runner(args.seconds, args.warmup, request_frames(Path(scratch), first_id))
         results["response_bytes"] = {k: len(v) for k, v in responses.items()}
 
         print("measuring pgbench ...", flush=True)
-        results["pgbench"] = pgbench(db, runner)
+        results["pgbench"] = pgbench(db, args.seconds)
         commands = {
             "ceiling": [sys.executable, "-m", "bench.ceiling_server", str(canned)],
-            "orderstream": orderstream_argv(),
+            "orderstream": service_argv(),
             "peer": [sys.executable, "-m", "bench.peer_server", f"--threads={POOL_SIZE}"],
         }
         for name, argv in commands.items():
             print(f"measuring {name} ...", flush=True)
-            with served(argv, env) as server:
-                place(server.pid, SERVER_CPU)
-                results["unary"][name] = runner.unary_matrix(server, frames)
+            with served_on(SERVER_CPU, argv, env) as server:
+                results["unary"][name] = runner.unary_matrix(server)
                 if name == "ceiling":
                     # The Python client's own limit, next to h2load's, on the same server.
                     results["client_check"] = {
                         "python_create_vs_ceiling": runner.python_creates(server, HEADLINE),
                         "h2load_create_vs_ceiling": runner.h2load(
-                            server, ORDERS + "CreateOrder", frames["CreateOrder"],
-                            HEADLINE, CLIENT_CPU,
+                            server, ORDERS + "CreateOrder", HEADLINE
                         ),
-                    }  # fmt: skip
+                    }
 
         print("measuring the ceiling with one database round trip ...", flush=True)
-        with served(commands["ceiling"] + ["--round-trip"], env) as server:
-            place(server.pid, SERVER_CPU)
-            results["round_trip"] = runner.h2load(
-                server, ORDERS + "GetOrder", frames["GetOrder"], HEADLINE, CLIENT_CPU
-            )
+        with served_on(SERVER_CPU, commands["ceiling"] + ["--round-trip"], env) as server:
+            results["round_trip"] = runner.h2load(server, ORDERS + "GetOrder", HEADLINE)
 
         print("measuring bulk writes ...", flush=True)
-        with served(orderstream_argv(), env) as server:
-            place(server.pid, SERVER_CPU)
+        with served_on(SERVER_CPU, service_argv(), env) as server:
             results["bulk"] = {
-                "publish_per_event": runner.h2load(
-                    server, EVENTS + "PublishEvents", frames["PublishEvents"],
-                    HEADLINE, CLIENT_CPU,
-                ),
+                "publish_per_event": runner.h2load(server, EVENTS + "PublishEvents", HEADLINE),
                 "upload": asyncio.run(upload(server.port, args.upload_events)),
-            }  # fmt: skip
+            }
 
         print("measuring workers ...", flush=True)
         os.sched_setaffinity(0, {0, 1})
@@ -332,15 +322,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for workers in (1, 2):
             for name, argv in (
                 ("ceiling", commands["ceiling"] + [f"--workers={workers}"]),
-                ("orderstream", orderstream_argv(workers)),
+                ("orderstream", service_argv(workers)),
             ):
-                with served(argv, env) as server:
-                    place(server.pid, ALL_CPUS)
+                with served_on(ALL_CPUS, argv, env) as server:
                     results["workers"][f"{name}_{workers}"] = [
-                        runner.h2load(server, ORDERS + "GetOrder", frames["GetOrder"], c,
-                                      ALL_CPUS)
+                        runner.h2load(server, ORDERS + "GetOrder", c, ALL_CPUS)
                         for c in (HEADLINE, 64)
-                    ]  # fmt: skip
+                    ]
     return results
 
 
@@ -366,6 +354,14 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         # Not a target: how close GetOrder comes to grpc.aio plus one round trip.
         "get_vs_round_trip": rps("orderstream", "GetOrder") / results["round_trip"]["rps"],
     }
+
+
+def verdict(key: str, value: float) -> tuple[str, bool]:
+    """The target of ratio `key` as a bound (">= 1.5") and whether `value` meets it."""
+    target = TARGETS[key]
+    if key == "get_p99_ms":  # the one upper bound
+        return f"<= {target:g}", value <= target
+    return f">= {target:g}", value >= target
 
 
 def report(results: dict[str, Any], measured: dict[str, float]) -> None:
@@ -427,10 +423,8 @@ def report(results: dict[str, Any], measured: dict[str, float]) -> None:
         "workers2_vs_1": f"--workers 2 / 1 on GetOrder at {HEADLINE}",
     }
     for key, label in labels.items():
-        value, target = measured[key], TARGETS[key]
-        upper_bound = key == "get_p99_ms"
-        met = value <= target if upper_bound else value >= target
-        bound = f"{'<=' if upper_bound else '>='} {target:g}"
+        value = measured[key]
+        bound, met = verdict(key, value)
         print(f"{label:<44}{value:>10.2f}{bound:>10}  {'met' if met else 'NOT MET'}")
 
 
