@@ -34,7 +34,7 @@ from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service import order_sql
 from service.convert import created_order, fill_order, order_from_row
 from service.errors import ServiceError
-from service.order_rules import body_digest, checked_create
+from service.order_rules import body_digest, checked_create, item_columns
 from service.validation import require_positive_id
 
 # PostgreSQL counts timestamps from 2000-01-01; protobuf from 1970-01-01.
@@ -94,7 +94,6 @@ class PeerOrders(order_service_pb2_grpc.OrderServiceServicer):
             total = checked_create(request)
         except ServiceError as exc:
             context.abort(exc.code, exc.message)
-        items = request.items
         rows = self._query(
             CREATE_ORDER,
             params(
@@ -103,9 +102,7 @@ class PeerOrders(order_service_pb2_grpc.OrderServiceServicer):
                 request.customer_id,
                 request.currency,
                 total,
-                [i.sku for i in items],
-                [i.quantity for i in items],
-                [i.unit_price_cents for i in items],
+                *item_columns(request.items),
             ),
         )
         if not rows:

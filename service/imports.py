@@ -41,7 +41,7 @@ from service.client_stream import (
     run_load,
 )
 from service.errors import ServiceError
-from service.order_rules import order_total
+from service.order_rules import item_columns, order_total
 from service.streams import StreamSlots
 from service.validation import Violations
 
@@ -156,14 +156,11 @@ class _ImportRows:
                         named.raise_if_any()
                     except ServiceError as error:
                         raise self.state.reject(error) from None
-                items = order.items
                 yield (
                     order.customer_id,
                     order.currency,
                     total,
-                    [item.sku for item in items],
-                    [item.quantity for item in items],
-                    [item.unit_price_cents for item in items],
+                    *item_columns(order.items),
                 )
             request = await anext(self._rest, None)
         await confirm_end(self._context)

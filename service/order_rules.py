@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2
 from service.validation import MAX_ID_LENGTH, Violations
@@ -72,3 +73,15 @@ def body_digest(request: order_service_pb2.CreateOrderRequest) -> bytes:
     body.CopyFrom(request)
     body.request_id = ""
     return hashlib.sha256(body.SerializeToString(deterministic=True)).digest()
+
+
+def item_columns(
+    items: Sequence[order_pb2.LineItem],
+) -> tuple[list[str], list[int], list[int]]:
+    """Line items as the three arrays the order SQL unnests (sku, quantity,
+    unit price), for CreateOrder, ImportOrders and the bench's peer."""
+    return (
+        [item.sku for item in items],
+        [item.quantity for item in items],
+        [item.unit_price_cents for item in items],
+    )

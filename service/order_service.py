@@ -17,7 +17,7 @@ from service.feed import EventFeed
 from service.imports import import_orders
 from service.order_export import export_orders
 from service.order_filters import order_filters
-from service.order_rules import body_digest, checked_create
+from service.order_rules import body_digest, checked_create, item_columns
 from service.page_token import InvalidPageToken, PageTokens
 from service.read_routing import ReadRouter, Sent
 from service.settings import Settings
@@ -71,7 +71,6 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
     ) -> order_pb2.Order:
         total = checked_create(request)
         digest = body_digest(request)
-        items = request.items
         row = await self._db.fetchrow(
             context,
             order_sql.CREATE_ORDER,
@@ -80,9 +79,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             request.customer_id,
             request.currency,
             total,
-            [i.sku for i in items],
-            [i.quantity for i in items],
-            [i.unit_price_cents for i in items],
+            *item_columns(request.items),
         )
         if row is None:
             return await self._replay(request.request_id, digest, context)
