@@ -17,6 +17,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
+# A compiler for the service's C extension (service/event_wire.c); it stays
+# in this stage, the runtime stage gets only the built virtualenv. The base's
+# digest fixes the Debian release these come from.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 WORKDIR /src
 # Exact pins and --no-deps: the image holds exactly requirements.txt.
@@ -25,7 +32,7 @@ RUN pip install --no-deps -r requirements.txt
 # The generated stubs are committed under clients/python/src, so the image
 # needs no code generator.
 COPY clients/python ./clients/python
-COPY pyproject.toml ./
+COPY pyproject.toml setup.py ./
 COPY service ./service
 RUN pip install --no-deps ./clients/python . \
     && python -m compileall -q /opt/venv

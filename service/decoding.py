@@ -25,6 +25,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 
+from service import encoded
 from service.errors import FieldViolation, ServiceError, invalid_argument
 
 
@@ -111,9 +112,9 @@ def add_service(
         handlers[method.name] = kind(
             behavior,
             request_deserializer=_tolerant(method, max_message_bytes),
-            response_serializer=message_factory.GetMessageClass(
-                method.output_type
-            ).SerializeToString,
+            response_serializer=encoded.serializer(
+                message_factory.GetMessageClass(method.output_type)
+            ),
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)

@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from service import logs
+from service.encoded import Encoded
 from service.metrics import Metrics
 from service.tracing import Tracing
 
@@ -75,7 +76,10 @@ class _CountingContext:
 
     async def write(self, message: Any) -> None:
         await self._context.write(message)
-        self._counter.inc(len(getattr(message, self._field)))
+        if message.__class__ is Encoded:
+            self._counter.inc(message.rows)
+        else:
+            self._counter.inc(len(getattr(message, self._field)))
 
 
 @dataclass(frozen=True)

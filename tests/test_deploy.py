@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,24 @@ def test_image_is_pinned_slim_and_non_root():
     assert user.split(":")[0] not in ("0", "root")
     copies = [arg for op, arg in runtime if op == "COPY"]
     assert copies == ["--from=build /opt/venv /opt/venv"]  # no sources, no build tools
+
+
+def test_the_image_install_builds_the_extension(tmp_path):
+    """The build stage's `pip install .`, on what .dockerignore lets in: the
+    wheel must carry the compiled encoder and the migrations."""
+    context = tmp_path / "context"
+    shutil.copytree(
+        ROOT / "service", context / "service", ignore=shutil.ignore_patterns("*.so", "__pycache__")
+    )
+    for name in ("pyproject.toml", "setup.py"):
+        shutil.copy(ROOT / name, context / name)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip_wheel, "--wheel-dir", str(tmp_path), str(context)], check=True)
+    (wheel,) = tmp_path.glob("orderstream-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert [n for n in names if re.fullmatch(r"service/event_wire\.cpython-.*\.so", n)], names
+    assert "service/migrations/0001_orders_and_events.sql" in names
 
 
 def entrypoint() -> list[str]:
