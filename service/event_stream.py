@@ -50,9 +50,10 @@ def _checked(request: event_service_pb2.StreamEventsRequest) -> None:
 
 
 class _Batches:
-    """Packs events into response messages of about `budget` bytes; each
-    write waits for the reader (back-pressure). Rows become wire bytes in C
-    (service/event_wire.c), the per-row cost that bounds a stream's rate."""
+    """Packs events into response messages of at most `budget` bytes (or one
+    event, if it alone is larger); each write waits for the reader
+    (back-pressure). Rows become wire bytes in C (service/event_wire.c): the
+    per-row cost is what bounds a stream's rate."""
 
     def __init__(self, context: grpc.aio.ServicerContext, budget: int) -> None:
         self._context = context
@@ -64,12 +65,13 @@ class _Batches:
     async def add(self, rows: Sequence[Any]) -> None:
         start, count = 0, len(rows)
         while start < count:
-            chunk, end = encode_events(rows, start, self._budget - self._size)
-            self._chunks.append(chunk)
-            self._size += len(chunk)
-            self._rows += end - start
-            start = end
-            if self._size >= self._budget:
+            chunk, end = encode_events(rows, start, self._size, self._budget)
+            if chunk:
+                self._chunks.append(chunk)
+                self._size += len(chunk)
+                self._rows += end - start
+                start = end
+            if start < count:  # row `start` did not fit: this message is full
                 await self.flush()
 
     async def flush(self) -> None:

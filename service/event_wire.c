@@ -6,18 +6,23 @@
  * sub-message alone 0.6-0.8 us); this writes the same bytes in about 0.1 us,
  * which is what lets a stream keep up with PostgreSQL's own COPY out.
  *
- * encode_events(rows, start, budget) -> (bytes, next)
+ * encode_events(rows, start, used, budget) -> (bytes, next)
  *
  *   rows    a sequence of rows (asyncpg Records) shaped as
  *           (id int, type str, source str, subject str, time_us int,
  *            json_payload str), time_us in microseconds since the Unix epoch
  *   start   the index of the first row to encode
- *   budget  stop after the row that brings the output to this many bytes
+ *   used    bytes already in the message being filled
+ *   budget  the most bytes a message may hold
  *
- * The bytes are a run of StreamEventsResponse field 1 (`repeated Event
- * events = 1`) entries: any run of them, or several runs joined, is a
- * complete StreamEventsResponse. `next` is the index of the first row not
- * encoded (len(rows) when all were).
+ * Encodes rows from `start` for as long as the message stays within
+ * `budget`; a row larger than the budget alone goes into an empty message
+ * (used == 0) by itself, so a message exceeds the budget only by holding
+ * one such event. The bytes are a run of StreamEventsResponse field 1
+ * (`repeated Event events = 1`) entries: any run of them, or several runs
+ * joined, is a complete StreamEventsResponse. `next` is the index of the
+ * first row not encoded (len(rows) when all were); with next < len(rows),
+ * row `next` did not fit, and the message is full.
  *
  * Byte-identical to what the protobuf runtime serialises for the message the
  * Python loop built (tests/test_event_wire.py holds it to that): fields in
@@ -212,8 +217,8 @@ static void put_event(Buffer *buffer, const Event *event) {
 
 static PyObject *encode_events(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *rows;
-    Py_ssize_t start, budget;
-    if (!PyArg_ParseTuple(args, "Onn:encode_events", &rows, &start, &budget)) {
+    Py_ssize_t start, used, budget;
+    if (!PyArg_ParseTuple(args, "Onnn:encode_events", &rows, &start, &used, &budget)) {
         return NULL;
     }
     Py_ssize_t count = PySequence_Size(rows);
@@ -224,13 +229,14 @@ static PyObject *encode_events(PyObject *Py_UNUSED(module), PyObject *args) {
         PyErr_Format(PyExc_IndexError, "start %zd is outside 0..%zd", start, count);
         return NULL;
     }
-    if (budget <= 0) {
-        PyErr_Format(PyExc_ValueError, "budget must be positive, got %zd", budget);
+    if (used < 0 || budget <= 0) {
+        PyErr_Format(PyExc_ValueError, "need used >= 0 and budget > 0, got %zd and %zd", used,
+                     budget);
         return NULL;
     }
     Buffer buffer = {NULL, 0, 0};
     Py_ssize_t next = start;
-    while (next < count && buffer.size < (size_t)budget) {
+    while (next < count) {
         PyObject *row = PySequence_GetItem(rows, next);
         if (row == NULL) {
             goto fail;
@@ -238,11 +244,17 @@ static PyObject *encode_events(PyObject *Py_UNUSED(module), PyObject *args) {
         Event event;
         PyObject *keep[4] = {NULL, NULL, NULL, NULL};
         int failed = read_event(row, &event, keep);
-        /* The whole entry: tag, length, body. */
+        int fits = 1;
         if (!failed) {
-            failed = reserve(&buffer, 1 + varint_size(event.event_size) + event.event_size);
+            /* The whole entry: tag, length, body. */
+            size_t entry = 1 + varint_size(event.event_size) + event.event_size;
+            size_t filled = (size_t)used + buffer.size;
+            fits = filled == 0 || filled + entry <= (size_t)budget;
+            if (fits) {
+                failed = reserve(&buffer, entry);
+            }
         }
-        if (!failed) {
+        if (!failed && fits) {
             put_event(&buffer, &event);
         }
         for (int i = 0; i < 4; i++) {
@@ -251,6 +263,9 @@ static PyObject *encode_events(PyObject *Py_UNUSED(module), PyObject *args) {
         Py_DECREF(row);
         if (failed) {
             goto fail;
+        }
+        if (!fits) {
+            break;
         }
         next++;
     }
@@ -268,10 +283,11 @@ fail:
 
 static PyMethodDef methods[] = {
     {"encode_events", encode_events, METH_VARARGS,
-     "encode_events(rows, start, budget) -> (bytes, next)\n\n"
-     "Encodes rows[start:] as StreamEventsResponse `events` entries, stopping after\n"
-     "the row that brings the output to `budget` bytes; `next` is the first row\n"
-     "not encoded."},
+     "encode_events(rows, start, used, budget) -> (bytes, next)\n\n"
+     "Encodes rows[start:] as StreamEventsResponse `events` entries while the\n"
+     "message, `used` bytes so far, stays within `budget` (a row larger than the\n"
+     "budget goes alone into an empty message); `next` is the first row not\n"
+     "encoded."},
     {NULL, NULL, 0, NULL},
 };
 

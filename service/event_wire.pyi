@@ -2,4 +2,6 @@
 from collections.abc import Sequence
 from typing import Any
 
-def encode_events(rows: Sequence[Sequence[Any]], start: int, budget: int) -> tuple[bytes, int]: ...
+def encode_events(
+    rows: Sequence[Sequence[Any]], start: int, used: int, budget: int
+) -> tuple[bytes, int]: ...

@@ -88,24 +88,34 @@ async def test_types_filter(events):
     assert [e.id for e in received] == wanted
 
 
-async def test_many_events_per_message_under_the_byte_budget(service_env, events):
+async def test_many_events_per_message_within_the_byte_budget(service_env, events):
     subject = unique("stream/")
-    ids = await publish(events, subject, 500)
+    budget = 4096
+    # Two events larger than the whole budget among small ones: each must
+    # travel alone, and no other message may exceed the budget.
+    big = json.dumps({"blob": "x" * (budget + 500)})
+    batch = [new_event(subject, n) for n in range(250)]
+    batch[100:100] = [
+        event_pb2.Event(type="test.streamed", source="/tests", subject=subject, json_payload=big)
+        for _ in range(2)
+    ]
+    response = await events.PublishEvents(event_service_pb2.PublishEventsRequest(events=batch))
+    ids = list(response.ids)
     async with (
-        running_app(service_env, ORDERSTREAM_STREAM_BATCH_BYTES="4096") as small,
+        running_app(service_env, ORDERSTREAM_STREAM_BATCH_BYTES=str(budget)) as small,
         grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
     ):
         stub = event_service_pb2_grpc.EventServiceStub(channel)
-        sizes, received = [], []
-        async for response in stub.StreamEvents(
-            event_service_pb2.StreamEventsRequest(subject=subject)
-        ):
-            sizes.append(response.ByteSize())
-            received.extend(response.events)
-    assert [e.id for e in received] == ids
-    assert len(sizes) > 5
-    assert all(size < 4096 + 512 for size in sizes)
-    assert len(received) / len(sizes) > 5, "expected many events per message"
+        messages = [
+            response
+            async for response in stub.StreamEvents(
+                event_service_pb2.StreamEventsRequest(subject=subject)
+            )
+        ]
+    assert [e.id for m in messages for e in m.events] == ids
+    oversized = [m for m in messages if m.ByteSize() > budget]
+    assert [[e.id for e in m.events] for m in oversized] == [[ids[100]], [ids[101]]]
+    assert len(ids) / len(messages) > 5, "expected many events per message"
 
 
 async def test_reordered_commits_are_never_skipped(events, admin_db, pg_cluster):

@@ -1,6 +1,7 @@
 """service/event_wire.c against the protobuf runtime: for any event rows, the
 C encoder must write exactly the bytes protobuf serialises for the same
-StreamEventsResponse, and cut batches where its budget says."""
+StreamEventsResponse, and fill messages up to their byte budget, never past
+it but with an event that alone is larger."""
 
 from __future__ import annotations
 
@@ -45,48 +46,67 @@ def protobuf_bytes(events: list[tuple]) -> bytes:
 @settings(derandomize=True, max_examples=400)
 @given(st.lists(rows, max_size=8))
 def test_bytes_are_what_protobuf_writes(events):
-    encoded, end = encode_events(events, 0, 1 << 30)
+    encoded, end = encode_events(events, 0, 0, 1 << 30)
     assert end == len(events)
     assert encoded == protobuf_bytes(events)
 
 
+def entry_size(row: tuple) -> int:
+    return len(encode_events([row], 0, 0, 1 << 30)[0])
+
+
 @settings(derandomize=True, max_examples=200)
 @given(st.lists(rows, min_size=1, max_size=12), st.integers(min_value=1, max_value=600))
-def test_budget_cuts_batches_that_join_into_the_whole(events, budget):
-    chunks, start = [], 0
+def test_messages_fill_up_to_the_budget_and_join_into_the_whole(events, budget):
+    """Drives the encoder as the stream does: a message is sent when the
+    next row does not fit in it."""
+    messages, message, start = [], b"", 0
     while start < len(events):
-        chunk, end = encode_events(events, start, budget)
-        assert end > start  # at least one row, however small the budget
-        # It stops at the first row that reaches the budget, not before.
-        assert len(chunk) >= budget or end == len(events)
-        assert len(encode_events(events[start : end - 1], 0, 1 << 30)[0]) < budget
-        chunks.append(chunk)
+        chunk, end = encode_events(events, start, len(message), budget)
+        assert len(message) + len(chunk) <= budget or (not message and end == start + 1)
+        message += chunk
         start = end
-    assert b"".join(chunks) == protobuf_bytes(events)
-    parsed = event_service_pb2.StreamEventsResponse.FromString(b"".join(chunks))
-    assert [event.id for event in parsed.events] == [row[0] for row in events]
+        if start < len(events):
+            assert message, "an empty message always takes a row"
+            assert len(message) + entry_size(events[start]) > budget  # it did not fit
+            messages.append(message)
+            message = b""
+    messages.append(message)
+    assert b"".join(messages) == protobuf_bytes(events)
+    for message in messages:
+        parsed = event_service_pb2.StreamEventsResponse.FromString(message)
+        assert len(message) <= budget or len(parsed.events) == 1
+
+
+def test_a_row_that_does_not_fit_is_left_for_the_next_message():
+    events = [(n, "t", "/s", "", 0, "x" * 100) for n in range(1, 4)]
+    size = entry_size(events[0])
+    assert encode_events(events, 0, 1, size) == (b"", 0)
+    assert encode_events(events, 0, 0, 2 * size) == (protobuf_bytes(events[:2]), 2)
+    assert encode_events(events, 0, 0, 1) == (protobuf_bytes(events[:1]), 1)  # alone, too big
 
 
 def test_encodes_from_a_start_index():
     events = [(n, "t", "/s", "", n * 1_000_000, "{}") for n in range(1, 6)]
-    encoded, end = encode_events(events, 3, 1 << 20)
+    encoded, end = encode_events(events, 3, 0, 1 << 20)
     assert end == 5
     assert encoded == protobuf_bytes(events[3:])
-    assert encode_events(events, 5, 1 << 20) == (b"", 5)
+    assert encode_events(events, 5, 0, 1 << 20) == (b"", 5)
 
 
 @pytest.mark.parametrize(
-    ("rows", "start", "budget", "error"),
+    ("rows", "start", "used", "budget", "error"),
     [
-        ([(1, "t", "/s", "", 0)], 0, 100, ValueError),  # five columns
-        ([(1, "t", "/s", None, 0, "{}")], 0, 100, TypeError),  # NULL subject
-        ([("1", "t", "/s", "", 0, "{}")], 0, 100, TypeError),  # id as text
-        ([(2**63, "t", "/s", "", 0, "{}")], 0, 100, OverflowError),
-        ([(1, "t", "/s", "\ud800", 0, "{}")], 0, 100, UnicodeEncodeError),  # lone surrogate
-        ([(1, "t", "/s", "", 0, "{}")], 2, 100, IndexError),
-        ([(1, "t", "/s", "", 0, "{}")], 0, 0, ValueError),
+        ([(1, "t", "/s", "", 0)], 0, 0, 100, ValueError),  # five columns
+        ([(1, "t", "/s", None, 0, "{}")], 0, 0, 100, TypeError),  # NULL subject
+        ([("1", "t", "/s", "", 0, "{}")], 0, 0, 100, TypeError),  # id as text
+        ([(2**63, "t", "/s", "", 0, "{}")], 0, 0, 100, OverflowError),
+        ([(1, "t", "/s", "\ud800", 0, "{}")], 0, 0, 100, UnicodeEncodeError),  # lone surrogate
+        ([(1, "t", "/s", "", 0, "{}")], 2, 0, 100, IndexError),
+        ([(1, "t", "/s", "", 0, "{}")], 0, 0, 0, ValueError),
+        ([(1, "t", "/s", "", 0, "{}")], 0, -1, 100, ValueError),
     ],
 )
-def test_refuses_what_is_not_an_event_row(rows, start, budget, error):
+def test_refuses_what_is_not_an_event_row(rows, start, used, budget, error):
     with pytest.raises(error):
-        encode_events(rows, start, budget)
+        encode_events(rows, start, used, budget)
