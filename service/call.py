@@ -45,11 +45,14 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            if context.cancelled():
+            if context.cancelled() or isinstance(exc, grpc.aio.InternalError):
                 # The caller is gone (cancel, deadline, broken connection):
                 # what failed was a write to it, no status can reach it, and
                 # it is no INTERNAL error of ours. End as the cancellation
-                # it is.
+                # it is. grpc.aio's InternalError (ExecuteBatchError) is a
+                # write or read the call refused: it can arrive before
+                # grpc.aio has noticed the cancel, with cancelled() still
+                # False (seen once in the 1,000-cancels fault scenario).
                 raise asyncio.CancelledError("the call was cancelled") from None
             await errors.abort(context, errors.from_exception(exc, name))
             raise AssertionError("unreachable: abort raises") from None
