@@ -156,20 +156,18 @@ NO_STATEMENT_TIMEOUT = math.inf
 
 
 async def confirm_end(context: grpc.aio.ServicerContext) -> None:
-    """Returns if the client really ended its request stream; raises
-    CancelledError if the call is gone.
+    """Returns if the client really ended its request stream; raises if the
+    call is gone.
 
     grpc.aio ends the request iterator in the same way whether the client
     half-closed or the call died (client cancel, deadline, broken
     connection): a failed receive reads as end of stream, and the handler is
     cancelled separately, possibly only after a commit. Only a real end may
     commit a load, so this sends the response headers now, which fails on a
-    dead call (with grpc.aio.InternalError, as seen with grpcio 1.85).
+    dead call (with grpc.aio.InternalError, as seen with grpcio 1.85): the
+    load rolls back, and `call.rpc` ends the call as the cancellation it is.
     """
-    try:
-        await context.send_initial_metadata(())
-    except grpc.aio.InternalError:
-        raise asyncio.CancelledError("the call ended before its request stream") from None
+    await context.send_initial_metadata(())
 
 
 @contextlib.asynccontextmanager
