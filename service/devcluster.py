@@ -463,12 +463,10 @@ def _base_backup(
     primary: Cluster, base_dir: Path, data_dir: Path, server_user: ServerUser, *, durable: bool
 ) -> None:
     ca_file = base_dir / _PRIMARY_CA_FILE
-    write_file_atomically(ca_file, primary.certificates.ca_cert.read_bytes(), mode=0o644)
-    give_to_server_user(ca_file, server_user, mode=0o644)
+    _write_server_file(ca_file, primary.certificates.ca_cert.read_bytes(), server_user, mode=0o644)
     passfile = base_dir / _PRIMARY_PASSFILE
     entry = f"*:*:*:{_pgpass_field(primary.admin_user)}:{_pgpass_field(primary.admin_password)}"
-    write_file_atomically(passfile, entry.encode() + b"\n", mode=0o600)
-    give_to_server_user(passfile, server_user, mode=0o600)
+    _write_server_file(passfile, entry.encode() + b"\n", server_user, mode=0o600)
     data_dir.mkdir(mode=0o700, exist_ok=True)
     give_to_server_user(data_dir, server_user, mode=0o700)
     conninfo = " ".join(
@@ -709,8 +707,9 @@ def _initialise_data_dir(data_dir: Path, state: _ClusterState, server_user: Serv
     give_to_server_user(data_dir, server_user, mode=0o700)
 
     password_file = data_dir.parent / ".initdb-password"
-    write_file_atomically(password_file, state.admin_password.encode() + b"\n", mode=0o600)
-    give_to_server_user(password_file, server_user, mode=0o600)
+    _write_server_file(
+        password_file, state.admin_password.encode() + b"\n", server_user, mode=0o600
+    )
     try:
         result = _run_as_server_user(
             server_user,
@@ -742,7 +741,7 @@ def _enforce_access_configuration(data_dir: Path, server_user: ServerUser) -> No
     """Applied on every start, not just after initdb, so that neither an
     interrupted first start nor a hand-edited pg_hba.conf can leave a cluster
     that accepts plain-text connections."""
-    _write_server_file(data_dir / "pg_hba.conf", _pg_hba_conf(), server_user, mode=0o600)
+    _write_server_file(data_dir / "pg_hba.conf", _pg_hba_conf().encode(), server_user, mode=0o600)
     main_config = data_dir / "postgresql.conf"
     include_line = f"include '{_SETTINGS_FILE}'"
     if include_line not in main_config.read_text().splitlines():
@@ -776,8 +775,7 @@ def _install_server_certificates(
         (certificates.server_key, "server.key", 0o600),
     ):
         target = data_dir / name
-        write_file_atomically(target, source.read_bytes(), mode=mode)
-        give_to_server_user(target, server_user, mode=mode)
+        _write_server_file(target, source.read_bytes(), server_user, mode=mode)
 
 
 def _write_server_settings(
@@ -805,11 +803,12 @@ def _write_server_settings(
     }
     lines = ["# Written by service/devcluster.py on every start; edits are lost.\n"]
     lines += [f"{key} = '{value}'\n" for key, value in settings.items()]
-    _write_server_file(data_dir / _SETTINGS_FILE, "".join(lines), server_user, mode=0o600)
+    _write_server_file(data_dir / _SETTINGS_FILE, "".join(lines).encode(), server_user, mode=0o600)
 
 
-def _write_server_file(path: Path, content: str, server_user: ServerUser, *, mode: int) -> None:
-    write_file_atomically(path, content.encode(), mode=mode)
+def _write_server_file(path: Path, content: bytes, server_user: ServerUser, *, mode: int) -> None:
+    """Writes `path` atomically, owned by the server's OS user, with `mode`."""
+    write_file_atomically(path, content, mode=mode)
     give_to_server_user(path, server_user, mode=mode)
 
 
