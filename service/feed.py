@@ -69,18 +69,12 @@ class EventFeed:
         the listener is down, also after poll_interval."""
         if self._generation != seen_generation or self.closing:
             return
-        waiters = (
-            asyncio.ensure_future(self._changed.wait()),
-            asyncio.ensure_future(self._closing.wait()),
-        )
-        try:
-            # While the listener is up it checks the horizon for everyone;
-            # losing it wakes every follower, which then polls by itself.
-            timeout = None if self._connected else self.poll_interval
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        # While the listener is up it checks the horizon for everyone;
+        # losing it wakes every follower, which then polls by itself. Shutdown
+        # is a wake-up too (`close`), so the one event covers it.
+        timeout = None if self._connected else self.poll_interval
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
 
     def _wake(self) -> None:
         self._generation += 1
