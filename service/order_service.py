@@ -54,12 +54,12 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         streams: StreamSlots,
         feed: EventFeed,
         settings: Settings,
-        reads: ReadRouter | None = None,
+        reads: ReadRouter,
     ) -> None:
         self._db = db
         # ListOrders and ExportOrders may be served by the read replica
         # (service/read_routing.py says why these and no others).
-        self._reads = reads or ReadRouter(db)
+        self._reads = reads
         self._page_tokens = page_tokens
         self._streams = streams
         self._feed = feed
