@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import re
 import shutil
 import tempfile
@@ -28,7 +27,14 @@ from service.devcluster import Cluster, start_cluster, start_standby, stop_clust
 from service.migrate import migrate
 from service.server import App
 from service.settings import Settings
-from tests.support import admin_ssl_context, create_request, eventually, running_app, unique
+from tests.support import (
+    admin_ssl_context,
+    create_request,
+    eventually,
+    running_app,
+    through_proxy,
+    unique,
+)
 from tests.tcp_proxy import TcpProxy
 from tests.test_imports import order as order_to_import
 
@@ -377,11 +383,11 @@ async def test_a_replica_behind_a_stalled_network_is_bypassed_without_error(repl
     read is served by the primary without error."""
     customer = unique("cust")
     async with TcpProxy(standby.port) as proxy:
-        through_proxy = dataclasses.replace(standby, port=proxy.port).dsn()
+        proxied = through_proxy(standby, proxy.port).dsn()
         async with (
             running_app(
                 replica_env,
-                ORDERSTREAM_REPLICA_DATABASE_URL=through_proxy,
+                ORDERSTREAM_REPLICA_DATABASE_URL=proxied,
                 ORDERSTREAM_REPLICA_CHECK_INTERVAL=NEVER,
                 ORDERSTREAM_POOL_ACQUIRE_TIMEOUT="2",
                 ORDERSTREAM_COMMAND_TIMEOUT="2",

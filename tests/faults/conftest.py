@@ -23,7 +23,7 @@ from tests.faults.invariants import check_invariants
 from tests.faults.ledger import Ledger
 from tests.faults.service import RunningProcess, Target, channel_to, running_process, service_env
 from tests.faults.tally import TALLY
-from tests.support import admin_ssl_context
+from tests.support import admin_ssl_context, through_proxy
 from tests.tcp_proxy import TcpProxy
 from tests.test_startup import json_records
 
@@ -78,7 +78,7 @@ async def proxy(fault_cluster: FaultCluster) -> AsyncIterator[TcpProxy]:
 @pytest.fixture(scope="session")
 def fault_env(fault_cluster: FaultCluster, proxy: TcpProxy) -> dict[str, str]:
     """Settings of a service whose pool goes through the proxy."""
-    return service_env(fault_cluster.proxied(proxy.port))
+    return service_env(through_proxy(fault_cluster.current, proxy.port))
 
 
 @pytest.fixture(scope="session")
