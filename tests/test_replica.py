@@ -37,10 +37,10 @@ from tests.support import (
 )
 from tests.tcp_proxy import TcpProxy
 from tests.test_imports import order as order_to_import
+from tests.test_startup import ServerLog
 
 pytestmark = pytest.mark.slow
 
-SERVER_LOG = "server.log"  # service/devcluster.py's layout
 # Every statement the standby runs is logged with the client's application name.
 STANDBY_SETTINGS = {"log_statement": "all", "log_line_prefix": "%m [%p] app=%a "}
 LOG_ENTRY_START = re.compile(r"^\d{4}-\d\d-\d\d ", re.MULTILINE)
@@ -260,8 +260,7 @@ async def test_event_reads_stay_on_the_primary(replica_env, primary_admin, stand
 async def test_writes_never_reach_the_replica(replica_env, standby):
     """The standby logs every statement it runs: the service's reads are
     there, its writes are not."""
-    log = standby.data_dir / SERVER_LOG
-    start = log.stat().st_size
+    log = ServerLog(standby)
     customer = unique("cust")
     async with running_app(replica_env) as app, stubs(app) as orders, event_stub(app) as events:
         order = await orders.CreateOrder(create_request(customer_id=customer), timeout=30)
@@ -288,9 +287,7 @@ async def test_writes_never_reach_the_replica(replica_env, standby):
             timeout=30,
         )
         await listed(orders, customer)
-    with open(log, "rb") as handle:
-        handle.seek(start)
-        text = handle.read().decode(errors="replace")
+    text = log.new_text()
     # An entry runs until the next timestamp: the SQL texts span lines.
     starts = [m.start() for m in LOG_ENTRY_START.finditer(text)]
     entries = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
