@@ -38,6 +38,7 @@ from tests.support import (
 from tests.tcp_proxy import TcpProxy
 from tests.test_imports import order as order_to_import
 from tests.test_startup import ServerLog
+from tests.test_uploads import stream
 
 pytestmark = pytest.mark.slow
 
@@ -173,10 +174,6 @@ async def create(orders: order_service_pb2_grpc.OrderServiceStub, customer: str)
     return int(order.id)
 
 
-async def one(message: object) -> AsyncIterator[object]:
-    yield message
-
-
 def routed(app: App, database: str) -> float:
     return sum(
         app.metrics.registry.get_sample_value(
@@ -275,14 +272,16 @@ async def test_writes_never_reach_the_replica(replica_env, standby):
             event_service_pb2.PublishEventsRequest(events=[event]), timeout=30
         )
         await events.UploadEvents(
-            one(event_service_pb2.UploadEventsRequest(upload_id=unique("up"), events=[event])),
+            stream([event_service_pb2.UploadEventsRequest(upload_id=unique("up"), events=[event])]),
             timeout=30,
         )
         await orders.ImportOrders(
-            one(
-                order_service_pb2.ImportOrdersRequest(
-                    import_id=unique("import"), orders=[order_to_import(customer_id=customer)]
-                )
+            stream(
+                [
+                    order_service_pb2.ImportOrdersRequest(
+                        import_id=unique("import"), orders=[order_to_import(customer_id=customer)]
+                    )
+                ]
             ),
             timeout=30,
         )
