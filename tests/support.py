@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 import time
 import uuid
@@ -23,6 +24,12 @@ from service.settings import Settings
 
 def admin_ssl_context(cluster: Cluster) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cluster.certificates.ca_cert))
+
+
+def through_proxy(cluster: Cluster, port: int) -> Cluster:
+    """`cluster` as reached through a proxy on 127.0.0.1:`port` (the server
+    certificate names 127.0.0.1, so verify-full still holds)."""
+    return dataclasses.replace(cluster, host="127.0.0.1", port=port)
 
 
 def unique(prefix: str) -> str:

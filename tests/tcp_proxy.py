@@ -25,7 +25,6 @@ class TcpProxy:
         self._blackholed = False
         self.port = 0
         self.connections = 0
-        self.dropped_bytes = 0
 
     async def __aenter__(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, self._host, 0)
@@ -43,10 +42,6 @@ class TcpProxy:
         await self._server.wait_closed()
         self.cut()
         await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    @property
-    def open_connections(self) -> int:
-        return len(self._writers) // 2
 
     def cut(self) -> None:
         """Aborts every proxied connection on both sides (an RST, no FIN)."""
@@ -81,7 +76,6 @@ class TcpProxy:
         try:
             while data := await reader.read(1 << 16):
                 if self._blackholed:
-                    self.dropped_bytes += len(data)
                     continue
                 writer.write(data)
                 await writer.drain()

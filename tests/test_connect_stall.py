@@ -7,7 +7,7 @@ from __future__ import annotations
 import grpc
 
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from tests.support import create_request, eventually, rpc_error, running_app
+from tests.support import create_request, eventually, rpc_error, running_app, through_proxy
 from tests.tcp_proxy import TcpProxy
 
 
@@ -17,9 +17,7 @@ async def test_a_connection_that_cannot_open_is_unavailable(pg_cluster, service_
         TcpProxy(pg_cluster.port) as proxy,
         running_app(
             service_env,
-            DATABASE_URL=pg_cluster.dsn(host="127.0.0.1").replace(
-                f":{pg_cluster.port}/", f":{proxy.port}/"
-            ),
+            DATABASE_URL=through_proxy(pg_cluster, proxy.port).dsn(),
             ORDERSTREAM_POOL_MIN_SIZE="0",
             ORDERSTREAM_POOL_MAX_SIZE="2",
             ORDERSTREAM_POOL_ACQUIRE_TIMEOUT="0.5",

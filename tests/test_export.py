@@ -6,7 +6,14 @@ import grpc
 import pytest
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from tests.support import create_request, eventually, rpc_error, running_app, unique
+from tests.support import (
+    create_request,
+    eventually,
+    pool_is_full,
+    rpc_error,
+    running_app,
+    unique,
+)
 
 pytestmark = pytest.mark.through_pgbouncer
 
@@ -96,7 +103,7 @@ async def test_cancelled_export_returns_its_connection(app, orders, admin_db):
     call = orders.ExportOrders(order_service_pb2.ExportOrdersRequest(customer_id=customer))
     await call.read()
     call.cancel()
-    await eventually(lambda: _pool_full(app), what="the export's connection to return")
+    await eventually(lambda: pool_is_full(app), what="the export's connection to return")
     await eventually(lambda: _nothing_left(admin_db), what="the export's transaction to end")
 
 
@@ -116,12 +123,8 @@ async def test_export_past_its_deadline_returns_its_connection(service_env, orde
         )
         await call.read()
         assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await eventually(lambda: _pool_full(small), what="the export's connection to return")
+        await eventually(lambda: pool_is_full(small), what="the export's connection to return")
     await eventually(lambda: _nothing_left(admin_db), what="the export's transaction to end")
-
-
-async def _pool_full(app) -> bool:
-    return app.pool.get_idle_size() == app.pool.get_size()
 
 
 async def _nothing_left(admin_db) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import re
 import shutil
 import tempfile
@@ -28,13 +27,21 @@ from service.devcluster import Cluster, start_cluster, start_standby, stop_clust
 from service.migrate import migrate
 from service.server import App
 from service.settings import Settings
-from tests.support import admin_ssl_context, create_request, eventually, running_app, unique
+from tests.support import (
+    admin_ssl_context,
+    create_request,
+    eventually,
+    running_app,
+    through_proxy,
+    unique,
+)
 from tests.tcp_proxy import TcpProxy
 from tests.test_imports import order as order_to_import
+from tests.test_startup import ServerLog
+from tests.test_uploads import stream
 
 pytestmark = pytest.mark.slow
 
-SERVER_LOG = "server.log"  # service/devcluster.py's layout
 # Every statement the standby runs is logged with the client's application name.
 STANDBY_SETTINGS = {"log_statement": "all", "log_line_prefix": "%m [%p] app=%a "}
 LOG_ENTRY_START = re.compile(r"^\d{4}-\d\d-\d\d ", re.MULTILINE)
@@ -167,10 +174,6 @@ async def create(orders: order_service_pb2_grpc.OrderServiceStub, customer: str)
     return int(order.id)
 
 
-async def one(message: object) -> AsyncIterator[object]:
-    yield message
-
-
 def routed(app: App, database: str) -> float:
     return sum(
         app.metrics.registry.get_sample_value(
@@ -254,8 +257,7 @@ async def test_event_reads_stay_on_the_primary(replica_env, primary_admin, stand
 async def test_writes_never_reach_the_replica(replica_env, standby):
     """The standby logs every statement it runs: the service's reads are
     there, its writes are not."""
-    log = standby.data_dir / SERVER_LOG
-    start = log.stat().st_size
+    log = ServerLog(standby)
     customer = unique("cust")
     async with running_app(replica_env) as app, stubs(app) as orders, event_stub(app) as events:
         order = await orders.CreateOrder(create_request(customer_id=customer), timeout=30)
@@ -270,21 +272,21 @@ async def test_writes_never_reach_the_replica(replica_env, standby):
             event_service_pb2.PublishEventsRequest(events=[event]), timeout=30
         )
         await events.UploadEvents(
-            one(event_service_pb2.UploadEventsRequest(upload_id=unique("up"), events=[event])),
+            stream([event_service_pb2.UploadEventsRequest(upload_id=unique("up"), events=[event])]),
             timeout=30,
         )
         await orders.ImportOrders(
-            one(
-                order_service_pb2.ImportOrdersRequest(
-                    import_id=unique("import"), orders=[order_to_import(customer_id=customer)]
-                )
+            stream(
+                [
+                    order_service_pb2.ImportOrdersRequest(
+                        import_id=unique("import"), orders=[order_to_import(customer_id=customer)]
+                    )
+                ]
             ),
             timeout=30,
         )
         await listed(orders, customer)
-    with open(log, "rb") as handle:
-        handle.seek(start)
-        text = handle.read().decode(errors="replace")
+    text = log.new_text()
     # An entry runs until the next timestamp: the SQL texts span lines.
     starts = [m.start() for m in LOG_ENTRY_START.finditer(text)]
     entries = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
@@ -377,11 +379,11 @@ async def test_a_replica_behind_a_stalled_network_is_bypassed_without_error(repl
     read is served by the primary without error."""
     customer = unique("cust")
     async with TcpProxy(standby.port) as proxy:
-        through_proxy = dataclasses.replace(standby, port=proxy.port).dsn()
+        proxied = through_proxy(standby, proxy.port).dsn()
         async with (
             running_app(
                 replica_env,
-                ORDERSTREAM_REPLICA_DATABASE_URL=through_proxy,
+                ORDERSTREAM_REPLICA_DATABASE_URL=proxied,
                 ORDERSTREAM_REPLICA_CHECK_INTERVAL=NEVER,
                 ORDERSTREAM_POOL_ACQUIRE_TIMEOUT="2",
                 ORDERSTREAM_COMMAND_TIMEOUT="2",

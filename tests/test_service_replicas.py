@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import asyncpg
 import grpc
@@ -22,6 +21,7 @@ from service.migrate import available_migrations
 from tests.support import admin_ssl_context, create_request, eventually, unique
 from tests.test_imports import order
 from tests.test_startup import ServiceProcess, process_env, service_process
+from tests.test_uploads import stream
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,6 @@ FOLLOWERS = 3
 EVENTS = 30
 UploadRequest = event_service_pb2.UploadEventsRequest
 ImportRequest = order_service_pb2.ImportOrdersRequest
-T = TypeVar("T")
 
 
 @dataclass
@@ -144,11 +143,6 @@ def _event(source: str, subject: str = "things/1") -> event_pb2.Event:
     )
 
 
-async def _requests(*messages: T) -> AsyncIterator[T]:
-    for message in messages:
-        yield message
-
-
 async def test_one_upload_id_sent_to_two_processes_at_once_loads_once(deployment):
     """The second upload waits for the first one's claim and is told the
     same id range (the upload_id contract in uploads.py and the README)."""
@@ -163,7 +157,7 @@ async def test_one_upload_id_sent_to_two_processes_at_once_loads_once(deployment
 
     await eventually(copying, timeout=30, what="the first upload to start its COPY")
     call_b = second.events.UploadEvents(
-        _requests(UploadRequest(upload_id=upload_id, events=[_event(source_b)] * 30)), timeout=60
+        stream([UploadRequest(upload_id=upload_id, events=[_event(source_b)] * 30)]), timeout=60
     )
 
     async def second_waiting() -> bool:
@@ -199,7 +193,7 @@ async def test_one_import_id_sent_to_two_processes_at_once_imports_once(deployme
 
     await eventually(copying, timeout=30, what="the first import to start its COPY")
     call_b = second.orders.ImportOrders(
-        _requests(ImportRequest(import_id=import_id, orders=[order(customer_id=customer_b)] * 7)),
+        stream([ImportRequest(import_id=import_id, orders=[order(customer_id=customer_b)] * 7)]),
         timeout=60,
     )
 
@@ -257,7 +251,7 @@ async def test_followers_on_three_processes_see_every_event_once(deployment):
         )
         written.extend(response.ids)
     uploaded = await deployment.replicas[-1].events.UploadEvents(
-        _requests(UploadRequest(upload_id=unique("upload"), events=[_event(source, subject)] * 5)),
+        stream([UploadRequest(upload_id=unique("upload"), events=[_event(source, subject)] * 5)]),
         timeout=30,
     )
     written.extend(range(uploaded.first_event_id, uploaded.last_event_id + 1))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -71,11 +70,6 @@ class FaultCluster:
     def current(self) -> Cluster:
         assert self.cluster is not None, "the fault cluster is not running"
         return self.cluster
-
-    def proxied(self, port: int) -> Cluster:
-        """The cluster as seen through a proxy on 127.0.0.1:port (the
-        server certificate names 127.0.0.1, so verify-full still holds)."""
-        return dataclasses.replace(self.current, host="127.0.0.1", port=port)
 
     async def start(self) -> None:
         # Durable: an immediate stop is a crash, and with synchronous_commit

@@ -21,9 +21,9 @@ from service.migrate import migrate
 from tests.faults.cluster import GATE_SQL, Admin, FaultCluster
 from tests.faults.invariants import check_invariants
 from tests.faults.ledger import Ledger
-from tests.faults.service import RunningProcess, Target, channel_to, running_process, service_env
+from tests.faults.service import RunningProcess, channel_to, running_process, service_env
 from tests.faults.tally import TALLY
-from tests.support import admin_ssl_context
+from tests.support import admin_ssl_context, through_proxy
 from tests.tcp_proxy import TcpProxy
 from tests.test_startup import json_records
 
@@ -78,7 +78,7 @@ async def proxy(fault_cluster: FaultCluster) -> AsyncIterator[TcpProxy]:
 @pytest.fixture(scope="session")
 def fault_env(fault_cluster: FaultCluster, proxy: TcpProxy) -> dict[str, str]:
     """Settings of a service whose pool goes through the proxy."""
-    return service_env(fault_cluster.proxied(proxy.port))
+    return service_env(through_proxy(fault_cluster.current, proxy.port))
 
 
 @pytest.fixture(scope="session")
@@ -157,17 +157,16 @@ async def history(admin: Admin) -> History:
 @dataclass
 class Scenario:
     """What one scenario accumulates for the invariants: the ledger of its
-    writes, and any extra service it started (checked as well)."""
+    writes."""
 
     ledger: Ledger = field(default_factory=Ledger)
-    targets: list[Target] = field(default_factory=list)
 
 
 @pytest.fixture
 async def scenario(
     service: RunningProcess, channel: grpc.aio.Channel, admin: Admin, proxy: TcpProxy
 ) -> AsyncIterator[Scenario]:
-    current = Scenario(targets=[service.target])
+    current = Scenario()
     logged_before = len(service.child.lines)
     yield current
     # A scenario that failed halfway must not leave the network broken.
@@ -178,5 +177,5 @@ async def scenario(
         if record.get("message") == "internal error"
     ]
     assert not internal, "the service answered INTERNAL:\n" + "\n".join(map(str, internal))
-    totals = await check_invariants(current.targets, admin, current.ledger, channel)
+    totals = await check_invariants(service.target, admin, current.ledger, channel)
     TALLY.totals.add(totals)

@@ -2,7 +2,7 @@
 function after each of them (through the `scenario` fixture):
 
 1. the ledger holds (see ledger.py), unknown writes settled by retrying;
-2. every service's pool is back to its baseline: no connection in use, no
+2. the service's pool is back to its baseline: no connection in use, no
    call waiting for one, no stream open (read from its metrics endpoint,
    as Prometheus would);
 3. no service backend is idle in a transaction or still running a
@@ -10,8 +10,6 @@ function after each of them (through the `scenario` fixture):
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import grpc
 
@@ -50,15 +48,14 @@ async def leftover_backends(admin: Admin) -> list[str]:
 
 
 async def check_invariants(
-    targets: Sequence[Target], admin: Admin, ledger: Ledger, channel: grpc.aio.Channel
+    target: Target, admin: Admin, ledger: Ledger, channel: grpc.aio.Channel
 ) -> Totals:
     totals = await ledger.settle(channel, admin)
-    for target in targets:
-        await eventually(
-            lambda target=target: pool_at_baseline(target),  # type: ignore[misc]
-            timeout=_SETTLE_SECONDS,
-            what=f"the pool of the service on port {target.port} to return to its baseline",
-        )
+    await eventually(
+        lambda: pool_at_baseline(target),
+        timeout=_SETTLE_SECONDS,
+        what="the service's pool to return to its baseline",
+    )
 
     async def no_leftovers() -> bool:
         return not await leftover_backends(admin)

@@ -71,5 +71,4 @@ async def test_a_thousand_cancels_leak_nothing(scenario, service: RunningProcess
     before = service.target.rss_bytes()
     await _cancel_many(CANCELS, WARM_UP, events, scenario.ledger)
     growth = service.target.rss_bytes() - before
-    print(f"RSS growth over {CANCELS} cancels: {growth / 2**20:.1f} MiB")
     assert growth < RSS_GROWTH_BOUND, f"RSS grew {growth / 2**20:.1f} MiB"
