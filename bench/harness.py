@@ -35,6 +35,11 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def libpq_env(db: Cluster) -> dict[str, str]:
+    """The environment for libpq's own tools (psql, pgbench): verified TLS."""
+    return {**os.environ, "PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(db.certificates.ca_cert)}
+
+
 def postgres_pids(db: Cluster) -> list[int]:
     out = subprocess.run(["pgrep", "-f", str(db.data_dir)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
