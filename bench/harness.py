@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -132,8 +133,6 @@ def _serving_port(process: subprocess.Popen[str]) -> int:
 
 
 def _drain_in_background(process: subprocess.Popen[str]) -> None:
-    import threading
-
     def drain() -> None:
         assert process.stderr is not None
         for line in process.stderr:
