@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ def cluster() -> Iterator[Cluster]:
     finally:
         stop_cluster(running, mode="fast")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def libpq_env(db: Cluster) -> dict[str, str]:
+    """The environment for libpq's own tools (psql, pgbench): verified TLS."""
+    return {**os.environ, "PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(db.certificates.ca_cert)}
 
 
 def postgres_pids(db: Cluster) -> list[int]:
@@ -127,8 +133,6 @@ def _serving_port(process: subprocess.Popen[str]) -> int:
 
 
 def _drain_in_background(process: subprocess.Popen[str]) -> None:
-    import threading
-
     def drain() -> None:
         assert process.stderr is not None
         for line in process.stderr:

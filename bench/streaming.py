@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.harness import ServiceProcess, cluster, save, service
+from bench.harness import ServiceProcess, cluster, libpq_env, save, service
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from service.devcluster import Cluster
 
@@ -60,9 +60,8 @@ def copy_file(count: int, directory: Path) -> Path:
 
 def psql(db: Cluster, command: str) -> float:
     """Runs one psql meta-command over verified TLS; returns seconds."""
-    env = {**os.environ, "PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(db.certificates.ca_cert)}
     started = time.perf_counter()
-    subprocess.run(["psql", "-X", "-q", db.dsn(), "-c", command], env=env, check=True)
+    subprocess.run(["psql", "-X", "-q", db.dsn(), "-c", command], env=libpq_env(db), check=True)
     return time.perf_counter() - started
 
 

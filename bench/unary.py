@@ -47,6 +47,7 @@ from bench.harness import (
     RESULTS,
     ServiceProcess,
     cluster,
+    libpq_env,
     machine,
     pin,
     postgres_pids,
@@ -231,11 +232,7 @@ class Runner:
 def pgbench(db: Cluster, seconds: float) -> list[dict]:
     """`pgbench -S -M prepared` over the same verified TLS, in the server's
     place (CPU 0) against PostgreSQL on CPU 1."""
-    env = {
-        **os.environ,
-        "PGSSLMODE": "verify-full",
-        "PGSSLROOTCERT": str(db.certificates.ca_cert),
-    }
+    env = libpq_env(db)
     subprocess.run(["pgbench", "-i", "-q", "-s", "1", db.dsn()], env=env, check=True,
                    capture_output=True)  # fmt: skip
     results = []
