@@ -113,7 +113,7 @@ def add_service(
             behavior,
             request_deserializer=_tolerant(method, max_message_bytes),
             response_serializer=encoded.serializer(
-                message_factory.GetMessageClass(method.output_type)
+                method, message_factory.GetMessageClass(method.output_type)
             ),
         )
     server.add_generic_rpc_handlers(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 
 import grpc
 import pytest
@@ -309,6 +310,56 @@ async def test_cancel_mid_history_returns_the_connection(app, events, admin_db):
     await eventually(lambda: no_open_transactions(admin_db), what="transactions to end")
 
 
+PAUSED_EVENTS = 120_000  # about 70 MB as messages: more than any transport buffers
+
+
+async def test_a_reader_that_stops_holds_the_cursor_back_until_the_deadline(app, events, admin_db):
+    """Back-pressure: a caller that stops reading stops the cursor. The
+    handler waits in context.write once HTTP/2 flow control and the socket
+    buffers are full, so the history cannot finish (it would, well within the
+    deadline, if rows were buffered in the server), the server's memory does
+    not grow with the stream, and the deadline still ends the call and
+    returns the connection."""
+    subject = unique("paused/")
+    await admin_db.execute(
+        "INSERT INTO events (type, source, subject, time, payload) "
+        "SELECT 'test.paused', '/tests', $1, now(), jsonb_build_object('n', n, 'pad', $2::text) "
+        "FROM generate_series(1, $3) AS n",
+        subject,
+        "x" * 500,
+        PAUSED_EVENTS,
+    )
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        call = events.StreamEvents(
+            event_service_pb2.StreamEventsRequest(subject=subject), timeout=5
+        )
+        await call.read()
+        # The status arrives without reading another message.
+        code = await call.code()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Two fetches of rows and a message or two, far from the ~70 MB the
+    # whole history would take.
+    assert peak - before < 32 << 20, f"{(peak - before) >> 20} MiB held by the stream"
+    await eventually(lambda: pool_is_full(app), what="the connection to return")
+    await eventually(lambda: no_open_transactions(admin_db), what="the transaction to end")
+
+
+async def test_cancelled_follower_gives_back_its_place(app, events, admin_db):
+    subject = unique("follow-cancel/")
+    call = events.StreamEvents(event_service_pb2.StreamEventsRequest(subject=subject, follow=True))
+    await eventually(lambda: _following_at_least_one(app), what="the follower to start")
+    call.cancel()
+    assert await call.code() == grpc.StatusCode.CANCELLED
+    await eventually(lambda: _no_followers(app), what="the follower's place to be given back")
+    await eventually(lambda: pool_is_full(app), what="connections to return")
+    assert await no_open_transactions(admin_db)
+
+
 async def test_invalid_stream_requests(events):
     cases = [
         (event_service_pb2.StreamEventsRequest(after_id=-1), "after_id"),
@@ -336,3 +387,7 @@ async def test_events_written_outside_the_service_reach_idle_followers(app, even
 
 async def _following_at_least_one(app) -> bool:
     return app.followers.in_use >= 1
+
+
+async def _no_followers(app) -> bool:
+    return app.followers.in_use == 0

@@ -340,6 +340,22 @@ async def test_client_cancel_mid_stream_leaves_nothing(orders, admin_db, app):
     assert await stored_import(admin_db, import_id) is None
 
 
+async def test_lost_client_connection_mid_stream_leaves_nothing(admin_db, app):
+    before = await table_counts(admin_db)
+    import_id = unique("import")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    call = order_service_pb2_grpc.OrderServiceStub(channel).ImportOrders()
+    for n in range(20):
+        await call.write(Request(import_id=import_id if n == 0 else "", orders=[order()] * 1000))
+    await eventually(lambda: _some_rows_copied(admin_db), what="rows to reach the staging table")
+    await channel.close()  # the HTTP/2 connection goes away under the stream
+
+    await eventually(lambda: pool_is_full(app), what="the connection to return")
+    await eventually(lambda: nothing_left_running(admin_db), what="the COPY to end")
+    assert await table_counts(admin_db) == before
+    assert await stored_import(admin_db, import_id) is None
+
+
 async def test_deadline_mid_stream_leaves_nothing(orders, admin_db, app):
     before = await table_counts(admin_db)
     import_id = unique("import")

@@ -243,6 +243,8 @@ BAD_EVENTS: list[tuple[dict[str, object], str]] = [
     ({"json_payload": "[" * 100_000 + "]" * 100_000}, "json_payload"),
     ({"json_payload": '{"a":' * 5000 + "1" + "}" * 5000}, "json_payload"),
     ({"json_payload": json.dumps({"x": "y" * (1 << 20)})}, "json_payload"),
+    # Under the limit in characters, over it in bytes.
+    ({"json_payload": json.dumps({"x": "é" * 600_000}, ensure_ascii=False)}, "json_payload"),
     (
         {
             "struct_payload": struct_pb2.Struct(
