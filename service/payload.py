@@ -26,17 +26,35 @@ def _reject_constant(name: str) -> None:
     raise InvalidPayload(f"{name} is not valid JSON")
 
 
-def _numeric_compatible(text: str) -> float:
-    """json's parse_float: refuses numbers that jsonb's numeric cannot hold
-    (found by tests/test_hostile_input.py: 1E131100 reached PostgreSQL)."""
-    number = decimal.Decimal(text)
-    _, digits, exponent = number.as_tuple()
-    assert isinstance(exponent, int)  # the JSON grammar has no NaN or Infinity
-    if -exponent > _NUMERIC_MAX_SCALE or (
-        number and exponent + len(digits) - 1 > _NUMERIC_MAX_WEIGHT
-    ):
-        raise InvalidPayload(f"the number {text[:24]} is out of PostgreSQL's numeric range")
-    return float(number)
+class _Numbers:
+    """json's parse_float for one payload. Refuses numbers that jsonb's
+    numeric cannot hold (found by tests/test_hostile_input.py: 1E131100
+    reached PostgreSQL), and counts how much longer jsonb writes the others
+    out: it stores `1E300` as a numeric and gives it back as 301 digits, so
+    a small payload of exponents would come back far larger than it was
+    sent (and than any caller can receive)."""
+
+    __slots__ = ("growth",)
+
+    def __init__(self) -> None:
+        self.growth = 0
+
+    def __call__(self, text: str) -> float:
+        number = decimal.Decimal(text)
+        sign, digits, exponent = number.as_tuple()
+        assert isinstance(exponent, int)  # the JSON grammar has no NaN or Infinity
+        if -exponent > _NUMERIC_MAX_SCALE or (
+            number and exponent + len(digits) - 1 > _NUMERIC_MAX_WEIGHT
+        ):
+            raise InvalidPayload(f"the number {text[:24]} is out of PostgreSQL's numeric range")
+        if not number:
+            written = 1 if exponent >= 0 else 2 - exponent  # 0, or 0.000...
+        elif exponent >= 0:
+            written = len(digits) + exponent
+        else:
+            written = max(1, len(digits) + exponent) + 1 - exponent
+        self.growth += max(0, sign + written - len(text))
+        return float(number)
 
 
 def _utf8_size(text: str) -> int:
@@ -45,17 +63,25 @@ def _utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode())
 
 
+def _check_written_out_size(size: int, numbers: _Numbers) -> None:
+    if size + numbers.growth > MAX_PAYLOAD_BYTES:
+        raise InvalidPayload(
+            f"at most {MAX_PAYLOAD_BYTES} bytes of UTF-8 with every number written out "
+            f"in full, as PostgreSQL returns it; this one takes {size + numbers.growth}"
+        )
+
+
 def json_object_text(event: event_pb2.Event) -> str:
     """Returns the payload as JSON text for jsonb, or raises InvalidPayload."""
     kind = event.WhichOneof("payload")
     if kind == "json_payload":
         text = event.json_payload
-        if _utf8_size(text) > MAX_PAYLOAD_BYTES:
+        size = _utf8_size(text)
+        if size > MAX_PAYLOAD_BYTES:
             raise InvalidPayload(f"at most {MAX_PAYLOAD_BYTES} bytes of UTF-8")
+        numbers = _Numbers()
         try:
-            value = json.loads(
-                text, parse_constant=_reject_constant, parse_float=_numeric_compatible
-            )
+            value = json.loads(text, parse_constant=_reject_constant, parse_float=numbers)
         except InvalidPayload:
             raise
         except RecursionError:
@@ -64,6 +90,7 @@ def json_object_text(event: event_pb2.Event) -> str:
             raise InvalidPayload(f"not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(value, dict):
             raise InvalidPayload("must be a JSON object")
+        _check_written_out_size(size, numbers)
         _check_jsonb_compatible(text, value)
         return text
     if kind == "struct_payload":
@@ -74,8 +101,14 @@ def json_object_text(event: event_pb2.Event) -> str:
             raise InvalidPayload("nested too deeply") from None
         except ValueError:
             raise InvalidPayload("numbers must be finite") from None
-        if _utf8_size(text) > MAX_PAYLOAD_BYTES:
+        size = _utf8_size(text)
+        if size > MAX_PAYLOAD_BYTES:
             raise InvalidPayload(f"at most {MAX_PAYLOAD_BYTES} bytes of UTF-8")
+        # A Struct's numbers are doubles, which json writes as 1e+300; the
+        # slow path already, so parse once more to count their digits.
+        numbers = _Numbers()
+        json.loads(text, parse_float=numbers)
+        _check_written_out_size(size, numbers)
         _check_jsonb_compatible(text, value)
         return text
     raise InvalidPayload("required: a JSON object in json_payload or struct_payload")

@@ -245,6 +245,22 @@ BAD_EVENTS: list[tuple[dict[str, object], str]] = [
     ({"json_payload": json.dumps({"x": "y" * (1 << 20)})}, "json_payload"),
     # Under the limit in characters, over it in bytes.
     ({"json_payload": json.dumps({"x": "é" * 600_000}, ensure_ascii=False)}, "json_payload"),
+    # 24 KB as sent; over 1 MiB as PostgreSQL writes the numbers out.
+    ({"json_payload": '{"x": [' + ",".join(["1e300"] * 4000) + "]}"}, "json_payload"),
+    (
+        {
+            "struct_payload": struct_pb2.Struct(
+                fields={
+                    "x": struct_pb2.Value(
+                        list_value=struct_pb2.ListValue(
+                            values=[struct_pb2.Value(number_value=1e300)] * 4000
+                        )
+                    )
+                }
+            )
+        },
+        "struct_payload",
+    ),
     (
         {
             "struct_payload": struct_pb2.Struct(
