@@ -177,6 +177,10 @@ class App:
             # Twice the limit: service/decoding.py refuses what lies between
             # with details; gRPC refuses the rest without reading it.
             ("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
+            # After this age a connection gets GOAWAY: its calls run on (the
+            # grace is unlimited, so follow streams are not cut), new calls
+            # open a new connection (see ORDERSTREAM_MAX_CONNECTION_AGE).
+            ("grpc.max_connection_age_ms", round(settings.max_connection_age * 1000)),
         ]
         server = grpc.aio.server(
             options=options,

@@ -115,6 +115,7 @@ class Settings:
     reflection: bool
     max_message_bytes: int
     max_concurrent_rpcs: int | None
+    max_connection_age: float
     # A streaming standby for reads that tolerate lag (service/read_routing.py).
     replica: DatabaseTarget | None
     replica_max_lag: float
@@ -173,6 +174,9 @@ class Settings:
             max_concurrent_rpcs=env.optional_integer(
                 "ORDERSTREAM_MAX_CONCURRENT_RPCS", low=1, high=1_000_000
             ),
+            # kube-proxy balances connections, not calls: an aged-out client
+            # connection reconnects and lands anywhere, new pods included.
+            max_connection_age=env.seconds("ORDERSTREAM_MAX_CONNECTION_AGE", 300.0),
             replica=(
                 _database_target(env, "ORDERSTREAM_REPLICA_DATABASE_URL")
                 if env.raw("ORDERSTREAM_REPLICA_DATABASE_URL") is not None

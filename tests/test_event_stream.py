@@ -228,6 +228,34 @@ async def _following(app) -> bool:
     return app.followers.in_use == 1
 
 
+async def test_an_aged_connection_moves_new_calls_and_keeps_its_followers(service_env, events):
+    """ORDERSTREAM_MAX_CONNECTION_AGE: the server's GOAWAY sends the client's
+    new calls over a new connection (where kube-proxy may pick another pod),
+    while a follow stream on the old one runs on."""
+    subject = unique("aged/")
+    async with (
+        running_app(service_env, ORDERSTREAM_MAX_CONNECTION_AGE="1") as aging,
+        grpc.aio.insecure_channel(f"127.0.0.1:{aging.port}") as channel,
+    ):
+        stub = event_service_pb2_grpc.EventServiceStub(channel)
+        call = stub.StreamEvents(
+            event_service_pb2.StreamEventsRequest(subject=subject, follow=True)
+        )
+        await eventually(lambda: _following_at_least_one(aging), what="the follower to start")
+        assert channel.get_state() == grpc.ChannelConnectivity.READY
+        async with asyncio.timeout(30):
+            await channel.wait_for_state_change(grpc.ChannelConnectivity.READY)  # GOAWAY
+        ids = await publish(events, subject, 2)
+        received = []
+        while len(received) < 2:
+            received.extend((await call.read()).events)
+        assert [e.id for e in received] == ids
+        # A new call opens a new connection and works.
+        got = await stub.GetEvent(event_service_pb2.GetEventRequest(id=ids[0]), timeout=10)
+        assert got.id == ids[0]
+        call.cancel()
+
+
 async def test_follow_ends_at_the_deadline_and_returns_everything(app, events, admin_db):
     subject = unique("deadline/")
     call = events.StreamEvents(
