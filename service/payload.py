@@ -90,7 +90,8 @@ def json_object_text(event: event_pb2.Event) -> str:
             raise InvalidPayload(f"not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(value, dict):
             raise InvalidPayload("must be a JSON object")
-        _check_written_out_size(size, numbers)
+        if numbers.growth:
+            _check_written_out_size(size, numbers)
         _check_jsonb_compatible(text, value)
         return text
     if kind == "struct_payload":
@@ -108,7 +109,8 @@ def json_object_text(event: event_pb2.Event) -> str:
         # slow path already, so parse once more to count their digits.
         numbers = _Numbers()
         json.loads(text, parse_float=numbers)
-        _check_written_out_size(size, numbers)
+        if numbers.growth:
+            _check_written_out_size(size, numbers)
         _check_jsonb_compatible(text, value)
         return text
     raise InvalidPayload("required: a JSON object in json_payload or struct_payload")
