@@ -45,13 +45,13 @@ $(STAMPS)/system:
 	@# Separately, so a node.js from elsewhere (which conflicts with Debian's npm)
 	@# does not stop it being installed.
 	$(call apt_install,[ ! -x $(PGBOUNCER) ],pgbouncer,pgbouncer (the tests run the core suite through it))
-	$(call apt_install,! command -v gcc >/dev/null,gcc libc6-dev,a C compiler (service/event_wire.c))
-	$(call apt_install,[ ! -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" ],python3-dev,Python's C headers (service/event_wire.c))
+	$(call apt_install,! command -v gcc >/dev/null,gcc libc6-dev,a C compiler (service/events/wire.c))
+	$(call apt_install,[ ! -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" ],python3-dev,Python's C headers (service/events/wire.c))
 	@touch $@
 
-# The editable install also compiles service/event_wire.c in place, hence
+# The editable install also compiles service/events/wire.c in place, hence
 # its prerequisites (gcc comes from $(STAMPS)/system).
-$(STAMPS)/python: requirements.txt requirements-dev.txt pyproject.toml setup.py service/event_wire.c clients/python/pyproject.toml
+$(STAMPS)/python: requirements.txt requirements-dev.txt pyproject.toml setup.py service/events/wire.c clients/python/pyproject.toml
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
@@ -129,13 +129,13 @@ soak: install
 
 run: install
 	@if [ -z "$${DATABASE_URL:-}" ]; then \
-	  exports="$$($(PY) -m service.devcluster up $(DEVDB))" || exit 1; \
+	  exports="$$($(PY) -m devcluster up $(DEVDB))" || exit 1; \
 	  eval "$$exports"; \
 	fi; \
 	exec $(PY) -m service serve
 
 devdb-down: $(STAMPS)/python
-	$(PY) -m service.devcluster down $(DEVDB)
+	$(PY) -m devcluster down $(DEVDB)
 
 # h2load (Debian's nghttp2-client) drives the unary benchmark.
 $(STAMPS)/bench:

@@ -28,7 +28,7 @@ import asyncpg
 import grpc
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from service.database import open_pool
+from service.db.pool import open_pool
 from service.settings import Settings
 
 

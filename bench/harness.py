@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.devcluster import Cluster, start_cluster, stop_cluster
+from devcluster.cluster import Cluster, start_cluster, stop_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

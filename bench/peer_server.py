@@ -5,7 +5,7 @@ synchronous stack, with the same care.
 
 psycopg 3 with a psycopg_pool ConnectionPool (verified TLS, like the
 service), a sync `grpc.server` with a thread pool, the generated stubs, the
-service's own SQL text (service/order_sql.py), server-side prepared
+service's own SQL text (service/orders/sql.py), server-side prepared
 statements, binary results with timestamps decoded straight to integer
 microseconds (the service's codec trick), and the service's validation,
 body digest and row-to-message code. Serves GetOrder, CreateOrder and ListOrders (first page); reads
@@ -31,11 +31,11 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from service import order_sql
-from service.convert import created_order, fill_order, order_from_row
 from service.errors import ServiceError
-from service.order_rules import body_digest, checked_create, item_columns
-from service.validation import require_positive_id
+from service.orders import sql as order_sql
+from service.orders.convert import created_order, fill_order, order_from_row
+from service.orders.rules import body_digest, checked_create, item_columns
+from service.rpc.validation import require_positive_id
 
 # PostgreSQL counts timestamps from 2000-01-01; protobuf from 1970-01-01.
 _PG_EPOCH_OFFSET_US = 946_684_800_000_000

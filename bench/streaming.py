@@ -26,8 +26,8 @@ from pathlib import Path
 import grpc
 
 from bench.harness import ServiceProcess, cluster, libpq_env, save, service
+from devcluster.cluster import Cluster
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
-from service.devcluster import Cluster
 
 EVENTS_PER_MESSAGE = 1000
 ROUNDS = 3  # of `psql \\copy` out and StreamEvents, alternating

@@ -58,9 +58,9 @@ from bench.harness import (
     service_env,
 )
 from bench.streaming import upload_messages
+from devcluster.cluster import Cluster
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from service.devcluster import Cluster
 
 CONCURRENCY = (1, 16, 64)
 HEADLINE = 16  # the concurrency the targets are judged at

@@ -12,12 +12,13 @@ from collections.abc import Coroutine
 from dataclasses import replace as dataclasses_replace
 from typing import Any
 
-from service import logs, workers
-from service.database import StartupError, direct_session
-from service.migrate import migrate
-from service.server import App
+from service.app import App
+from service.db.migrate import migrate
+from service.db.pool import direct_session
+from service.errors import StartupError
+from service.ops import logs, workers
+from service.ops.tracing import Tracing
 from service.settings import Settings, SettingsError
-from service.tracing import Tracing
 
 log = logging.getLogger("service")
 

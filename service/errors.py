@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 DOMAIN = "orderstream"
 
 
+class StartupError(Exception):
+    """The service cannot start; the message says why and what to change."""
+
+
 @dataclass(frozen=True)
 class FieldViolation:
     field: str  # proto path, e.g. "items[2].quantity"

@@ -111,12 +111,12 @@ class Settings:
     metrics_port: int | None
     health_port: int | None
     tls: ListenerTls | None
-    auth_tokens_file: Path | None  # set: every call needs a token (service/auth.py)
+    auth_tokens_file: Path | None  # set: every call needs a token (service/rpc/auth.py)
     reflection: bool
     max_message_bytes: int
     max_concurrent_rpcs: int | None
     max_connection_age: float
-    # A streaming standby for reads that tolerate lag (service/read_routing.py).
+    # A streaming standby for reads that tolerate lag (service/db/routing.py).
     replica: DatabaseTarget | None
     replica_max_lag: float
     replica_check_interval: float

@@ -1,5 +1,5 @@
 """Client certificates for mTLS tests: a fresh CA and a clientAuth
-certificate it signed (service/devcluster.py only makes server
+certificate it signed (devcluster/cluster.py only makes server
 certificates, which a server refuses as a client's)."""
 
 from __future__ import annotations

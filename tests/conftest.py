@@ -20,10 +20,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2_grpc
 
+from devcluster.cluster import Cluster, start_cluster, stop_cluster
 from orderstream.events.v1 import event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2_grpc
-from service.devcluster import Cluster, start_cluster, stop_cluster
-from service.server import App
+from service.app import App
 from service.settings import Settings
 from tests.pgbouncer import PgBouncer, start_pgbouncer, stop_pgbouncer
 from tests.support import admin_ssl_context

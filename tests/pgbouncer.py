@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import asyncpg
 
-from service.devcluster import (
+from devcluster.cluster import (
     Certificates,
     Cluster,
     give_to_server_user,

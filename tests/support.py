@@ -16,9 +16,9 @@ import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from devcluster.cluster import Cluster
 from orderstream.orders.v1 import order_pb2, order_service_pb2
-from service.devcluster import Cluster
-from service.server import App
+from service.app import App
 from service.settings import Settings
 
 

@@ -20,14 +20,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from devcluster.cluster import make_certificates
 from orderstream.client import create_channel
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from service import auth
-from service.auth import METHOD_SCOPES, SCOPES, TokenAuth, Tokens
-from service.database import StartupError
-from service.devcluster import make_certificates
-from service.server import EVENT_SERVICE, ORDER_SERVICE, App, _interceptors
+from service.app import EVENT_SERVICE, ORDER_SERVICE, App, _interceptors
+from service.errors import StartupError
+from service.rpc import auth
+from service.rpc.auth import METHOD_SCOPES, SCOPES, TokenAuth, Tokens
 from service.settings import Settings
 from tests.support import StatusDetails, create_request, details, running_app, table_counts, unique
 from tests.test_readme import run_shell

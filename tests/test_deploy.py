@@ -205,8 +205,10 @@ def test_the_image_install_builds_the_extension(tmp_path):
     (wheel,) = tmp_path.glob("orderstream-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-    assert [n for n in names if re.fullmatch(r"service/event_wire\.cpython-.*\.so", n)], names
-    assert "service/migrations/0001_orders_and_events.sql" in names
+    assert [n for n in names if re.fullmatch(r"service/events/wire\.cpython-.*\.so", n)], names
+    assert "service/db/migrations/0001_orders_and_events.sql" in names
+    # The development cluster is for `make run` and the tests only.
+    assert not [n for n in names if n.startswith("devcluster/")], names
 
 
 def entrypoint() -> list[str]:

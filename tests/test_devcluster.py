@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from cryptography import x509
 
-from service.devcluster import (
+from devcluster.cluster import (
     Cluster,
     create_database,
     make_ca_only,

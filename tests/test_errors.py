@@ -12,7 +12,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from service.call import Database
+from service.db.runner import Database
 from service.errors import ServiceError, from_exception
 from tests.support import admin_ssl_context
 

@@ -12,7 +12,7 @@ import pytest
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from service.server import App
+from service.app import App
 from service.settings import Settings
 from tests.support import create_request, eventually, pool_is_full, rpc_error, running_app, unique
 

@@ -1,4 +1,4 @@
-"""service/event_wire.c against the protobuf runtime: for any event rows, the
+"""service/events/wire.c against the protobuf runtime: for any event rows, the
 C encoder must write exactly the bytes protobuf serialises for the same
 StreamEventsResponse, and fill messages up to their byte budget, never past
 it but with an event that alone is larger."""
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orderstream.events.v1 import event_service_pb2
-from service.event_wire import encode_events
+from service.events.wire import encode_events
 
 # google.protobuf.Timestamp's range, 0001-01-01 to 9999-12-31, in microseconds.
 MIN_TIME_US = -62_135_596_800_000_000

@@ -9,8 +9,8 @@ import asyncio
 
 import asyncpg
 
-from service.database import connect_direct
-from service.feed import EventFeed
+from service.db.pool import connect_direct
+from service.events.feed import EventFeed
 from service.settings import Settings
 
 POLL = 0.05  # seconds; a follower that polled would wake 40 times in 2 s

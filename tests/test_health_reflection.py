@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from service.server import SERVICE_NAMES
+from service.app import SERVICE_NAMES
 from tests.support import create_request, rpc_error, running_app, unique
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

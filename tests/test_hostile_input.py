@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from service.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
+from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from tests import input_tally
 from tests.support import StatusDetails, create_request, details, running_app, unique
 

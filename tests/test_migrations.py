@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from service import migrate as migrate_module
-from service.devcluster import Cluster, create_database
-from service.migrate import available_migrations, migrate
+from devcluster.cluster import Cluster, create_database
+from service.db import migrate as migrate_module
+from service.db.migrate import available_migrations, migrate
 from tests.support import admin_ssl_context, eventually, unique
 from tests.test_startup import ServiceProcess, process_env, service_process
 

@@ -20,11 +20,12 @@ import asyncpg
 import asyncpg.connection
 import pytest
 
+from devcluster.cluster import Cluster, make_ca_only
 from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_service_pb2
-from service.database import StartupError, connect_direct
-from service.devcluster import Cluster, make_ca_only
-from service.server import App
+from service.app import App
+from service.db.pool import connect_direct
+from service.errors import StartupError
 from service.settings import Settings, SettingsError
 from tests.pgbouncer import POOL_SIZE, PgBouncer, start_pgbouncer, stop_pgbouncer
 from tests.support import create_request, eventually, unique

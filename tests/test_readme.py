@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.devcluster import create_database
+from devcluster.cluster import create_database
 from tests.support import running_app, unique
 
 REPO = Path(__file__).resolve().parents[1]

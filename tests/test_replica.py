@@ -20,12 +20,12 @@ import asyncpg
 import grpc
 import pytest
 
+from devcluster.cluster import Cluster, start_cluster, start_standby, stop_cluster
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from service.database import StartupError
-from service.devcluster import Cluster, start_cluster, start_standby, stop_cluster
-from service.migrate import migrate
-from service.server import App
+from service.app import App
+from service.db.migrate import migrate
+from service.errors import StartupError
 from service.settings import Settings
 from tests.support import (
     admin_ssl_context,
@@ -439,7 +439,7 @@ async def test_a_replica_that_comes_back_is_used_again(
 
 
 async def test_the_safe_horizon_is_not_safe_on_a_standby(primary, primary_admin, standby):
-    """Why StreamEvents stays on the primary (service/read_routing.py): an
+    """Why StreamEvents stays on the primary (service/db/routing.py): an
     event drawn but not yet committed on the primary holds the primary's
     horizon below it, but the standby sees neither the primary's advisory
     locks nor the sequence's exact value, so its horizon passes the event

@@ -14,8 +14,8 @@ from urllib.parse import quote
 import grpc
 import pytest
 
+from devcluster.cluster import Cluster
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from service.devcluster import Cluster
 from tests.support import create_request, rpc_error, unique
 from tests.test_auth import bearer, write_tokens_file
 from tests.test_startup import EXIT_CONFIG, process_env, service_process

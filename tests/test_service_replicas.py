@@ -14,10 +14,10 @@ import asyncpg
 import grpc
 import pytest
 
+from devcluster.cluster import Cluster, create_database
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from service.devcluster import Cluster, create_database
-from service.migrate import available_migrations
+from service.db.migrate import available_migrations
 from tests.support import admin_ssl_context, create_request, eventually, unique
 from tests.test_imports import order
 from tests.test_startup import ServiceProcess, process_env, service_process

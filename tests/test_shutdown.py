@@ -18,9 +18,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devcluster.cluster import Cluster
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from service.devcluster import Cluster
-from service.migrate import migrate
+from service.db.migrate import migrate
 from tests.support import admin_ssl_context, create_request, eventually, rpc_error, unique
 from tests.test_startup import process_env, service_process
 

@@ -21,15 +21,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.database import StartupError
-from service.devcluster import Cluster, make_ca_only
-from service.server import App
+from devcluster.cluster import Cluster, make_ca_only
+from service.app import App
+from service.errors import StartupError
 from service.settings import Settings, SettingsError
 from tests.support import running_app
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_CONFIG = 2
-# The cluster writes its server log here (see service/devcluster.py's layout).
+# The cluster writes its server log here (see devcluster/cluster.py's layout).
 SERVER_LOG = "server.log"
 PLAIN_TEXT_REJECTED = "no encryption"  # PostgreSQL's pg_hba message for a plain-text attempt
 

@@ -1,5 +1,5 @@
 """TLS and mTLS on the gRPC listener with real certificates: the server's
-from service.devcluster, client certificates from tests/client_identity.py. Health
+from devcluster.cluster, client certificates from tests/client_identity.py. Health
 for probes stays reachable in plain text on its own port."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devcluster.cluster import Certificates, make_certificates
 from orderstream.orders.v1 import order_service_pb2_grpc
-from service.database import StartupError
-from service.devcluster import Certificates, make_certificates
+from service.errors import StartupError
 from tests.client_identity import ClientIdentity, client_identity
 from tests.support import create_request, rpc_error, running_app
 

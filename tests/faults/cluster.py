@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from service.devcluster import Cluster, start_cluster, stop_cluster
+from devcluster.cluster import Cluster, start_cluster, stop_cluster
 from tests.support import admin_ssl_context
 
 T = TypeVar("T")

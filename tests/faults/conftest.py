@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from orderstream.events.v1 import event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2_grpc
-from service.migrate import migrate
+from service.db.migrate import migrate
 from tests.faults.cluster import GATE_SQL, Admin, FaultCluster
 from tests.faults.invariants import check_invariants
 from tests.faults.ledger import Ledger

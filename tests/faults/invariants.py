@@ -19,7 +19,7 @@ from tests.faults.service import Target
 from tests.support import eventually
 
 # What a healthy idle service runs on its own: the health check and the
-# feed's horizon poll (service/health.py, service/feed.py).
+# feed's horizon poll (service/rpc/health.py, service/events/feed.py).
 _BACKGROUND_QUERIES = ("SELECT 1", "events_safe_horizon")
 _SETTLE_SECONDS = 30.0
 

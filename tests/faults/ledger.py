@@ -166,7 +166,7 @@ class Ledger:
     def record_not_committed(self, kind: str, key: str, requests: Sequence[Any]) -> None:
         """An upload or import whose request stream the caller never closed:
         the service commits a load only after a real end of stream
-        (service/client_stream.py confirm_end), so it must be absent."""
+        (service/streams/loads.py confirm_end), so it must be absent."""
         self.writes.append(
             Write(
                 kind,

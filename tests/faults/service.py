@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.devcluster import Cluster
+from devcluster.cluster import Cluster
 from tests.test_startup import ServiceProcess, process_env, service_process
 
 # Client channels: no BDP probing, so the flow-control window stays at its

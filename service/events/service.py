@@ -1,0 +1,141 @@
+"""EventService: publish and read events of the global feed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
+from service.db.codecs import unix_micros
+from service.db.runner import Database
+from service.errors import not_found
+from service.events import sql
+from service.events.convert import event_from_row
+from service.events.feed import EventFeed
+from service.events.payload import InvalidPayload, json_object_text
+from service.events.stream import stream_events
+from service.events.uploads import upload_events
+from service.rpc.boundary import rpc
+from service.rpc.validation import Violations, require_positive_id
+from service.settings import Settings
+from service.streams.limits import StreamSlots
+
+MAX_PUBLISH_EVENTS = 1000
+
+
+class EventRows:
+    """Column arrays for one multi-row insert, filled event by event."""
+
+    def __init__(self) -> None:
+        self.types: list[str] = []
+        self.sources: list[str] = []
+        self.subjects: list[str] = []
+        self.times: list[int | None] = []
+        self.payloads: list[str] = []
+
+    def add(self, field: str, event: event_pb2.Event, v: Violations) -> None:
+        """Checks `event` (reported under `field`) and appends it if valid."""
+        before = v.count
+        v.text(f"{field}.type", event.type, max_length=256)
+        v.text(f"{field}.source", event.source, max_length=1024)
+        v.text(f"{field}.subject", event.subject, max_length=1024, required=False)
+        has_time = event.HasField("time")
+        if has_time:
+            v.timestamp(f"{field}.time", event.time)
+        kind = event.WhichOneof("payload") or "json_payload"
+        try:
+            payload = json_object_text(event)
+        except InvalidPayload as exc:
+            v.add(f"{field}.{kind}", str(exc))
+            return
+        if v.count != before:
+            return
+        self.types.append(event.type)
+        self.sources.append(event.source)
+        self.subjects.append(event.subject)
+        self.times.append(unix_micros(event.time) if has_time else None)
+        self.payloads.append(payload)
+
+
+class EventService(event_service_pb2_grpc.EventServiceServicer):
+    def __init__(
+        self,
+        db: Database,
+        *,
+        streams: StreamSlots,
+        followers: StreamSlots,
+        feed: EventFeed,
+        settings: Settings,
+    ) -> None:
+        self._db = db
+        self._streams = streams
+        self._followers = followers
+        self._feed = feed
+        self._batch_bytes = settings.stream_batch_bytes
+        self._max_upload_events = settings.max_upload_events
+
+    @rpc
+    async def PublishEvents(
+        self, request: event_service_pb2.PublishEventsRequest, context: grpc.aio.ServicerContext
+    ) -> event_service_pb2.PublishEventsResponse:
+        v = Violations()
+        if not 1 <= len(request.events) <= MAX_PUBLISH_EVENTS:
+            v.add(
+                "events", f"must hold 1 to {MAX_PUBLISH_EVENTS} events, got {len(request.events)}"
+            )
+        v.raise_if_any()
+        rows = EventRows()
+        for n, event in enumerate(request.events):
+            rows.add(f"events[{n}]", event, v)
+        v.raise_if_any()
+        records = await self._db.fetch(
+            context,
+            sql.PUBLISH_EVENTS,
+            rows.types,
+            rows.sources,
+            rows.subjects,
+            rows.times,
+            rows.payloads,
+        )
+        self._feed.announce()
+        return event_service_pb2.PublishEventsResponse(ids=sorted(r["id"] for r in records))
+
+    @rpc
+    async def GetEvent(
+        self, request: event_service_pb2.GetEventRequest, context: grpc.aio.ServicerContext
+    ) -> event_pb2.Event:
+        require_positive_id("id", request.id)
+        row = await self._db.fetchrow(context, sql.GET_EVENT, request.id)
+        if row is None:
+            raise not_found("event", request.id)
+        return event_from_row(row)
+
+    @rpc
+    async def UploadEvents(
+        self,
+        request_iterator: AsyncIterator[event_service_pb2.UploadEventsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> event_service_pb2.UploadEventsResponse:
+        return await upload_events(
+            self._db,
+            self._streams,
+            request_iterator,
+            context,
+            max_events=self._max_upload_events,
+            on_commit=self._feed.announce,
+        )
+
+    @rpc
+    async def StreamEvents(  # type: ignore[override]  # writes via context.write
+        self, request: event_service_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await stream_events(
+            self._db,
+            request,
+            context,
+            streams=self._streams,
+            followers=self._followers,
+            feed=self._feed,
+            batch_bytes=self._batch_bytes,
+        )

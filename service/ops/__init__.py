@@ -1,0 +1,1 @@
+"""The process and its telemetry: metrics, tracing, logs, worker processes."""

@@ -1,0 +1,256 @@
+"""OrderService: create, get, list and update orders."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import grpc
+
+from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
+from service.db.routing import ReadRouter, Sent
+from service.db.runner import Database
+from service.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from service.events.feed import EventFeed
+from service.orders import sql
+from service.orders.convert import STATUS_NAMES, created_order, fill_order, order_from_row
+from service.orders.export import export_orders
+from service.orders.filters import order_filters
+from service.orders.imports import import_orders
+from service.orders.page_token import InvalidPageToken, PageTokens
+from service.orders.rules import body_digest, checked_create, item_columns
+from service.rpc.boundary import rpc
+from service.rpc.validation import Violations, require_positive_id
+from service.settings import Settings
+from service.streams.limits import StreamSlots
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+# Target status -> the statuses an order may move to it from.
+ALLOWED_FROM: dict[int, tuple[str, ...]] = {
+    order_pb2.ORDER_STATUS_PENDING: (),
+    order_pb2.ORDER_STATUS_PAID: ("PENDING",),
+    order_pb2.ORDER_STATUS_SHIPPED: ("PAID",),
+    order_pb2.ORDER_STATUS_DELIVERED: ("SHIPPED",),
+    order_pb2.ORDER_STATUS_CANCELLED: ("PENDING", "PAID"),
+}
+
+
+def _checked_status(field: str, status: int, *, allow_unspecified: bool) -> None:
+    if status in STATUS_NAMES or (
+        allow_unspecified and status == order_pb2.ORDER_STATUS_UNSPECIFIED
+    ):
+        return
+    raise invalid_argument([FieldViolation(field, f"not a valid OrderStatus: {status}")])
+
+
+class OrderService(order_service_pb2_grpc.OrderServiceServicer):
+    def __init__(
+        self,
+        db: Database,
+        page_tokens: PageTokens,
+        *,
+        streams: StreamSlots,
+        feed: EventFeed,
+        settings: Settings,
+        reads: ReadRouter,
+    ) -> None:
+        self._db = db
+        # ListOrders and ExportOrders may be served by the read replica
+        # (service/db/routing.py says why these and no others).
+        self._reads = reads
+        self._page_tokens = page_tokens
+        self._streams = streams
+        self._feed = feed
+        self._batch_bytes = settings.stream_batch_bytes
+
+    @rpc
+    async def CreateOrder(
+        self, request: order_service_pb2.CreateOrderRequest, context: grpc.aio.ServicerContext
+    ) -> order_pb2.Order:
+        total = checked_create(request)
+        digest = body_digest(request)
+        row = await self._db.fetchrow(
+            context,
+            sql.CREATE_ORDER,
+            request.request_id,
+            digest,
+            request.customer_id,
+            request.currency,
+            total,
+            *item_columns(request.items),
+        )
+        if row is None:
+            return await self._replay(request.request_id, digest, context)
+        self._feed.announce()
+        return created_order(request, total, row)
+
+    async def _replay(
+        self, request_id: str, digest: bytes, context: grpc.aio.ServicerContext
+    ) -> order_pb2.Order:
+        """Answers a repeated request_id: the same order, or ALREADY_EXISTS."""
+        row = await self._db.fetchrow(context, sql.ORDER_BY_REQUEST_ID, request_id)
+        if row is None:
+            # The insert conflicted with a committed order that is gone now:
+            # deleted in between (the service never deletes orders; an
+            # operator's clean-up might). A retry inserts it anew.
+            raise ServiceError(
+                grpc.StatusCode.ABORTED,
+                "CONCURRENT_REQUEST",
+                "a concurrent request with this request_id did not complete; retry",
+                retry_after=0.05,
+            )
+        if row["request_hash"] != digest:
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "REQUEST_ID_REUSED",
+                f"request_id was already used for order {row['id']} with a different body",
+                metadata={"order_id": str(row["id"])},
+            )
+        return order_from_row(row)
+
+    @rpc
+    async def GetOrder(
+        self, request: order_service_pb2.GetOrderRequest, context: grpc.aio.ServicerContext
+    ) -> order_pb2.Order:
+        require_positive_id("id", request.id)
+        row = await self._db.fetchrow(context, sql.GET_ORDER, request.id)
+        if row is None:
+            raise not_found("order", request.id)
+        return order_from_row(row)
+
+    @rpc
+    async def ListOrders(
+        self, request: order_service_pb2.ListOrdersRequest, context: grpc.aio.ServicerContext
+    ) -> order_service_pb2.ListOrdersResponse:
+        v = Violations()
+        filters = order_filters(request, v)
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            v.add("page_size", f"must be 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
+        v.raise_if_any()
+
+        fingerprint = _filter_fingerprint(request)
+        after_id = 0
+        if request.page_token:
+            try:
+                after_id = self._page_tokens.decode(request.page_token, fingerprint)
+            except InvalidPageToken as exc:
+                raise invalid_argument([FieldViolation("page_token", str(exc))]) from None
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        # One row beyond the page tells whether another page exists.
+        query = sql.list_orders(tuple(filters))
+        args = (*filters.values(), after_id, page_size + 1)
+
+        async def page(db: Database, _sent: Sent) -> list[asyncpg.Record]:
+            return await db.fetch(context, query, *args)
+
+        rows = await self._reads.read("ListOrders", page)
+        response = order_service_pb2.ListOrdersResponse()
+        add_order = response.orders.add
+        for row in rows[:page_size]:
+            fill_order(add_order(), row)
+        if len(rows) > page_size:
+            response.next_page_token = self._page_tokens.encode(
+                rows[page_size - 1]["id"], fingerprint
+            )
+        return response
+
+    @rpc
+    async def UpdateOrderStatus(
+        self, request: order_service_pb2.UpdateOrderStatusRequest, context: grpc.aio.ServicerContext
+    ) -> order_pb2.Order:
+        v = Violations()
+        v.positive_id("id", request.id)
+        if request.status not in STATUS_NAMES:
+            v.add(
+                "status",
+                f"must be a valid OrderStatus other than UNSPECIFIED, got {request.status}",
+            )
+        if request.expected_version < 0:
+            v.add("expected_version", "must be 0 (unconditional) or a version >= 1")
+        v.raise_if_any()
+
+        allowed_from = ALLOWED_FROM[request.status]
+        row = await self._db.fetchrow(
+            context,
+            sql.UPDATE_ORDER_STATUS,
+            request.id,
+            STATUS_NAMES[request.status],
+            list(allowed_from),
+            request.expected_version,
+        )
+        if row is not None:
+            self._feed.announce()
+            return order_from_row(row)
+        raise await self._explain_refused_update(request, allowed_from, context)
+
+    async def _explain_refused_update(
+        self,
+        request: order_service_pb2.UpdateOrderStatusRequest,
+        allowed_from: tuple[str, ...],
+        context: grpc.aio.ServicerContext,
+    ) -> ServiceError:
+        state = await self._db.fetchrow(context, sql.ORDER_STATE, request.id)
+        if state is None:
+            return not_found("order", request.id)
+        target = STATUS_NAMES[request.status]
+        if request.expected_version and state["version"] != request.expected_version:
+            return ServiceError(
+                grpc.StatusCode.ABORTED,
+                "VERSION_MISMATCH",
+                f"order {request.id} is at version {state['version']}, "
+                f"not {request.expected_version}; re-read it and retry",
+                retry_after=0.0,
+                metadata={"current_version": str(state["version"])},
+            )
+        if state["status"] not in allowed_from:
+            return ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "ILLEGAL_TRANSITION",
+                f"order {request.id} cannot move from {state['status']} to {target}",
+                metadata={"from": state["status"], "to": target},
+            )
+        # The order changed between the update and this look: say so.
+        return ServiceError(
+            grpc.StatusCode.ABORTED,
+            "CONCURRENT_UPDATE",
+            f"order {request.id} changed concurrently; retry",
+            retry_after=0.0,
+        )
+
+    @rpc
+    async def ExportOrders(  # type: ignore[override]  # writes via context.write
+        self, request: order_service_pb2.ExportOrdersRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def export(db: Database, sent: Sent) -> None:
+            await export_orders(
+                db,
+                request,
+                context,
+                streams=self._streams,
+                batch_bytes=self._batch_bytes,
+                sent=sent,
+            )
+
+        await self._reads.read("ExportOrders", export)
+
+    @rpc
+    async def ImportOrders(
+        self,
+        request_iterator: AsyncIterator[order_service_pb2.ImportOrdersRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> order_service_pb2.ImportOrdersResponse:
+        return await import_orders(
+            self._db, self._streams, request_iterator, context, on_commit=self._feed.announce
+        )
+
+
+def _filter_fingerprint(request: order_service_pb2.ListOrdersRequest) -> bytes:
+    """Binds a page token to its query: every field but page size and token."""
+    filters = order_service_pb2.ListOrdersRequest()
+    filters.CopyFrom(request)
+    filters.page_size = 0
+    filters.page_token = ""
+    return hashlib.sha256(filters.SerializeToString(deterministic=True)).digest()

@@ -1,0 +1,233 @@
+"""Who may call what: bearer tokens with scopes, checked in a grpc.aio
+server interceptor.
+
+Callers send `authorization: Bearer <token>` metadata. The tokens file
+(ORDERSTREAM_AUTH_TOKENS_FILE, a mounted Secret) holds one line per token:
+a name for the logs, the token's SHA-256 digest in hex and its scopes, e.g.
+
+    # name     sha256(token), hex                                                 scopes
+    billing    9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08   read,write
+
+so the file never holds a usable token, and a token is compared by its
+digest in constant time. Every method of OrderService and EventService
+needs exactly one scope, listed in `METHOD_SCOPES`; a method that is not
+listed is refused, so a new RPC stays closed until someone decides its scope.
+
+Health is open (kubelet's gRPC probes send no metadata); reflection needs a
+valid token of any scope (it shows the contract, not data).
+
+Without the setting no interceptor is installed at all: the grpc.aio
+interceptor pipeline alone cost about 26 µs of a 270 µs call (269 -> 295 µs
+of server CPU per call with a no-op interceptor), so deployments without
+caller authentication do not pay for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from service import errors
+from service.errors import ServiceError, StartupError
+from service.rpc.registry import HANDLER_KINDS
+
+log = logging.getLogger(__name__)
+
+READ = "read"
+WRITE = "write"
+SCOPES = (READ, WRITE)
+
+_ORDERS = "/orderstream.orders.v1.OrderService/"
+_EVENTS = "/orderstream.events.v1.EventService/"
+# The one table of which scope each method needs.
+METHOD_SCOPES: dict[str, str] = {
+    _ORDERS + "CreateOrder": WRITE,
+    _ORDERS + "GetOrder": READ,
+    _ORDERS + "ListOrders": READ,
+    _ORDERS + "UpdateOrderStatus": WRITE,
+    _ORDERS + "ExportOrders": READ,
+    _ORDERS + "ImportOrders": WRITE,
+    _EVENTS + "PublishEvents": WRITE,
+    _EVENTS + "GetEvent": READ,
+    _EVENTS + "UploadEvents": WRITE,
+    _EVENTS + "StreamEvents": READ,
+}
+# Served to anyone: kubelet's probes cannot send a token.
+OPEN_SERVICES = ("grpc.health.v1.Health",)
+# Served to any valid token, whatever its scopes.
+AUTHENTICATED_SERVICES = ("grpc.reflection.v1alpha.ServerReflection",)
+
+_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+# RFC 6750's b64token.
+_BEARER = re.compile(r"Bearer ([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)
+_HOW_TO_SEND = "send metadata 'authorization: Bearer <token>'"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """One line of the tokens file."""
+
+    name: str
+    digest: bytes
+    scopes: frozenset[str]
+
+
+class Tokens:
+    """The tokens file, read once at startup."""
+
+    def __init__(self, callers: Sequence[Caller]) -> None:
+        self._callers = tuple(callers)
+
+    @classmethod
+    def load(cls, path: Path) -> Tokens:
+        """Reads the file; errors name the file and line, never its content."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            raise StartupError(
+                f"cannot read ORDERSTREAM_AUTH_TOKENS_FILE {path}: {reason}"
+            ) from None
+        callers: list[Caller] = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            content = line.split("#", 1)[0].split()
+            if content:
+                callers.append(_caller(content, path, number))
+        if not callers:
+            raise StartupError(f"ORDERSTREAM_AUTH_TOKENS_FILE {path} lists no token")
+        digests = [caller.digest for caller in callers]
+        if len(set(digests)) != len(digests):
+            raise StartupError(f"ORDERSTREAM_AUTH_TOKENS_FILE {path} lists a token twice")
+        return cls(callers)
+
+    def find(self, token: str) -> Caller | None:
+        """The caller holding `token`. Compares with every digest, in
+        constant time each, so timing tells nothing about the table."""
+        digest = hashlib.sha256(token.encode()).digest()
+        found = None
+        for caller in self._callers:
+            if hmac.compare_digest(caller.digest, digest):
+                found = caller
+        return found
+
+
+def _caller(fields: list[str], path: Path, number: int) -> Caller:
+    where = f"ORDERSTREAM_AUTH_TOKENS_FILE {path} line {number}"
+    if len(fields) != 3:
+        raise StartupError(f"{where}: expected 'NAME SHA256_HEX SCOPES'")
+    name, digest, scopes = fields
+    if not _NAME.fullmatch(name):
+        raise StartupError(f"{where}: the name must be 1 to 64 of A-Z a-z 0-9 _ . @ -")
+    if not _DIGEST.fullmatch(digest):
+        raise StartupError(f"{where}: the digest must be 64 lowercase hex digits (sha256sum)")
+    granted = frozenset(scopes.split(","))
+    if not granted <= set(SCOPES):
+        raise StartupError(f"{where}: scopes must be a comma-separated list of: read, write")
+    return Caller(name, bytes.fromhex(digest), granted)
+
+
+def _bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> tuple[str | None, str]:
+    """The token, or None and the ErrorInfo reason why there is none."""
+    values = [value for key, value in metadata or () if key == "authorization"]
+    if not values:
+        return None, "TOKEN_MISSING"
+    match = _BEARER.fullmatch(values[0]) if isinstance(values[0], str) else None
+    if len(values) > 1 or match is None:
+        return None, "TOKEN_MALFORMED"
+    return match.group(1), ""
+
+
+_UNAUTHENTICATED_MESSAGES = {
+    "TOKEN_MISSING": f"this call needs a token: {_HOW_TO_SEND}",
+    "TOKEN_MALFORMED": f"the authorization metadata is malformed: {_HOW_TO_SEND}",
+    "TOKEN_UNKNOWN": "the token is not valid",
+}
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Refuses calls without a valid token (UNAUTHENTICATED) and calls whose
+    token lacks the method's scope (PERMISSION_DENIED)."""
+
+    def __init__(self, tokens: Tokens) -> None:
+        self._tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        service = method.split("/")[1] if method.count("/") == 2 else ""
+        if service in OPEN_SERVICES:
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:  # UNIMPLEMENTED: not a method of this server
+            return handler
+        error = self._refusal(
+            method,
+            service,
+            handler_call_details.invocation_metadata,  # type: ignore[attr-defined]
+        )
+        if error is None:
+            return handler
+        return _refusing(handler, method, error)
+
+    def _refusal(
+        self, method: str, service: str, metadata: Sequence[tuple[str, Any]] | None
+    ) -> ServiceError | None:
+        token, reason = _bearer_token(metadata)
+        caller = self._tokens.find(token) if token is not None else None
+        if caller is None:
+            reason = reason or "TOKEN_UNKNOWN"
+            return ServiceError(
+                grpc.StatusCode.UNAUTHENTICATED, reason, _UNAUTHENTICATED_MESSAGES[reason]
+            )
+        if service in AUTHENTICATED_SERVICES:
+            return None
+        scope = METHOD_SCOPES.get(method)
+        if scope is None:
+            return ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "METHOD_NOT_ALLOWED",
+                f"{method} is not open to any token",
+                metadata={"method": method, "caller": caller.name},
+            )
+        if scope not in caller.scopes:
+            return ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "SCOPE_MISSING",
+                f"{method} needs the {scope!r} scope, which this token does not have",
+                metadata={"method": method, "scope": scope, "caller": caller.name},
+            )
+        return None
+
+
+def _refusing(
+    handler: grpc.RpcMethodHandler, method: str, error: ServiceError
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that ends the call with `error`
+    without reading the request (no deserializer: it stays bytes)."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        log.warning(
+            "call refused",
+            extra={
+                "method": method,
+                "code": error.code.name,
+                "reason": error.reason,
+                "caller": error.metadata.get("caller"),
+                "peer": context.peer(),
+            },
+        )
+        await errors.abort(context, error)
+
+    return HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](refuse)

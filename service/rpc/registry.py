@@ -1,0 +1,122 @@
+"""Requests that do not parse get INVALID_ARGUMENT, not gRPC's UNKNOWN.
+
+grpc.aio answers a request message its deserializer cannot parse (corrupt
+bytes, or nesting deeper than protobuf's limit of 100, e.g. a deep Struct
+payload) with UNKNOWN and the parser's text (found by
+tests/test_hostile_input.py). The services are registered here instead of
+through the generated add_*Servicer_to_server, with deserializers that put
+an `Undecodable` in the message's place: `call.rpc` turns one that arrives
+as a unary request into INVALID_ARGUMENT, and `_decoded` one that arrives
+in a request stream, naming the message (`messages[3]`).
+
+The same deserializers refuse a message over ORDERSTREAM_MAX_MESSAGE_BYTES
+with RESOURCE_EXHAUSTED naming the message and the limit: gRPC's own check
+would answer without any details. gRPC's own limit is set to twice ours
+(service/app.py), so it still refuses, unread, what is far too large.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError
+
+from service.errors import FieldViolation, ServiceError, invalid_argument
+from service.rpc import encoded
+
+
+class Undecodable:
+    """Stands in for a request message that did not parse, or that is over
+    the size limit: `error` says which, for the field that held it."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: Callable[[str], ServiceError]) -> None:
+        self._error = error
+
+    def error(self, field: str) -> ServiceError:
+        return self._error(field)
+
+
+def _tolerant(method: MethodDescriptor, max_bytes: int) -> Callable[[bytes], Any]:
+    parse = message_factory.GetMessageClass(method.input_type).FromString
+    type_name = method.input_type.full_name
+
+    def deserialize(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            size = len(data)
+            return Undecodable(lambda field: _too_large(field, size, max_bytes))
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            reason = str(exc).rpartition(": ")[2]
+            return Undecodable(
+                lambda field: invalid_argument(
+                    [FieldViolation(field, f"not a valid {type_name} message: {reason}"[:240])]
+                )
+            )
+
+    return deserialize
+
+
+def _too_large(field: str, size: int, max_bytes: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "MESSAGE_TOO_LARGE",
+        f"a request message may hold at most {max_bytes} bytes; this one holds {size}",
+        [FieldViolation(field, f"{size} bytes, over the limit of {max_bytes}")],
+        metadata={"max_bytes": str(max_bytes)},
+    )
+
+
+async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    index = 0
+    async for message in requests:
+        if message.__class__ is Undecodable:
+            raise message.error(f"messages[{index}]")
+        index += 1
+        yield message
+
+
+def _checking_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def handle(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(_decoded(requests), context)
+
+    return handle
+
+
+# (request streaming, response streaming) -> grpc's handler factory.
+HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_service(
+    server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor, *, max_message_bytes: int
+) -> None:
+    """Registers `servicer`'s methods of `service`, as the generated
+    add_*Servicer_to_server would, but with tolerant deserializers."""
+    handlers = {}
+    for method in service.methods:
+        behavior = getattr(servicer, method.name)
+        if method.client_streaming:
+            behavior = _checking_stream(behavior)
+        kind = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            behavior,
+            request_deserializer=_tolerant(method, max_message_bytes),
+            response_serializer=encoded.serializer(
+                method, message_factory.GetMessageClass(method.output_type)
+            ),
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
