@@ -25,7 +25,6 @@ from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_service_pb2
 from service.db.migrate import migrate
 from service.db.pool import (
-    StartupError,
     close_pool,
     connect_direct,
     direct_session,
@@ -35,6 +34,7 @@ from service.db.pool import (
 from service.db.replica import ReplicaMonitor
 from service.db.routing import ReadRouter
 from service.db.runner import Database
+from service.errors import StartupError
 from service.events.feed import EventFeed
 from service.events.service import EventService
 from service.ops.metrics import Metrics, MetricsEndpoint
@@ -67,23 +67,27 @@ def _page_tokens(settings: Settings) -> PageTokens:
     return PageTokens(secrets.token_bytes(32))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class App:
+    """A running server process: what `stop` must wind down, and the ports
+    it bound (tests bind port 0 and read them here)."""
+
     settings: Settings
     pool: asyncpg.Pool
     server: grpc.aio.Server
+    port: int
     health: DatabaseHealth
+    health_task: asyncio.Task[None]
     feed: EventFeed
     followers: StreamSlots
-    port: int
-    _health_task: asyncio.Task[None]
-    health_server: grpc.aio.Server | None
-    health_port: int | None
     metrics: Metrics
-    metrics_endpoint: MetricsEndpoint | None
-    tracing: Tracing | None
+    # Health alone on a plain-text port, for Kubernetes' probes.
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
+    tracing: Tracing | None = None
     replica: ReplicaMonitor | None = None
-    _replica_task: asyncio.Task[None] | None = None
+    replica_task: asyncio.Task[None] | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -103,7 +107,7 @@ class App:
                     await migrate(conn)
             if settings.replica is not None:
                 replica_pool = await open_replica_pool(settings, settings.replica)
-            return await cls._serve(settings, pool, reuse_port, tracing, replica_pool)
+            return await cls._serve(settings, pool, replica_pool, reuse_port, tracing)
         except BaseException:
             if replica_pool is not None:
                 await close_pool(replica_pool, settings.shutdown_grace)
@@ -115,30 +119,18 @@ class App:
         cls,
         settings: Settings,
         pool: asyncpg.Pool,
+        replica_pool: asyncpg.Pool | None,
         reuse_port: bool,
         tracing: Tracing | None,
-        replica_pool: asyncpg.Pool | None = None,
     ) -> App:
         metrics = Metrics()
         metrics.watch_pool(pool)
-        # A second server on a taken port must fail, not silently share it;
-        # only sibling workers share on purpose.
-        options = [
-            ("grpc.so_reuseport", int(reuse_port)),
-            # Twice the limit: service/rpc/registry.py refuses what lies between
-            # with details; gRPC refuses the rest without reading it.
-            ("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
-            # After this age a connection gets GOAWAY: its calls run on (the
-            # grace is unlimited, so follow streams are not cut), new calls
-            # open a new connection (see ORDERSTREAM_MAX_CONNECTION_AGE).
-            ("grpc.max_connection_age_ms", round(settings.max_connection_age * 1000)),
-        ]
+        options = _server_options(settings, reuse_port)
         server = grpc.aio.server(
             options=options,
             interceptors=_interceptors(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        observer = Observer(metrics, tracing)
         db = Database(
             pool,
             acquire_timeout=settings.pool_acquire_timeout,
@@ -152,25 +144,31 @@ class App:
         streams = StreamSlots(settings.max_streams, "stream")
         followers = StreamSlots(settings.max_followers, "follower")
         orders = OrderService(
-            db, _page_tokens(settings), streams=streams, feed=feed, settings=settings, reads=reads
+            db,
+            reads=reads,
+            page_tokens=_page_tokens(settings),
+            streams=streams,
+            batch_bytes=settings.stream_batch_bytes,
+            announce=feed.announce,
         )
         events = EventService(
-            db, streams=streams, followers=followers, feed=feed, settings=settings
+            db,
+            streams=streams,
+            followers=followers,
+            feed=feed,
+            batch_bytes=settings.stream_batch_bytes,
+            max_upload_events=settings.max_upload_events,
         )
+        observer = Observer(metrics, tracing)
         # Not the generated add_*Servicer_to_server: a request that does not
         # parse must be INVALID_ARGUMENT, not UNKNOWN (service/rpc/registry.py).
-        registry.add_service(
-            server,
-            observer.servicer(orders, ORDER_SERVICE),
-            ORDER_SERVICE,
-            max_message_bytes=settings.max_message_bytes,
-        )
-        registry.add_service(
-            server,
-            observer.servicer(events, EVENT_SERVICE),
-            EVENT_SERVICE,
-            max_message_bytes=settings.max_message_bytes,
-        )
+        for servicer, descriptor in ((orders, ORDER_SERVICE), (events, EVENT_SERVICE)):
+            registry.add_service(
+                server,
+                observer.servicer(servicer, descriptor),
+                descriptor,
+                max_message_bytes=settings.max_message_bytes,
+            )
         health_servicer = HealthServicer()
         # For liveness probes: SERVING while the process answers at all, so
         # a database outage makes pods unready instead of restarting them.
@@ -193,42 +191,33 @@ class App:
             interval=settings.health_check_interval,
             timeout=min(settings.pool_acquire_timeout, settings.health_check_interval),
         )
-        endpoint = None
-        if settings.metrics_port is not None:
-            try:
-                endpoint = MetricsEndpoint.start(
-                    metrics.registry, settings.host, settings.metrics_port
-                )
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}"
-                ) from None
+        endpoint = _metrics_endpoint(settings, metrics)
         if tracing is not None:
             tracing.start()
         await server.start()
         if health_server is not None:
             await health_server.start()
         await feed.start()
-        task = asyncio.create_task(database_health.run(), name="database-health")
-        replica_task = None
-        if monitor is not None:
-            replica_task = asyncio.create_task(monitor.run(), name="replica-monitor")
         return cls(
-            settings,
-            pool,
-            server,
-            database_health,
-            feed,
-            followers,
-            port,
-            task,
-            health_server,
-            health_port,
-            metrics,
-            endpoint,
-            tracing,
-            monitor,
-            replica_task,
+            settings=settings,
+            pool=pool,
+            server=server,
+            port=port,
+            health=database_health,
+            health_task=asyncio.create_task(database_health.run(), name="database-health"),
+            feed=feed,
+            followers=followers,
+            metrics=metrics,
+            health_server=health_server,
+            health_port=health_port,
+            metrics_endpoint=endpoint,
+            tracing=tracing,
+            replica=monitor,
+            replica_task=(
+                None
+                if monitor is None
+                else asyncio.create_task(monitor.run(), name="replica-monitor")
+            ),
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -244,21 +233,47 @@ class App:
         # Follow streams never finish by themselves: end them while it drains.
         await self.feed.close()
         await stopping
-        await self._health_task
+        await self.health_task
         # Probes keep seeing NOT_SERVING until the main listener is gone.
         if self.health_server is not None:
             await self.health_server.stop(None)
         # The calls are over, so their connections are back or being cut:
         # what is left of the grace, and at least a second, bounds the close.
-        if self.replica is not None and self._replica_task is not None:
+        if self.replica is not None and self.replica_task is not None:
             self.replica.stop()
-            await self._replica_task
+            await self.replica_task
             await close_pool(self.replica.pool, timeout=max(ends - loop.time(), 1.0))
         await close_pool(self.pool, timeout=max(ends - loop.time(), 1.0))
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         if self.tracing is not None:
             self.tracing.shutdown()
+
+
+def _server_options(settings: Settings, reuse_port: bool) -> list[tuple[str, int]]:
+    return [
+        # A second server on a taken port must fail, not silently share it;
+        # only sibling workers share on purpose.
+        ("grpc.so_reuseport", int(reuse_port)),
+        # Twice the limit: service/rpc/registry.py refuses what lies between
+        # with details; gRPC refuses the rest without reading it.
+        ("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
+        # After this age a connection gets GOAWAY: its calls run on (the
+        # grace is unlimited, so follow streams are not cut), new calls
+        # open a new connection (see ORDERSTREAM_MAX_CONNECTION_AGE).
+        ("grpc.max_connection_age_ms", round(settings.max_connection_age * 1000)),
+    ]
+
+
+def _metrics_endpoint(settings: Settings, metrics: Metrics) -> MetricsEndpoint | None:
+    if settings.metrics_port is None:
+        return None
+    try:
+        return MetricsEndpoint.start(metrics.registry, settings.host, settings.metrics_port)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}"
+        ) from None
 
 
 async def _read_router(

@@ -18,7 +18,6 @@ from service.events.stream import stream_events
 from service.events.uploads import upload_events
 from service.rpc.boundary import rpc
 from service.rpc.validation import Violations, require_positive_id
-from service.settings import Settings
 from service.streams.limits import StreamSlots
 
 MAX_PUBLISH_EVENTS = 1000
@@ -66,14 +65,17 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         streams: StreamSlots,
         followers: StreamSlots,
         feed: EventFeed,
-        settings: Settings,
+        batch_bytes: int,
+        max_upload_events: int,
     ) -> None:
+        """`batch_bytes` bounds a StreamEvents message; `max_upload_events`
+        an upload."""
         self._db = db
         self._streams = streams
         self._followers = followers
         self._feed = feed
-        self._batch_bytes = settings.stream_batch_bytes
-        self._max_upload_events = settings.max_upload_events
+        self._batch_bytes = batch_bytes
+        self._max_upload_events = max_upload_events
 
     @rpc
     async def PublishEvents(

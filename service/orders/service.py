@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import grpc
@@ -12,7 +12,6 @@ from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb
 from service.db.routing import ReadRouter, Sent
 from service.db.runner import Database
 from service.errors import FieldViolation, ServiceError, invalid_argument, not_found
-from service.events.feed import EventFeed
 from service.orders import sql
 from service.orders.convert import STATUS_NAMES, created_order, fill_order, order_from_row
 from service.orders.export import export_orders
@@ -22,7 +21,6 @@ from service.orders.page_token import InvalidPageToken, PageTokens
 from service.orders.rules import body_digest, checked_create, item_columns
 from service.rpc.boundary import rpc
 from service.rpc.validation import Violations, require_positive_id
-from service.settings import Settings
 from service.streams.limits import StreamSlots
 
 DEFAULT_PAGE_SIZE = 50
@@ -50,21 +48,23 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
     def __init__(
         self,
         db: Database,
-        page_tokens: PageTokens,
         *,
-        streams: StreamSlots,
-        feed: EventFeed,
-        settings: Settings,
         reads: ReadRouter,
+        page_tokens: PageTokens,
+        streams: StreamSlots,
+        batch_bytes: int,
+        announce: Callable[[], None],
     ) -> None:
+        """`announce` tells the event feed that events were committed (every
+        order change writes one); `batch_bytes` bounds an export message."""
         self._db = db
         # ListOrders and ExportOrders may be served by the read replica
         # (service/db/routing.py says why these and no others).
         self._reads = reads
         self._page_tokens = page_tokens
         self._streams = streams
-        self._feed = feed
-        self._batch_bytes = settings.stream_batch_bytes
+        self._announce = announce
+        self._batch_bytes = batch_bytes
 
     @rpc
     async def CreateOrder(
@@ -84,7 +84,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         )
         if row is None:
             return await self._replay(request.request_id, digest, context)
-        self._feed.announce()
+        self._announce()
         return created_order(request, total, row)
 
     async def _replay(
@@ -182,7 +182,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             request.expected_version,
         )
         if row is not None:
-            self._feed.announce()
+            self._announce()
             return order_from_row(row)
         raise await self._explain_refused_update(request, allowed_from, context)
 
@@ -243,7 +243,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> order_service_pb2.ImportOrdersResponse:
         return await import_orders(
-            self._db, self._streams, request_iterator, context, on_commit=self._feed.announce
+            self._db, self._streams, request_iterator, context, on_commit=self._announce
         )
 
 
