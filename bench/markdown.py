@@ -1,4 +1,4 @@
-"""Renders bench/results/unary.json as the README's tables.
+"""Renders bench/results/unary.json as the tables of docs/benchmarks.md.
 
 python -m bench.markdown [bench/results/unary.json]
 """

@@ -2,10 +2,11 @@
 
 Handlers raise `ServiceError` for what they detect themselves; everything
 else (asyncpg / PostgreSQL errors, timeouts, lost connections) is translated
-here by SQLSTATE class, most specific first, following the table in
-DESIGN.md. Every status carries exactly one google.rpc.ErrorInfo (AIP-193),
-plus BadRequest field violations for invalid input and RetryInfo where a
-retry can succeed. Messages never contain SQL, parameters or credentials.
+here by SQLSTATE class, most specific first. Every status carries exactly
+one google.rpc.ErrorInfo (AIP-193), plus BadRequest field violations for
+invalid input and RetryInfo where a retry can succeed. Messages never
+contain SQL, parameters or credentials. docs/api.md ("Error reasons") lists
+every reason and when it is sent; docs/architecture.md explains the choices.
 """
 
 from __future__ import annotations

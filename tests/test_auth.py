@@ -409,17 +409,20 @@ def test_the_python_client_refuses_a_token_in_plain_text():
         create_channel("127.0.0.1:1", insecure=True, token="secret")
 
 
-def readme_token_line() -> str:
+def documented_token_line() -> str:
+    """The buf curl line with a token in docs/security.md."""
     (line,) = [
         line
-        for line in (REPO / "README.md").read_text().splitlines()
+        for line in (REPO / "docs" / "security.md").read_text().splitlines()
         if line.startswith("TOKEN=... ; npx buf curl")
     ]
     return line
 
 
 @pytest.mark.slow
-async def test_the_readme_buf_curl_line_with_a_token_works(service_env, tokens, tmp_path, order_id):
+async def test_the_documented_buf_curl_line_with_a_token_works(
+    service_env, tokens, tmp_path, order_id
+):
     certs = make_certificates(tmp_path, hosts=("127.0.0.1",))
     async with running_app(
         service_env,
@@ -428,7 +431,7 @@ async def test_the_readme_buf_curl_line_with_a_token_works(service_env, tokens, 
         ORDERSTREAM_TLS_KEY=str(certs.server_key),
     ) as app:
         command = (
-            readme_token_line()
+            documented_token_line()
             .replace("TOKEN=...", f"TOKEN={tokens.reader}")
             .replace("--cacert ca.crt", f"--cacert {certs.ca_cert}")
             .replace("https://orderstream:50051", f"https://127.0.0.1:{app.port}")

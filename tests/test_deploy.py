@@ -50,10 +50,13 @@ def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[
     return found[0]
 
 
-def readme_settings() -> set[str]:
-    """Variables named in the first column of README's configuration table."""
+CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
+
+
+def documented_settings() -> set[str]:
+    """Variables named in the first column of docs/configuration.md's table."""
     names = set()
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in CONFIGURATION_DOC.read_text().splitlines():
         if line.startswith("| `"):
             first = line.split("|")[1]
             names.update(re.findall(r"`([A-Z][A-Z0-9_]+)`", first))
@@ -122,8 +125,8 @@ def test_deployment_matches_the_server(rendered):
         "orderstream-tls",
         "orderstream-database-ca",
     }
-    # Every setting the ConfigMap sets is one the README documents.
-    assert set(config) <= readme_settings()
+    # Every setting the ConfigMap sets is one docs/configuration.md documents.
+    assert set(config) <= documented_settings()
 
 
 def test_services_policy_and_migration(rendered):
@@ -240,11 +243,11 @@ async def test_the_entrypoint_serves(service_env, migrated, tmp_path):  # noqa: 
         assert await child.exit_code() == 0, child.output
 
 
-def test_every_setting_is_in_the_readme_configuration_table():
+def test_every_setting_is_in_the_configuration_doc():
     """The reverse of the ConfigMap check: nothing the service reads is
-    missing from the README's tables."""
+    missing from docs/configuration.md."""
     source = (ROOT / "service" / "settings.py").read_text()
-    readme = (ROOT / "README.md").read_text()
+    readme = CONFIGURATION_DOC.read_text()
     names = set(re.findall(r'"((?:ORDERSTREAM|PG)[A-Z_]*|DATABASE_URL)"', source))
     assert "ORDERSTREAM_POOL_MAX_SIZE" in names  # the pattern finds them
     assert sorted(name for name in names if f"`{name}`" not in readme) == []

@@ -145,7 +145,7 @@ def _event(source: str, subject: str = "things/1") -> event_pb2.Event:
 
 async def test_one_upload_id_sent_to_two_processes_at_once_loads_once(deployment):
     """The second upload waits for the first one's claim and is told the
-    same id range (the upload_id contract in uploads.py and the README)."""
+    same id range (the upload_id contract in uploads.py and docs/streams.md)."""
     first, second = deployment.replicas[:2]
     upload_id = unique("upload")
     source_a, source_b = unique("/replicas-a"), unique("/replicas-b")

@@ -1,6 +1,6 @@
 """Which database serves a read: the replica where lag is harmless, else the primary.
 
-Per RPC (the README's "Scaling" section has the same table):
+Per RPC (docs/scaling.md, "Read replica", has the same table):
 
     ListOrders, ExportOrders   replica   pages and bulk exports of orders a
                                          caller did not just write; a few

@@ -12,7 +12,7 @@ OrderFilterRequest = order_service_pb2.ListOrdersRequest | order_service_pb2.Exp
 
 
 def order_filters(request: OrderFilterRequest, v: Violations) -> dict[str, object]:
-    """Returns the set filters by name (order_sql.LIST_FILTERS keys), in the
+    """Returns the set filters by name (sql.LIST_FILTERS keys), in the
     order the SQL builder expects; problems go to `v`."""
     v.text("customer_id", request.customer_id, max_length=MAX_ID_LENGTH, required=False)
     if request.status not in STATUS_NAMES and request.status != order_pb2.ORDER_STATUS_UNSPECIFIED:

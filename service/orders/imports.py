@@ -15,7 +15,7 @@ COPY, and so the whole stream buffered in between. Order ids are drawn from
 the orders' own sequence as the rows arrive (the staging table's default),
 so they follow the stream's order and tie items and events to their order.
 
-Orders are checked in Python with CreateOrder's rules (order_rules.py), as
+Orders are checked in Python with CreateOrder's rules (rules.py), as
 they arrive: a bad order ends the call at once with the field named
 `messages[i].orders[j].items[k].quantity`, and the rollback leaves nothing.
 """

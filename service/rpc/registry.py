@@ -5,7 +5,7 @@ bytes, or nesting deeper than protobuf's limit of 100, e.g. a deep Struct
 payload) with UNKNOWN and the parser's text (found by
 tests/test_hostile_input.py). The services are registered here instead of
 through the generated add_*Servicer_to_server, with deserializers that put
-an `Undecodable` in the message's place: `call.rpc` turns one that arrives
+an `Undecodable` in the message's place: `boundary.rpc` turns one that arrives
 as a unary request into INVALID_ARGUMENT, and `_decoded` one that arrives
 in a request stream, naming the message (`messages[3]`).
 

@@ -165,7 +165,7 @@ async def confirm_end(context: grpc.aio.ServicerContext) -> None:
     cancelled separately, possibly only after a commit. Only a real end may
     commit a load, so this sends the response headers now, which fails on a
     dead call (with grpc.aio.InternalError, as seen with grpcio 1.85): the
-    load rolls back, and `call.rpc` ends the call as the cancellation it is.
+    load rolls back, and `boundary.rpc` ends the call as the cancellation it is.
     """
     await context.send_initial_metadata(())
 

@@ -1,4 +1,4 @@
-"""A pytest plugin that counts the fault suite's figures for the README:
+"""A pytest plugin that counts the fault suite's figures for docs/reliability.md:
 scenarios run and survived, and the ledger's totals, printed as one line in
 pytest's terminal summary. Registered from tests/conftest.py.
 
