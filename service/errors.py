@@ -1,30 +1,78 @@
-"""The one place where failures become gRPC statuses.
+"""What every layer may raise: `ServiceError` and the one catalogue of the
+reasons it carries.
 
-Handlers raise `ServiceError` for what they detect themselves; everything
-else (asyncpg / PostgreSQL errors, timeouts, lost connections) is translated
-here by SQLSTATE class, most specific first. Every status carries exactly
-one google.rpc.ErrorInfo (AIP-193), plus BadRequest field violations for
-invalid input and RetryInfo where a retry can succeed. Messages never
-contain SQL, parameters or credentials. docs/api.md ("Error reasons") lists
-every reason and when it is sent; docs/architecture.md explains the choices.
+Handlers and the layers they call raise `ServiceError` for what they detect
+themselves. Everything else (the database layer's own exceptions,
+asyncpg / PostgreSQL errors, timeouts, lost connections) becomes a status
+in service/rpc/status_map.py, the one place that translates. Every status
+carries exactly one google.rpc.ErrorInfo (AIP-193) whose reason is a member
+of `Reason`, plus BadRequest field violations for invalid input and
+RetryInfo where a retry can succeed. Messages never contain SQL, parameters
+or credentials. docs/api.md lists every reason (tests/test_error_catalogue.py
+keeps the two equal).
 """
 
 from __future__ import annotations
 
-import logging
-import uuid
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import asyncpg
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-log = logging.getLogger(__name__)
-
 DOMAIN = "orderstream"
+
+
+class Reason(enum.StrEnum):
+    """Every ErrorInfo.reason the service sends. The values are the wire
+    strings: stable, callers may branch on them."""
+
+    # INVALID_ARGUMENT
+    INVALID_FIELD = "INVALID_FIELD"  # a request field is invalid; BadRequest names each one
+    INVALID_DATA = "INVALID_DATA"  # PostgreSQL rejected a value (SQLSTATE class 22)
+    TOO_DEEPLY_NESTED = "TOO_DEEPLY_NESTED"  # PostgreSQL found the input nested too deeply (54001)
+    # RESOURCE_EXHAUSTED
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"  # a request message over ORDERSTREAM_MAX_MESSAGE_BYTES
+    POOL_EXHAUSTED = "POOL_EXHAUSTED"  # no pooled connection became free within the acquire timeout
+    TOO_MANY_STREAMS = "TOO_MANY_STREAMS"  # all stream slots of this server are busy
+    UPLOAD_TOO_LARGE = "UPLOAD_TOO_LARGE"  # an upload over ORDERSTREAM_MAX_UPLOAD_EVENTS
+    DATABASE_RESOURCES_EXHAUSTED = "DATABASE_RESOURCES_EXHAUSTED"  # SQLSTATE class 53
+    # NOT_FOUND
+    ORDER_NOT_FOUND = "ORDER_NOT_FOUND"  # GetOrder / UpdateOrderStatus of an id that does not exist
+    EVENT_NOT_FOUND = "EVENT_NOT_FOUND"  # GetEvent of an id that does not exist
+    # ALREADY_EXISTS
+    ALREADY_EXISTS = "ALREADY_EXISTS"  # a unique constraint refused the row (23505)
+    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"  # CreateOrder's request_id came with another body
+    # FAILED_PRECONDITION
+    ILLEGAL_TRANSITION = "ILLEGAL_TRANSITION"  # the order's status may not move to the one asked
+    REFERENCE_MISSING = "REFERENCE_MISSING"  # a foreign key found no row (23503)
+    CONSTRAINT_VIOLATED = "CONSTRAINT_VIOLATED"  # any other integrity constraint (class 23)
+    # ABORTED: retry
+    VERSION_MISMATCH = "VERSION_MISMATCH"  # UpdateOrderStatus's expected_version is not current
+    SERIALIZATION_FAILURE = "SERIALIZATION_FAILURE"  # 40001, also a standby's replication conflict
+    DEADLOCK = "DEADLOCK"  # 40P01
+    CONCURRENT_REQUEST = "CONCURRENT_REQUEST"  # CreateOrder's request_id row vanished meanwhile
+    CONCURRENT_UPDATE = "CONCURRENT_UPDATE"  # the order changed between UpdateOrderStatus's steps
+    UPLOAD_IN_PROGRESS = "UPLOAD_IN_PROGRESS"  # an UploadEvents with this upload_id still runs
+    IMPORT_IN_PROGRESS = "IMPORT_IN_PROGRESS"  # an ImportOrders with this import_id still runs
+    # DEADLINE_EXCEEDED
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the deadline ended the database work (or 57014)
+    # UNAVAILABLE: retry
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"  # no connection, a lost one, a database down
+    DATABASE_READ_ONLY = "DATABASE_READ_ONLY"  # the database is read-only (25006)
+    SHUTTING_DOWN = "SHUTTING_DOWN"  # StreamEvents ended by the server's shutdown; resume
+    # UNAUTHENTICATED
+    TOKEN_MISSING = "TOKEN_MISSING"  # no authorization metadata
+    TOKEN_MALFORMED = "TOKEN_MALFORMED"  # authorization metadata not one `Bearer <token>`
+    TOKEN_UNKNOWN = "TOKEN_UNKNOWN"  # a token that is not in the tokens file
+    # PERMISSION_DENIED
+    SCOPE_MISSING = "SCOPE_MISSING"  # the token lacks the scope the method needs
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"  # a method with no scope in METHOD_SCOPES
+    # INTERNAL
+    INTERNAL = "INTERNAL"  # a bug; the message and metadata carry an incident id for the log
 
 
 class StartupError(Exception):
@@ -40,7 +88,7 @@ class FieldViolation:
 @dataclass
 class ServiceError(Exception):
     code: grpc.StatusCode
-    reason: str  # UPPER_SNAKE_CASE, stable: callers may branch on it
+    reason: Reason
     message: str
     violations: Sequence[FieldViolation] = ()
     retry_after: float | None = None  # seconds; set where a retry can succeed
@@ -51,7 +99,9 @@ class ServiceError(Exception):
 
     def to_status(self) -> grpc.Status:
         details = [
-            error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
+            error_details_pb2.ErrorInfo(
+                reason=self.reason.value, domain=DOMAIN, metadata=self.metadata
+            )
         ]
         if self.violations:
             details.append(
@@ -79,175 +129,25 @@ def invalid_argument(violations: Sequence[FieldViolation]) -> ServiceError:
     if len(violations) > 5:
         summary += f"; and {len(violations) - 5} more"
     return ServiceError(
-        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", f"invalid request: {summary}", violations
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.INVALID_FIELD,
+        f"invalid request: {summary}",
+        violations,
     )
 
 
-def not_found(kind: str, ident: int) -> ServiceError:
+def order_not_found(ident: int) -> ServiceError:
+    return _not_found(Reason.ORDER_NOT_FOUND, "order", ident)
+
+
+def event_not_found(ident: int) -> ServiceError:
+    return _not_found(Reason.EVENT_NOT_FOUND, "event", ident)
+
+
+def _not_found(reason: Reason, kind: str, ident: int) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.NOT_FOUND,
-        f"{kind.upper()}_NOT_FOUND",
+        reason,
         f"{kind} {ident} does not exist",
         metadata={"id": str(ident)},
     )
-
-
-def not_implemented(method: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.UNIMPLEMENTED,
-        "NOT_IMPLEMENTED",
-        f"{method} is declared in the contract but not served yet",
-    )
-
-
-def deadline_exceeded() -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        "DEADLINE_EXCEEDED",
-        "the call's deadline expired before the database work finished",
-    )
-
-
-def unavailable(message: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", message, retry_after=1.0
-    )
-
-
-# SQLSTATE (exact, then by two-character class) -> how to report it.
-_BY_SQLSTATE: dict[str, tuple[grpc.StatusCode, str, str, float | None]] = {
-    "23505": (
-        grpc.StatusCode.ALREADY_EXISTS,
-        "ALREADY_EXISTS",
-        "the resource already exists",
-        None,
-    ),
-    "23503": (
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "REFERENCE_MISSING",
-        "a referenced resource does not exist",
-        None,
-    ),
-    "40001": (grpc.StatusCode.ABORTED, "SERIALIZATION_FAILURE", "concurrent update; retry", 0.05),
-    "40P01": (
-        grpc.StatusCode.ABORTED,
-        "DEADLOCK",
-        "deadlock with a concurrent update; retry",
-        0.05,
-    ),
-    "57014": (
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        "DEADLINE_EXCEEDED",
-        "the database statement was cancelled at the call's deadline",
-        None,
-    ),
-    "54001": (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "TOO_DEEPLY_NESTED",
-        "the input is nested too deeply",
-        None,
-    ),
-    "57P01": (
-        grpc.StatusCode.UNAVAILABLE,
-        "DATABASE_UNAVAILABLE",
-        "the database is shutting down",
-        1.0,
-    ),
-    "57P02": (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database crashed", 1.0),
-    "57P03": (
-        grpc.StatusCode.UNAVAILABLE,
-        "DATABASE_UNAVAILABLE",
-        "the database is starting up",
-        1.0,
-    ),
-    "25006": (grpc.StatusCode.UNAVAILABLE, "DATABASE_READ_ONLY", "the database is read-only", 1.0),
-}
-_BY_SQLSTATE_CLASS: dict[str, tuple[grpc.StatusCode, str, str, float | None]] = {
-    "08": (
-        grpc.StatusCode.UNAVAILABLE,
-        "DATABASE_UNAVAILABLE",
-        "lost the database connection",
-        1.0,
-    ),
-    # The service's own login or database is refused: not the caller's fault.
-    "28": (
-        grpc.StatusCode.UNAVAILABLE,
-        "DATABASE_UNAVAILABLE",
-        "the database refused the service's login",
-        1.0,
-    ),
-    "3D": (
-        grpc.StatusCode.UNAVAILABLE,
-        "DATABASE_UNAVAILABLE",
-        "the service's database does not exist",
-        1.0,
-    ),
-    "22": (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_DATA", "the database rejected a value", None),
-    "23": (
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "CONSTRAINT_VIOLATED",
-        "the change violates a constraint",
-        None,
-    ),
-    "53": (
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "DATABASE_RESOURCES_EXHAUSTED",
-        "the database is out of resources",
-        1.0,
-    ),
-}
-
-
-def from_exception(exc: BaseException, method: str) -> ServiceError:
-    """Picks the most specific status for `exc`; unknown errors become INTERNAL."""
-    if isinstance(exc, ServiceError):
-        return exc
-    if isinstance(exc, asyncpg.PostgresError):
-        sqlstate = exc.sqlstate or ""
-        entry = _BY_SQLSTATE.get(sqlstate) or _BY_SQLSTATE_CLASS.get(sqlstate[:2])
-        if entry is not None:
-            code, reason, message, retry_after = entry
-            return ServiceError(code, reason, message, retry_after=retry_after)
-    if isinstance(exc, TimeoutError):
-        return deadline_exceeded()
-    if isinstance(
-        exc, (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, ConnectionError, OSError)
-    ):
-        return unavailable("lost the database connection")
-    if isinstance(exc, asyncpg.InternalClientError):
-        # asyncpg lost track of its connection's protocol state. Seen in the
-        # fault soak when the server ends a connection between two statements
-        # (pg_terminate_backend, a crash): asyncpg reads the FATAL message
-        # while idle, is left "in progress", and refuses the next statement
-        # before sending it ("cannot switch to state 12; another operation
-        # (2) is in progress"). Nothing was sent, so retrying is safe. Logged
-        # in full, so a real asyncpg bug still shows.
-        log.warning(
-            "database connection in a broken state",
-            exc_info=exc,
-            extra={"method": method},
-        )
-        return unavailable("lost the database connection")
-    return _internal(exc, method)
-
-
-def _internal(exc: BaseException, method: str) -> ServiceError:
-    incident = uuid.uuid4().hex[:16]
-    # The traceback goes to the log only; the caller gets an id to quote.
-    log.error(
-        "internal error",
-        exc_info=exc,
-        extra={"method": method, "incident": incident},
-    )
-    return ServiceError(
-        grpc.StatusCode.INTERNAL,
-        "INTERNAL",
-        f"internal error (incident {incident})",
-        metadata={"incident": incident},
-    )
-
-
-async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
-    """Ends the call with `error`; grpc.aio has no abort_with_status."""
-    status = error.to_status()
-    await context.abort(status.code, status.details, status.trailing_metadata)

@@ -1,7 +1,8 @@
-"""The error map (service/errors.py) on errors a real PostgreSQL raises: each
-SQLSTATE the map names becomes its gRPC status with exactly one ErrorInfo
-and, where a retry can succeed, RetryInfo; anything unknown is INTERNAL with
-an incident id and nothing of the error's text."""
+"""The error map (service/rpc/status_map.py) on errors a real PostgreSQL
+raises: each SQLSTATE the map names becomes its gRPC status with exactly one
+ErrorInfo and, where a retry can succeed, RetryInfo; the database layer's
+own exceptions become theirs; anything unknown is INTERNAL with an incident
+id and nothing of the error's text."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from service.db.failures import CallDeadlineReached, DatabaseNotAnswering, PoolExhausted
 from service.db.runner import Database
-from service.errors import ServiceError, from_exception
+from service.errors import Reason, ServiceError
+from service.rpc.status_map import from_exception
 from tests.support import admin_ssl_context
 
 # Statements that make PostgreSQL raise one SQLSTATE each, in a transaction
@@ -101,6 +104,28 @@ async def test_postgres_errors_map_to_their_status(admin_db, case):
     assert status.code == code.value[0]
     assert [info.reason for info in error_infos(status)] == [reason]
     assert has_retry_info(status) == retryable
+
+
+@pytest.mark.parametrize(
+    ("failure", "code", "reason", "retry_after"),
+    [
+        (PoolExhausted(2.5), grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.POOL_EXHAUSTED, 2.5),
+        (
+            DatabaseNotAnswering(2.5),
+            grpc.StatusCode.UNAVAILABLE,
+            Reason.DATABASE_UNAVAILABLE,
+            1.0,
+        ),
+        (CallDeadlineReached(), grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED, None),
+    ],
+    ids=["pool-exhausted", "database-not-answering", "call-deadline-reached"],
+)
+def test_database_layer_failures_map_to_their_status(failure, code, reason, retry_after):
+    """service/db/ raises its own exceptions, without gRPC; RetryInfo after a
+    busy pool waits out the acquire timeout it just waited."""
+    error = from_exception(failure, "Test")
+    assert (error.code, error.reason, error.retry_after) == (code, reason, retry_after)
+    assert [info.reason for info in error_infos(status_of(error))] == [reason.value]
 
 
 async def test_unknown_errors_are_internal_with_an_incident_and_no_text(caplog):

@@ -49,18 +49,14 @@ from typing import TypeVar
 
 import asyncpg
 
+from service.db.failures import NoConnection
 from service.db.replica import ReplicaMonitor
 from service.db.runner import Database
-from service.errors import ServiceError
 
 T = TypeVar("T")
 
 PRIMARY = "primary"
 REPLICA = "replica"
-# service/db/runner.py's reasons for no connection within the acquire timeout:
-# a busy pool, or a pool with room whose new connection did not open.
-NO_CONNECTION = ("POOL_EXHAUSTED", "DATABASE_UNAVAILABLE")
-
 # The replica is gone or going: worth marking down.
 _REPLICA_LOST = (
     OSError,  # TimeoutError among them: a query the replica did not answer in time
@@ -115,10 +111,10 @@ class ReadRouter:
                 raise
             await self._monitor.mark_down(f"a call lost it: {type(exc).__name__}")
             return await self._on_primary(method, work)
-        except ServiceError as exc:
+        except NoConnection:
             # No replica connection in time: a connect that hangs (a host
             # that drops packets) or a busy pool; the next check tells which.
-            if sent.anything or exc.reason not in NO_CONNECTION:
+            if sent.anything:
                 raise
             await self._monitor.mark_down("no connection within the acquire timeout")
             return await self._on_primary(method, work)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
-import grpc
 
-from service import errors
+from service.db.failures import CallDeadlineReached, DatabaseNotAnswering, PoolExhausted
 from service.db.pool import was_connecting
-from service.errors import ServiceError
 
 log = logging.getLogger(__name__)
+
+
+class Call(Protocol):
+    """What this layer needs of a call (a grpc.aio.ServicerContext): its
+    remaining deadline in seconds, None if it has none."""
+
+    def time_remaining(self) -> float | None: ...
 
 
 class Database:
@@ -36,37 +41,30 @@ class Database:
         self._command_timeout = command_timeout
         self._transaction_pooling = transaction_pooling
 
-    def query_timeout(self, context: grpc.aio.ServicerContext) -> float:
+    def query_timeout(self, context: Call) -> float:
         remaining = context.time_remaining()
         if remaining is None:
             return self._command_timeout
         if remaining <= 0:
-            raise errors.deadline_exceeded()
+            raise CallDeadlineReached
         return min(remaining, self._command_timeout)
 
-    async def acquire(self, context: grpc.aio.ServicerContext) -> asyncpg.Connection:
+    async def acquire(self, context: Call) -> asyncpg.Connection:
         """Takes a connection; the caller must hand it to `release`."""
         remaining = context.time_remaining()
         deadline_bound = remaining is not None and remaining < self._acquire_timeout
         wait = remaining if deadline_bound else self._acquire_timeout
         if wait is not None and wait <= 0:
-            raise errors.deadline_exceeded()
+            raise CallDeadlineReached
         try:
             return await self.pool.acquire(timeout=wait)
         except TimeoutError:
             if deadline_bound:
-                raise errors.deadline_exceeded() from None
+                raise CallDeadlineReached from None
             # Asked only after the timeout, so the hot path pays nothing for it.
             if was_connecting(self.pool):
-                raise errors.unavailable(
-                    f"the database did not accept a connection within {self._acquire_timeout:g}s"
-                ) from None
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "POOL_EXHAUSTED",
-                f"no database connection became free within {self._acquire_timeout:g}s",
-                retry_after=self._acquire_timeout,
-            ) from None
+                raise DatabaseNotAnswering(self._acquire_timeout) from None
+            raise PoolExhausted(self._acquire_timeout) from None
 
     async def release(self, conn: asyncpg.Connection) -> None:
         """Returns `conn` to the pool; never fails the call.
@@ -85,7 +83,7 @@ class Database:
             log.warning("a connection failed its release and was closed", exc_info=exc)
 
     async def cursor(
-        self, conn: asyncpg.Connection, context: grpc.aio.ServicerContext, query: str, *args: Any
+        self, conn: asyncpg.Connection, context: Call, query: str, *args: Any
     ) -> asyncpg.cursor.Cursor:
         """Opens a cursor in the transaction open on `conn`.
 
@@ -104,18 +102,14 @@ class Database:
             return await statement.cursor(*args, timeout=self.query_timeout(context))
         return await conn.cursor(query, *args, timeout=timeout)
 
-    async def fetchrow(
-        self, context: grpc.aio.ServicerContext, query: str, *args: Any
-    ) -> asyncpg.Record | None:
+    async def fetchrow(self, context: Call, query: str, *args: Any) -> asyncpg.Record | None:
         conn = await self.acquire(context)
         try:
             return await conn.fetchrow(query, *args, timeout=self.query_timeout(context))
         finally:
             await self.release(conn)
 
-    async def fetch(
-        self, context: grpc.aio.ServicerContext, query: str, *args: Any
-    ) -> list[asyncpg.Record]:
+    async def fetch(self, context: Call, query: str, *args: Any) -> list[asyncpg.Record]:
         conn = await self.acquire(context)
         try:
             return await conn.fetch(query, *args, timeout=self.query_timeout(context))

@@ -9,7 +9,7 @@ import grpc
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from service.db.codecs import unix_micros
 from service.db.runner import Database
-from service.errors import not_found
+from service.errors import event_not_found
 from service.events import sql
 from service.events.convert import event_from_row
 from service.events.feed import EventFeed
@@ -110,7 +110,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         require_positive_id("id", request.id)
         row = await self._db.fetchrow(context, sql.GET_EVENT, request.id)
         if row is None:
-            raise not_found("event", request.id)
+            raise event_not_found(request.id)
         return event_from_row(row)
 
     @rpc

@@ -24,7 +24,7 @@ import grpc
 
 from orderstream.events.v1 import event_service_pb2
 from service.db.runner import Database
-from service.errors import ServiceError
+from service.errors import Reason, ServiceError
 from service.events import sql
 from service.events.feed import EventFeed
 from service.events.wire import encode_events
@@ -181,7 +181,7 @@ async def _follow(
         if feed.closing:
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
-                "SHUTTING_DOWN",
+                Reason.SHUTTING_DOWN,
                 "the server is shutting down; resume after the last id received",
                 retry_after=0.0,
                 metadata={"position": str(position)},

@@ -49,7 +49,7 @@ import grpc
 
 from orderstream.events.v1 import event_pb2, event_service_pb2
 from service.db.runner import Database
-from service.errors import FieldViolation, ServiceError, invalid_argument
+from service.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from service.events.payload import InvalidPayload, json_object_text
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from service.streams.limits import StreamSlots
@@ -124,7 +124,7 @@ _CONSTRAINT_VIOLATIONS = {
 
 # SQLSTATE classes that describe the data of the row being copied: data
 # exception, integrity constraint violation, program limit (nesting depth).
-# Anything else (cancel, deadlock, lost connection) goes to errors.py.
+# Anything else (cancel, deadlock, lost connection) goes to service/rpc/status_map.py.
 _ROW_ERROR_CLASSES = ("22", "23", "54")
 
 
@@ -143,7 +143,7 @@ def _describe(sqlstate: str, column: str, exc: asyncpg.PostgresError) -> str:
 def _too_large(max_events: int) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "UPLOAD_TOO_LARGE",
+        Reason.UPLOAD_TOO_LARGE,
         f"an upload may hold at most {max_events} events; split it into several uploads",
         metadata={"max_events": str(max_events)},
     )

@@ -11,7 +11,13 @@ import grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.db.routing import ReadRouter, Sent
 from service.db.runner import Database
-from service.errors import FieldViolation, ServiceError, invalid_argument, not_found
+from service.errors import (
+    FieldViolation,
+    Reason,
+    ServiceError,
+    invalid_argument,
+    order_not_found,
+)
 from service.orders import sql
 from service.orders.convert import STATUS_NAMES, created_order, fill_order, order_from_row
 from service.orders.export import export_orders
@@ -98,14 +104,14 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             # operator's clean-up might). A retry inserts it anew.
             raise ServiceError(
                 grpc.StatusCode.ABORTED,
-                "CONCURRENT_REQUEST",
+                Reason.CONCURRENT_REQUEST,
                 "a concurrent request with this request_id did not complete; retry",
                 retry_after=0.05,
             )
         if row["request_hash"] != digest:
             raise ServiceError(
                 grpc.StatusCode.ALREADY_EXISTS,
-                "REQUEST_ID_REUSED",
+                Reason.REQUEST_ID_REUSED,
                 f"request_id was already used for order {row['id']} with a different body",
                 metadata={"order_id": str(row["id"])},
             )
@@ -118,7 +124,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         require_positive_id("id", request.id)
         row = await self._db.fetchrow(context, sql.GET_ORDER, request.id)
         if row is None:
-            raise not_found("order", request.id)
+            raise order_not_found(request.id)
         return order_from_row(row)
 
     @rpc
@@ -194,12 +200,12 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
     ) -> ServiceError:
         state = await self._db.fetchrow(context, sql.ORDER_STATE, request.id)
         if state is None:
-            return not_found("order", request.id)
+            return order_not_found(request.id)
         target = STATUS_NAMES[request.status]
         if request.expected_version and state["version"] != request.expected_version:
             return ServiceError(
                 grpc.StatusCode.ABORTED,
-                "VERSION_MISMATCH",
+                Reason.VERSION_MISMATCH,
                 f"order {request.id} is at version {state['version']}, "
                 f"not {request.expected_version}; re-read it and retry",
                 retry_after=0.0,
@@ -208,14 +214,14 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         if state["status"] not in allowed_from:
             return ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "ILLEGAL_TRANSITION",
+                Reason.ILLEGAL_TRANSITION,
                 f"order {request.id} cannot move from {state['status']} to {target}",
                 metadata={"from": state["status"], "to": target},
             )
         # The order changed between the update and this look: say so.
         return ServiceError(
             grpc.StatusCode.ABORTED,
-            "CONCURRENT_UPDATE",
+            Reason.CONCURRENT_UPDATE,
             f"order {request.id} changed concurrently; retry",
             retry_after=0.0,
         )

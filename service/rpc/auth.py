@@ -35,9 +35,9 @@ from typing import Any
 
 import grpc
 
-from service import errors
-from service.errors import ServiceError, StartupError
+from service.errors import Reason, ServiceError, StartupError
 from service.rpc.registry import HANDLER_KINDS
+from service.rpc.status_map import abort
 
 log = logging.getLogger(__name__)
 
@@ -135,21 +135,23 @@ def _caller(fields: list[str], path: Path, number: int) -> Caller:
     return Caller(name, bytes.fromhex(digest), granted)
 
 
-def _bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> tuple[str | None, str]:
+def _bearer_token(
+    metadata: Sequence[tuple[str, Any]] | None,
+) -> tuple[str | None, Reason | None]:
     """The token, or None and the ErrorInfo reason why there is none."""
     values = [value for key, value in metadata or () if key == "authorization"]
     if not values:
-        return None, "TOKEN_MISSING"
+        return None, Reason.TOKEN_MISSING
     match = _BEARER.fullmatch(values[0]) if isinstance(values[0], str) else None
     if len(values) > 1 or match is None:
-        return None, "TOKEN_MALFORMED"
-    return match.group(1), ""
+        return None, Reason.TOKEN_MALFORMED
+    return match.group(1), None
 
 
 _UNAUTHENTICATED_MESSAGES = {
-    "TOKEN_MISSING": f"this call needs a token: {_HOW_TO_SEND}",
-    "TOKEN_MALFORMED": f"the authorization metadata is malformed: {_HOW_TO_SEND}",
-    "TOKEN_UNKNOWN": "the token is not valid",
+    Reason.TOKEN_MISSING: f"this call needs a token: {_HOW_TO_SEND}",
+    Reason.TOKEN_MALFORMED: f"the authorization metadata is malformed: {_HOW_TO_SEND}",
+    Reason.TOKEN_UNKNOWN: "the token is not valid",
 }
 
 
@@ -187,7 +189,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         token, reason = _bearer_token(metadata)
         caller = self._tokens.find(token) if token is not None else None
         if caller is None:
-            reason = reason or "TOKEN_UNKNOWN"
+            reason = reason or Reason.TOKEN_UNKNOWN
             return ServiceError(
                 grpc.StatusCode.UNAUTHENTICATED, reason, _UNAUTHENTICATED_MESSAGES[reason]
             )
@@ -197,14 +199,14 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if scope is None:
             return ServiceError(
                 grpc.StatusCode.PERMISSION_DENIED,
-                "METHOD_NOT_ALLOWED",
+                Reason.METHOD_NOT_ALLOWED,
                 f"{method} is not open to any token",
                 metadata={"method": method, "caller": caller.name},
             )
         if scope not in caller.scopes:
             return ServiceError(
                 grpc.StatusCode.PERMISSION_DENIED,
-                "SCOPE_MISSING",
+                Reason.SCOPE_MISSING,
                 f"{method} needs the {scope!r} scope, which this token does not have",
                 metadata={"method": method, "scope": scope, "caller": caller.name},
             )
@@ -228,6 +230,6 @@ def _refusing(
                 "peer": context.peer(),
             },
         )
-        await errors.abort(context, error)
+        await abort(context, error)
 
     return HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](refuse)

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service import errors
 from service.rpc.registry import Undecodable
+from service.rpc.status_map import abort, from_exception
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -48,7 +48,7 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
                 # grpc.aio has noticed the cancel, with cancelled() still
                 # False (seen once in the 1,000-cancels fault scenario).
                 raise asyncio.CancelledError("the call was cancelled") from None
-            await errors.abort(context, errors.from_exception(exc, name))
+            await abort(context, from_exception(exc, name))
             raise AssertionError("unreachable: abort raises") from None
 
     return handle

@@ -25,7 +25,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 
-from service.errors import FieldViolation, ServiceError, invalid_argument
+from service.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from service.rpc import encoded
 
 
@@ -66,7 +66,7 @@ def _tolerant(method: MethodDescriptor, max_bytes: int) -> Callable[[bytes], Any
 def _too_large(field: str, size: int, max_bytes: int) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "MESSAGE_TOO_LARGE",
+        Reason.MESSAGE_TOO_LARGE,
         f"a request message may hold at most {max_bytes} bytes; this one holds {size}",
         [FieldViolation(field, f"{size} bytes, over the limit of {max_bytes}")],
         metadata={"max_bytes": str(max_bytes)},

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from service.errors import ServiceError
+from service.errors import Reason, ServiceError
 
 
 class StreamSlots:
@@ -28,7 +28,7 @@ class StreamSlots:
         if self._free <= 0:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "TOO_MANY_STREAMS",
+                Reason.TOO_MANY_STREAMS,
                 f"all {self._limit} {self._what} slots of this server are busy; retry later",
                 retry_after=1.0,
                 metadata={"limit": str(self._limit)},

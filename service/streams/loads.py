@@ -16,7 +16,7 @@ import asyncpg
 import grpc
 
 from service.db.runner import Database
-from service.errors import FieldViolation, ServiceError, invalid_argument
+from service.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from service.rpc.validation import MAX_ID_LENGTH
 from service.streams.limits import StreamSlots
 
@@ -93,15 +93,16 @@ async def claim_key(
     load with `key` committed first: (None, its row read by `stored`). A
     load with `key` that is still running when our timeout ends is ABORTED
     with RetryInfo."""
+    in_progress = _IN_PROGRESS[key_name]  # first, so that a new kind of load fails at once
     try:
         claimed = await conn.fetchrow(claim, key, timeout=db.query_timeout(context))
     except TimeoutError:
-        raise _load_in_progress(key_name, key) from None
+        raise _load_in_progress(in_progress, key_name, key) from None
     if claimed is not None:
         return claimed, None
     committed = await conn.fetchrow(stored, key, timeout=db.query_timeout(context))
     if committed is None:  # unreachable unless rows of the key's table are deleted
-        raise _load_in_progress(key_name, key)
+        raise _load_in_progress(in_progress, key_name, key)
     return None, committed
 
 
@@ -115,12 +116,16 @@ def check_key(key: str, field: str) -> None:
         )
 
 
-def _load_in_progress(key_name: str, key: str) -> ServiceError:
+# Each load's key, and the reason sent while another load with it still runs.
+_IN_PROGRESS = {"upload_id": Reason.UPLOAD_IN_PROGRESS, "import_id": Reason.IMPORT_IN_PROGRESS}
+
+
+def _load_in_progress(reason: Reason, key_name: str, key: str) -> ServiceError:
     """A load with the same key is still running (we outwaited our timeout)."""
     kind = key_name.removesuffix("_id")  # "upload", "import"
     return ServiceError(
         grpc.StatusCode.ABORTED,
-        f"{kind.upper()}_IN_PROGRESS",
+        reason,
         f"another {kind} with this {key_name} is still running; retry to get its result",
         retry_after=1.0,
         metadata={key_name: key},
