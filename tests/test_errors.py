@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from service.db.runner import Database
 from service.errors import ServiceError, from_exception
-from tests.support import admin_ssl_context
+from tests.support.database import admin_ssl_context
 
 # Statements that make PostgreSQL raise one SQLSTATE each, in a transaction
 # that is rolled back. Where no ordinary statement can (a serialization

@@ -10,7 +10,9 @@ from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orderstream.events.v1 import event_pb2, event_service_pb2
-from tests.support import rpc_error, table_counts, unique
+from tests.support.database import table_counts
+from tests.support.requests import unique
+from tests.support.status import rpc_error
 
 pytestmark = pytest.mark.through_pgbouncer
 

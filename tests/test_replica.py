@@ -27,18 +27,12 @@ from service.app import App
 from service.db.migrate import migrate
 from service.errors import StartupError
 from service.settings import Settings
-from tests.support import (
-    admin_ssl_context,
-    create_request,
-    eventually,
-    running_app,
-    through_proxy,
-    unique,
-)
-from tests.tcp_proxy import TcpProxy
-from tests.test_imports import order as order_to_import
-from tests.test_startup import ServerLog
-from tests.test_uploads import stream
+from tests.support.apps import running_app
+from tests.support.database import ServerLog, admin_ssl_context, through_proxy
+from tests.support.polling import eventually
+from tests.support.requests import create_request, stream, unique
+from tests.support.requests import order as order_to_import
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 

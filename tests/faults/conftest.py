@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2_grpc
 
+from devcluster.process import json_records
 from orderstream.events.v1 import event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2_grpc
 from service.db.migrate import migrate
@@ -23,9 +24,8 @@ from tests.faults.invariants import check_invariants
 from tests.faults.ledger import Ledger
 from tests.faults.service import RunningProcess, channel_to, running_process, service_env
 from tests.faults.tally import TALLY
-from tests.support import admin_ssl_context, through_proxy
-from tests.tcp_proxy import TcpProxy
-from tests.test_startup import json_records
+from tests.support.database import admin_ssl_context, through_proxy
+from tests.support.tcp_proxy import TcpProxy
 
 HISTORY_EVENTS = 20_000
 HISTORY_ORDERS = 5_000

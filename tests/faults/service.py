@@ -24,7 +24,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster.cluster import Cluster
-from tests.test_startup import ServiceProcess, process_env, service_process
+from devcluster.process import ServiceProcess, process_env, service_process
 
 # Client channels: no BDP probing, so the flow-control window stays at its
 # 64 KiB start and a paused reader really holds a stream's server back.

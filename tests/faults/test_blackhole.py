@@ -15,7 +15,7 @@ from tests.faults.calls import NOT_SERVING, SERVING, FedStream, HealthWatch, Pau
 from tests.faults.conftest import EVENTS_SUBJECT, ORDERS_CUSTOMER
 from tests.faults.ledger import import_messages, order_request, upload_messages
 from tests.faults.service import channel_to, running_process
-from tests.support import unique
+from tests.support.requests import unique
 
 DEADLINE = 3.0
 # How late a call may end after its deadline on this loaded machine: the
