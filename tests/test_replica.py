@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 
-from devcluster.cluster import Cluster, start_cluster, start_standby, stop_cluster
+from devcluster.cluster import Cluster, start_standby, stop_cluster
+from devcluster.throwaway import throwaway_cluster
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.app import App
@@ -45,13 +43,8 @@ NEVER = "3600"  # a check interval no test outlives: only calls notice trouble
 
 @pytest.fixture(scope="module")
 def primary() -> Iterator[Cluster]:
-    base = Path(tempfile.mkdtemp(prefix="orderstream-primary-"))
-    cluster = start_cluster(base, durable=False)
-    try:
+    with throwaway_cluster("orderstream-primary-", durable=False, stop_mode="immediate") as cluster:
         yield cluster
-    finally:
-        stop_cluster(cluster, mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +63,14 @@ async def primary_admin(primary: Cluster) -> AsyncIterator[asyncpg.Connection]:
 
 @pytest.fixture(scope="module")
 def standby(primary: Cluster, primary_admin: asyncpg.Connection) -> Iterator[Cluster]:
-    base = Path(tempfile.mkdtemp(prefix="orderstream-standby-"))
-    cluster = start_standby(primary, base, durable=False, settings=STANDBY_SETTINGS)
-    try:
+    with throwaway_cluster(
+        "orderstream-standby-",
+        durable=False,
+        stop_mode="immediate",
+        standby_of=primary,
+        settings=STANDBY_SETTINGS,
+    ) as cluster:
         yield cluster
-    finally:
-        stop_cluster(cluster, mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def _connect(cluster: Cluster) -> asyncpg.Connection:

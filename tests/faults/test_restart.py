@@ -23,7 +23,7 @@ from tests.faults.calls import (
     ended_honestly,
     unary_loop,
 )
-from tests.faults.conftest import EVENTS_SUBJECT, ORDERS_CUSTOMER
+from tests.faults.history import EVENTS_SUBJECT, ORDERS_CUSTOMER
 from tests.faults.ledger import order_request, upload_messages
 from tests.support.polling import eventually
 from tests.support.requests import unique
