@@ -1,6 +1,7 @@
 """TLS and mTLS on the gRPC listener with real certificates: the server's
-from devcluster.cluster, client certificates from tests/client_identity.py. Health
-for probes stays reachable in plain text on its own port."""
+from devcluster.cluster, client certificates from
+tests/support/client_identity.py. Health for probes stays reachable in
+plain text on its own port."""
 
 from __future__ import annotations
 

@@ -96,6 +96,8 @@ async def channel(service: RunningProcess) -> AsyncIterator[grpc.aio.Channel]:
         yield chan
 
 
+# The stubs again, rather than tests/fixtures/fix_service.py's: those are
+# session fixtures, cached on whichever channel the first test gave them.
 @pytest.fixture(scope="session")
 def orders(channel: grpc.aio.Channel) -> order_service_pb2_grpc.OrderServiceStub:
     return order_service_pb2_grpc.OrderServiceStub(channel)
