@@ -7,18 +7,16 @@ import contextlib
 import json
 import os
 import platform
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-from devcluster.cluster import Cluster, start_cluster, stop_cluster
+from devcluster.cluster import Cluster
+from devcluster.process import ServiceProcess, service_argv
+from devcluster.process import served as served_process
+from devcluster.throwaway import throwaway_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -27,13 +25,8 @@ RESULTS = REPO / "bench" / "results"
 @contextlib.contextmanager
 def cluster() -> Iterator[Cluster]:
     """A throwaway, durable cluster (fsync on, as in production)."""
-    base = Path(tempfile.mkdtemp(prefix="orderstream-bench-"))
-    running = start_cluster(base, durable=True)
-    try:
+    with throwaway_cluster("orderstream-bench-", durable=True) as running:
         yield running
-    finally:
-        stop_cluster(running, mode="fast")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def libpq_env(db: Cluster) -> dict[str, str]:
@@ -52,29 +45,6 @@ def pin(pids: list[int], cpus: str) -> None:
         subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True)
 
 
-@dataclass
-class ServiceProcess:
-    process: subprocess.Popen[str]
-    port: int
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def rss_kib(self) -> int:
-        return _status_kib(self.pid, "VmRSS")
-
-    def peak_rss_kib(self) -> int:
-        return _status_kib(self.pid, "VmHWM")
-
-
-def _status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
 def service_env(db: Cluster, **overrides: str) -> dict[str, str]:
     """The service's environment as deployed, on a free port (ORDERSTREAM_PORT=0)."""
     return {
@@ -86,60 +56,50 @@ def service_env(db: Cluster, **overrides: str) -> dict[str, str]:
     }
 
 
-def service_argv(workers: int = 1) -> list[str]:
-    return [sys.executable, "-m", "service", "serve", "--workers", str(workers)]
+def serve_argv(workers: int = 1) -> list[str]:
+    return service_argv("serve", "--workers", str(workers))
 
 
-@contextlib.contextmanager
-def service(db: Cluster, **env: str) -> Iterator[ServiceProcess]:
+@contextlib.asynccontextmanager
+async def service(db: Cluster, **env: str) -> AsyncIterator[ServiceProcess]:
     """`python -m service serve`, as deployed."""
-    with served(service_argv(), service_env(db, **env)) as process:
-        yield process
+    async with served(serve_argv(), service_env(db, **env)) as server:
+        yield server
 
 
-@contextlib.contextmanager
-def served(argv: list[str], env: dict[str, str]) -> Iterator[ServiceProcess]:
+@contextlib.asynccontextmanager
+async def served(argv: list[str], env: dict[str, str]) -> AsyncIterator[ServiceProcess]:
     """Any server process that logs a JSON "serving" line with its port on
-    stderr (the service, the ceiling, the peer); SIGTERM stops it."""
-    process = subprocess.Popen(
-        argv, cwd=REPO, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        yield ServiceProcess(process, _serving_port(process))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    stderr (the service, the ceiling, the peer); SIGTERM stops it. Its log
+    is read while the event loop runs: blocking work goes to a thread
+    meanwhile (asyncio.to_thread), or the server could block on a full pipe."""
+    async with served_process(argv, env, stop_timeout=30, keep=_startup_lines()) as server:
+        yield server
+
+
+def _startup_lines() -> Callable[[str], bool]:
+    """Which log lines to keep: those up to the "serving" line (a few, shown
+    if the server never serves). After it every call logs a line, far too
+    many to keep: warnings and errors are passed on as they come, the rest
+    dropped."""
+    serving = False
+
+    def keep(line: str) -> bool:
+        nonlocal serving
+        if serving:
+            if '"ERROR"' in line or '"WARNING"' in line:
+                sys.stderr.write(f"service: {line}\n")
+            return False
+        serving = '"serving"' in line
+        return True
+
+    return keep
 
 
 def process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants (forked workers), for pinning."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [pid] + [p for child in out.stdout.split() for p in process_tree(int(child))]
-
-
-def _serving_port(process: subprocess.Popen[str]) -> int:
-    assert process.stderr is not None
-    for line in process.stderr:
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if entry.get("message") == "serving":
-                # Keep draining stderr so the service never blocks on it.
-                _drain_in_background(process)
-                return int(entry["port"])
-    raise RuntimeError(f"service exited with {process.wait()} before serving")
-
-
-def _drain_in_background(process: subprocess.Popen[str]) -> None:
-    def drain() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            if '"ERROR"' in line or '"WARNING"' in line:
-                sys.stderr.write("service: " + line)
-
-    threading.Thread(target=drain, daemon=True).start()
 
 
 def machine() -> dict[str, object]:

@@ -117,16 +117,12 @@ def rate(rows: int, seconds: float) -> float:
     return rows / seconds if seconds else 0.0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--rss-events", type=int, default=2_000_000)
-    args = parser.parse_args()
-    n, big = args.events, args.rss_events
+async def measure(n: int, big: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The figures, and the rounds their medians come from. psql runs in a
+    thread while a service runs, so the service's log keeps being read."""
     figures: dict[str, float] = {}
-
     with cluster() as db, tempfile.TemporaryDirectory() as scratch:
-        with service(db):
+        async with service(db):
             pass  # applies migrations
         data = copy_file(n, Path(scratch))
         columns = "events (type, source, subject, time, payload)"
@@ -135,20 +131,20 @@ def main() -> None:
         # hint bits (writes), which would slow whichever reader came first.
         psql(db, "VACUUM ANALYZE events")
 
-        with service(db) as server:
+        async with service(db) as server:
             # Alternating rounds on the same table; the medians are compared,
             # so one round disturbed by the machine decides nothing.
             copy_out, streamed = [], []
             for _ in range(ROUNDS):
-                copy_out.append(rate(n, psql(db, COPY_OUT)))
-                seconds, count = asyncio.run(stream(server))
+                copy_out.append(rate(n, await asyncio.to_thread(psql, db, COPY_OUT)))
+                seconds, count = await stream(server)
                 assert count == n, count
                 streamed.append(rate(n, seconds))
             figures["copy_out_rows_s"] = statistics.median(copy_out)
             figures["stream_rows_s"] = statistics.median(streamed)
             rounds = {"copy_out_rows_s": copy_out, "stream_rows_s": streamed}
             messages = upload_messages(n)
-            seconds, count = asyncio.run(upload(server, messages))
+            seconds, count = await upload(server, messages)
             assert count == n, count
             figures["upload_rows_s"] = rate(n, seconds)
             del messages
@@ -156,19 +152,29 @@ def main() -> None:
         # Peak RSS growth: a fresh process per measurement, so its high-water
         # mark belongs to that one operation.
         messages = upload_messages(big)
-        with service(db) as server:
+        async with service(db) as server:
             baseline = server.rss_kib()
-            seconds, count = asyncio.run(upload(server, messages))
+            seconds, count = await upload(server, messages)
             assert count == big
             figures["upload_big_rows_s"] = rate(big, seconds)
             figures["upload_rss_growth_mib"] = (server.peak_rss_kib() - baseline) / 1024
         del messages
-        with service(db) as server:
+        async with service(db) as server:
             baseline = server.rss_kib()
-            seconds, count = asyncio.run(stream(server, after_id=2 * n))
+            seconds, count = await stream(server, after_id=2 * n)
             assert count == big, count
             figures["stream_big_rows_s"] = rate(big, seconds)
             figures["stream_rss_growth_mib"] = (server.peak_rss_kib() - baseline) / 1024
+    return figures, rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--rss-events", type=int, default=2_000_000)
+    args = parser.parse_args()
+    n, big = args.events, args.rss_events
+    figures, rounds = asyncio.run(measure(n, big))
 
     ratios = {
         "upload_vs_copy_in": figures["upload_rows_s"] / figures["copy_in_rows_s"],

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,8 @@ from bench.harness import (
     postgres_pids,
     process_tree,
     save,
+    serve_argv,
     served,
-    service_argv,
     service_env,
 )
 from bench.streaming import upload_messages
@@ -150,10 +150,12 @@ async def probe(port: int, path: str, frame: Path) -> None:
         await channel.unary_unary(path)(body, timeout=10)
 
 
-@contextlib.contextmanager
-def served_on(cpus: str, argv: list[str], env: dict[str, str]) -> Iterator[ServiceProcess]:
+@contextlib.asynccontextmanager
+async def served_on(
+    cpus: str, argv: list[str], env: dict[str, str]
+) -> AsyncIterator[ServiceProcess]:
     """A server process (and any workers it forked) pinned to `cpus`."""
-    with served(argv, env) as server:
+    async with served(argv, env) as server:
         pin(process_tree(server.pid), cpus)
         yield server
 
@@ -266,15 +268,17 @@ async def upload(port: int, count: int) -> dict[str, float]:
     return {"events": count, "events_s": count / wall, "client_cpu_share": cpu / wall}
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every figure. The load runs in a thread (asyncio.to_thread) while a
+    server runs, so the event loop keeps reading the server's log."""
     # This process (and its output-draining threads) stays off the server's CPU.
     os.sched_setaffinity(0, {int(CLIENT_CPU)})
     results: dict[str, Any] = {"unary": {}}
     with cluster() as db, tempfile.TemporaryDirectory() as scratch:
         pin(postgres_pids(db), CLIENT_CPU)
         env = orderstream_env(db)
-        with served(service_argv(), env) as server:
-            responses = asyncio.run(seed(server.port, 200))
+        async with served(serve_argv(), env) as server:
+            responses = await seed(server.port, 200)
             first_id = order_pb2.Order.FromString(responses["GetOrder"]).id
         canned = Path(scratch) / "responses.json"
         canned.write_text(json.dumps({k: v.hex() for k, v in responses.items()}))
@@ -285,31 +289,37 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         results["pgbench"] = pgbench(db, args.seconds)
         commands = {
             "ceiling": [sys.executable, "-m", "bench.ceiling_server", str(canned)],
-            "orderstream": service_argv(),
+            "orderstream": serve_argv(),
             "peer": [sys.executable, "-m", "bench.peer_server", f"--threads={POOL_SIZE}"],
         }
         for name, argv in commands.items():
             print(f"measuring {name} ...", flush=True)
-            with served_on(SERVER_CPU, argv, env) as server:
-                results["unary"][name] = runner.unary_matrix(server)
+            async with served_on(SERVER_CPU, argv, env) as server:
+                results["unary"][name] = await asyncio.to_thread(runner.unary_matrix, server)
                 if name == "ceiling":
                     # The Python client's own limit, next to h2load's, on the same server.
                     results["client_check"] = {
-                        "python_create_vs_ceiling": runner.python_creates(server, HEADLINE),
-                        "h2load_create_vs_ceiling": runner.h2load(
-                            server, ORDERS + "CreateOrder", HEADLINE
+                        "python_create_vs_ceiling": await asyncio.to_thread(
+                            runner.python_creates, server, HEADLINE
+                        ),
+                        "h2load_create_vs_ceiling": await asyncio.to_thread(
+                            runner.h2load, server, ORDERS + "CreateOrder", HEADLINE
                         ),
                     }
 
         print("measuring the ceiling with one database round trip ...", flush=True)
-        with served_on(SERVER_CPU, commands["ceiling"] + ["--round-trip"], env) as server:
-            results["round_trip"] = runner.h2load(server, ORDERS + "GetOrder", HEADLINE)
+        async with served_on(SERVER_CPU, commands["ceiling"] + ["--round-trip"], env) as server:
+            results["round_trip"] = await asyncio.to_thread(
+                runner.h2load, server, ORDERS + "GetOrder", HEADLINE
+            )
 
         print("measuring bulk writes ...", flush=True)
-        with served_on(SERVER_CPU, service_argv(), env) as server:
+        async with served_on(SERVER_CPU, serve_argv(), env) as server:
             results["bulk"] = {
-                "publish_per_event": runner.h2load(server, EVENTS + "PublishEvents", HEADLINE),
-                "upload": asyncio.run(upload(server.port, args.upload_events)),
+                "publish_per_event": await asyncio.to_thread(
+                    runner.h2load, server, EVENTS + "PublishEvents", HEADLINE
+                ),
+                "upload": await upload(server.port, args.upload_events),
             }
 
         print("measuring workers ...", flush=True)
@@ -319,11 +329,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for workers in (1, 2):
             for name, argv in (
                 ("ceiling", commands["ceiling"] + [f"--workers={workers}"]),
-                ("orderstream", service_argv(workers)),
+                ("orderstream", serve_argv(workers)),
             ):
-                with served_on(ALL_CPUS, argv, env) as server:
+                async with served_on(ALL_CPUS, argv, env) as server:
                     results["workers"][f"{name}_{workers}"] = [
-                        runner.h2load(server, ORDERS + "GetOrder", c, ALL_CPUS)
+                        await asyncio.to_thread(
+                            runner.h2load, server, ORDERS + "GetOrder", c, ALL_CPUS
+                        )
                         for c in (HEADLINE, 64)
                     ]
     return results
@@ -433,7 +445,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.seconds < 1:
         parser.error("--seconds must be at least 1 (h2load refuses shorter durations)")
-    results = measure(args)
+    results = asyncio.run(measure(args))
     results.update(
         machine=machine(),
         seconds=args.seconds,

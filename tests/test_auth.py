@@ -8,11 +8,9 @@ method's scope, never echoing the token, and a refused write writes nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -29,41 +27,15 @@ from service.errors import StartupError
 from service.rpc import auth
 from service.rpc.auth import METHOD_SCOPES, SCOPES, TokenAuth, Tokens
 from service.settings import Settings
-from tests.support import StatusDetails, create_request, details, running_app, table_counts, unique
-from tests.test_readme import run_shell
+from tests.support.apps import running_app
+from tests.support.database import table_counts
+from tests.support.requests import create_request, unique
+from tests.support.shell import run_shell
+from tests.support.status import StatusDetails, details
+from tests.support.tokens import TokenSet, bearer, digest, write_tokens_file
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class TokenSet:
-    """Tokens written to a tokens file, by the scopes they carry."""
-
-    reader: str
-    writer: str
-    both: str
-    file: Path
-
-    def all(self) -> tuple[str, ...]:
-        return (self.reader, self.writer, self.both)
-
-
-def digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def write_tokens_file(directory: Path) -> TokenSet:
-    reader, writer, both = (secrets.token_urlsafe(32) for _ in range(3))
-    path = directory / "tokens"
-    path.write_text(
-        "# name  sha256  scopes\n"
-        f"reporting {digest(reader)} read\n"
-        f"ingest    {digest(writer)} write   # uploads only\n"
-        "\n"
-        f"billing   {digest(both)} read,write\n"
-    )
-    return TokenSet(reader, writer, both, path)
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +53,6 @@ async def auth_app(service_env: dict[str, str], tokens: TokenSet) -> AsyncIterat
 async def auth_channel(auth_app: App) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{auth_app.port}") as channel:
         yield channel
-
-
-def bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 async def requests(messages: list[object]) -> AsyncIterator[object]:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from devcluster.cluster import Certificates, make_ca_only, make_certificates
 from orderstream.client import create_channel
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from tests.client_identity import client_identity
+from tests.support.client_identity import client_identity
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

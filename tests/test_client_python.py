@@ -13,8 +13,8 @@ import pytest
 from orderstream.client import create_channel, stream_events, upload_events, upload_requests
 from orderstream.events.v1 import event_pb2, event_service_pb2
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from tests.support import create_request, unique
-from tests.tcp_proxy import TcpProxy
+from tests.support.requests import create_request, unique
+from tests.support.tcp_proxy import TcpProxy
 
 
 def new_event(subject: str, n: int, padding: int = 0) -> event_pb2.Event:

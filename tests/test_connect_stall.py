@@ -7,8 +7,12 @@ from __future__ import annotations
 import grpc
 
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from tests.support import create_request, eventually, rpc_error, running_app, through_proxy
-from tests.tcp_proxy import TcpProxy
+from tests.support.apps import running_app
+from tests.support.database import through_proxy
+from tests.support.polling import eventually
+from tests.support.requests import create_request
+from tests.support.status import rpc_error
+from tests.support.tcp_proxy import TcpProxy
 
 
 async def test_a_connection_that_cannot_open_is_unavailable(pg_cluster, service_env, orders):

@@ -9,15 +9,11 @@ import grpc
 import pytest
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from tests.support import (
-    backends_running,
-    create_request,
-    eventually,
-    pool_is_full,
-    row_locked,
-    rpc_error,
-    running_app,
-)
+from tests.support.apps import pool_is_full, running_app
+from tests.support.database import backends_running, row_locked
+from tests.support.polling import eventually
+from tests.support.requests import create_request
+from tests.support.status import rpc_error
 
 pytestmark = pytest.mark.through_pgbouncer
 

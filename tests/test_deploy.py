@@ -21,8 +21,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.test_shutdown import migrated  # noqa: F401  (fixture)
-from tests.test_startup import process_env, service_process
+from devcluster.process import process_env, service_process
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = sorted(path.name for path in (ROOT / "deploy" / "overlays").iterdir())
@@ -219,7 +218,7 @@ def entrypoint() -> list[str]:
     return command
 
 
-async def test_the_entrypoint_serves(service_env, migrated, tmp_path):  # noqa: F811
+async def test_the_entrypoint_serves(service_env, migrated, tmp_path):
     command = entrypoint()
     assert command == ["python", "-m", "service", "serve"]
     env = process_env(

@@ -17,7 +17,7 @@ from service.db.failures import CallDeadlineReached, DatabaseNotAnswering, PoolE
 from service.db.runner import Database
 from service.errors import Reason, ServiceError
 from service.rpc.status_map import from_exception
-from tests.support import admin_ssl_context
+from tests.support.database import admin_ssl_context
 
 # Statements that make PostgreSQL raise one SQLSTATE each, in a transaction
 # that is rolled back. Where no ordinary statement can (a serialization

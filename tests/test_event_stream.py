@@ -14,7 +14,11 @@ from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.app import App
 from service.settings import Settings
-from tests.support import create_request, eventually, pool_is_full, rpc_error, running_app, unique
+from tests.support.apps import pool_is_full, running_app
+from tests.support.calls import new_event, publish, read_all
+from tests.support.polling import eventually
+from tests.support.requests import create_request, unique
+from tests.support.status import rpc_error
 
 pytestmark = pytest.mark.through_pgbouncer
 
@@ -22,27 +26,6 @@ INSERT_EVENT = """
 INSERT INTO events (type, source, subject, time, payload)
 VALUES ('test.reordered', '/tests', $1, now(), '{}') RETURNING id
 """
-
-
-def new_event(subject: str, n: int = 0) -> event_pb2.Event:
-    return event_pb2.Event(
-        type="test.streamed", source="/tests", subject=subject, json_payload=json.dumps({"n": n})
-    )
-
-
-async def publish(events, subject: str, count: int) -> list[int]:
-    batch = [new_event(subject, n) for n in range(count)]
-    response = await events.PublishEvents(event_service_pb2.PublishEventsRequest(events=batch))
-    return list(response.ids)
-
-
-async def read_all(call) -> tuple[list[event_pb2.Event], int]:
-    """Every event of a finite stream, and how many messages carried them."""
-    received, messages = [], 0
-    while (response := await call.read()) is not grpc.aio.EOF:
-        messages += 1
-        received.extend(response.events)
-    return received, messages
 
 
 async def no_open_transactions(admin_db) -> bool:

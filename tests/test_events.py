@@ -10,7 +10,9 @@ from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orderstream.events.v1 import event_pb2, event_service_pb2
-from tests.support import rpc_error, table_counts, unique
+from tests.support.database import table_counts
+from tests.support.requests import create_request, unique
+from tests.support.status import rpc_error
 
 pytestmark = pytest.mark.through_pgbouncer
 
@@ -171,7 +173,6 @@ async def test_sql_injection_in_payload_is_stored_verbatim(events):
 
 async def test_order_changes_appear_in_the_event_feed(orders, events, admin_db):
     from orderstream.orders.v1 import order_pb2, order_service_pb2
-    from tests.support import create_request
 
     order = await orders.CreateOrder(create_request())
     await orders.UpdateOrderStatus(

@@ -6,25 +6,13 @@ import grpc
 import pytest
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from tests.support import (
-    create_request,
-    eventually,
-    pool_is_full,
-    rpc_error,
-    running_app,
-    unique,
-)
+from tests.support.apps import pool_is_full, running_app
+from tests.support.calls import export_all
+from tests.support.polling import eventually
+from tests.support.requests import create_request, unique
+from tests.support.status import rpc_error
 
 pytestmark = pytest.mark.through_pgbouncer
-
-
-async def export_all(stub, request) -> tuple[list[order_pb2.Order], int]:
-    orders, messages = [], 0
-    call = stub.ExportOrders(request)
-    while (response := await call.read()) is not grpc.aio.EOF:
-        messages += 1
-        orders.extend(response.orders)
-    return orders, messages
 
 
 async def test_export_returns_every_matching_order_with_items(orders):

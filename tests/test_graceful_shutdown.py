@@ -14,17 +14,11 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devcluster.process import service_process
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
-from tests.support import eventually, unique
-from tests.test_shutdown import (  # noqa: F401  (fixtures)
-    admin,
-    login,
-    migrated,
-    new_call_is_refused,
-    pool_closed,
-    serve_env,
-)
-from tests.test_startup import service_process
+from tests.support.polling import eventually
+from tests.support.processes import new_call_is_refused, pool_closed, serve_env
+from tests.support.requests import unique
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -54,7 +48,7 @@ async def from_queue(queue: asyncio.Queue) -> AsyncIterator[object]:
         yield request
 
 
-async def stream_waits_on_the_reader(admin, role: str) -> bool:  # noqa: F811
+async def stream_waits_on_the_reader(admin, role: str) -> bool:
     """The stream's snapshot transaction is open while no statement runs:
     its handler waits for the unread stream's flow control."""
     return bool(
@@ -68,7 +62,7 @@ async def stream_waits_on_the_reader(admin, role: str) -> bool:  # noqa: F811
     )
 
 
-async def copy_running(admin, role: str) -> bool:  # noqa: F811
+async def copy_running(admin, role: str) -> bool:
     return bool(
         await admin.fetchval(
             """
@@ -88,7 +82,7 @@ async def probe_status(port: int) -> int:
     return response.status
 
 
-async def test_sigterm_lets_an_upload_and_a_stream_finish(service_env, login, admin):  # noqa: F811
+async def test_sigterm_lets_an_upload_and_a_stream_finish(service_env, login, admin):
     env = serve_env(service_env, login, grace=GRACE, event_loop=None)
     env.update(ORDERSTREAM_STREAM_BATCH_BYTES="1024", ORDERSTREAM_HEALTH_PORT="0")
     history_subject, source = unique("drain-history"), unique("/drain")

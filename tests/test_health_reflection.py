@@ -12,7 +12,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.app import SERVICE_NAMES
-from tests.support import create_request, rpc_error, running_app, unique
+from tests.support.apps import running_app
+from tests.support.requests import create_request, unique
+from tests.support.status import rpc_error
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

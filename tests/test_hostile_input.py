@@ -15,7 +15,7 @@ reached cheaply.
 
 Cost is bounded: a fixed number of examples per test, derandomized (the same
 inputs every run, no example database), no per-example deadline. Every call
-is counted in tests/input_tally.py, which prints the summary line.
+is counted in tests/support/input_tally.py, which prints the summary line.
 
 `@given` on a coroutine test runs through pytest-asyncio, each example
 awaited on the session's loop; the tests take session-scoped fixtures only,
@@ -43,8 +43,10 @@ from hypothesis import strategies as st
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
-from tests import input_tally
-from tests.support import StatusDetails, create_request, details, running_app, unique
+from tests.support import input_tally
+from tests.support.apps import running_app
+from tests.support.requests import create_request, unique
+from tests.support.status import StatusDetails, details
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_UPLOAD_EVENTS = 50

@@ -11,29 +11,16 @@ import grpc
 import pytest
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from tests.support import eventually, rpc_error, running_app, table_counts, unique
-from tests.test_uploads import (
-    nothing_left_running,
-    pool_is_full,
-    rows_copied,
-    stream,
-    waiting_on_lock,
-)
+from tests.support.apps import pool_is_full, running_app
+from tests.support.database import nothing_left_running, rows_copied, table_counts, waiting_on_lock
+from tests.support.polling import eventually
+from tests.support.requests import order, stream, unique
+from tests.support.status import rpc_error
 
 pytestmark = pytest.mark.through_pgbouncer
 
 Request = order_service_pb2.ImportOrdersRequest
 Item = order_pb2.LineItem
-
-
-def order(**fields: object) -> order_pb2.Order:
-    values: dict[str, object] = {
-        "customer_id": "cust-import",
-        "currency": "EUR",
-        "items": [Item(sku="SKU-1", quantity=2, unit_price_cents=1250)],
-    }
-    values.update(fields)
-    return order_pb2.Order(**values)  # type: ignore[arg-type]
 
 
 def messages(import_id: str, batches: Iterable[Sequence[order_pb2.Order]]) -> list[Request]:

@@ -14,16 +14,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.settings import Settings, SettingsError
-from tests.support import (
-    backends_running,
-    create_request,
-    eventually,
-    row_locked,
-    rpc_error,
-    running_app,
-    table_counts,
-    unique,
-)
+from tests.support.apps import running_app
+from tests.support.database import backends_running, row_locked, table_counts
+from tests.support.polling import eventually
+from tests.support.requests import create_request, unique
+from tests.support.status import rpc_error
 
 LIMIT = 8192
 

@@ -12,10 +12,10 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from devcluster.process import process_env, service_process
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from tests.support import create_request, rpc_error
-from tests.test_shutdown import migrated  # noqa: F401  (fixture)
-from tests.test_startup import process_env, service_process
+from tests.support.requests import create_request
+from tests.support.status import rpc_error
 
 GET_ORDER = "/orderstream.orders.v1.OrderService/GetOrder"
 CREATE_ORDER = "/orderstream.orders.v1.OrderService/CreateOrder"
@@ -26,7 +26,7 @@ def rpc_lines(records: list[dict]) -> list[dict]:
     return [entry for entry in records if entry.get("message") == "rpc"]
 
 
-async def test_one_json_line_per_rpc_with_request_id_and_no_secrets(service_env, migrated):  # noqa: F811
+async def test_one_json_line_per_rpc_with_request_id_and_no_secrets(service_env, migrated):
     env = process_env(service_env, ORDERSTREAM_MIGRATE_ON_START="false")
     password = urlsplit(env["DATABASE_URL"]).password
     assert password
@@ -77,7 +77,7 @@ async def traced_run(env: dict[str, str], spans_file: Path) -> list[dict]:
     return spans
 
 
-async def test_spans_for_rpcs_and_queries_when_otel_asks(service_env, migrated, tmp_path):  # noqa: F811
+async def test_spans_for_rpcs_and_queries_when_otel_asks(service_env, migrated, tmp_path):
     env = process_env(
         service_env,
         ORDERSTREAM_MIGRATE_ON_START="false",
@@ -95,7 +95,7 @@ async def test_spans_for_rpcs_and_queries_when_otel_asks(service_env, migrated, 
     assert any(span["parent_id"] == rpc["context"]["span_id"] for span in queries)
 
 
-async def test_no_spans_without_otel_variables(service_env, migrated, tmp_path):  # noqa: F811
+async def test_no_spans_without_otel_variables(service_env, migrated, tmp_path):
     env = process_env(service_env, ORDERSTREAM_MIGRATE_ON_START="false")
     for name in [name for name in env if name.startswith("OTEL_")]:
         del env[name]

@@ -13,14 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from tests.support import (
-    create_request,
-    eventually,
-    row_locked,
-    rpc_error,
-    running_app,
-    unique,
-)
+from tests.support.apps import running_app
+from tests.support.database import row_locked
+from tests.support.polling import eventually
+from tests.support.requests import create_request, unique
+from tests.support.status import rpc_error
 
 GET_ORDER = "/orderstream.orders.v1.OrderService/GetOrder"
 CREATE_ORDER = "/orderstream.orders.v1.OrderService/CreateOrder"

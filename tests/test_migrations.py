@@ -13,10 +13,12 @@ import asyncpg
 import pytest
 
 from devcluster.cluster import Cluster, create_database
+from devcluster.process import ServiceProcess, process_env, service_process
 from service.db import migrate as migrate_module
 from service.db.migrate import available_migrations, migrate
-from tests.support import admin_ssl_context, eventually, unique
-from tests.test_startup import ServiceProcess, process_env, service_process
+from tests.support.database import admin_ssl_context
+from tests.support.polling import eventually
+from tests.support.requests import unique
 
 PROCESSES = 4
 CREATED_TABLE = re.compile(r"^CREATE TABLE (\w+)", re.MULTILINE)

@@ -9,7 +9,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2
-from tests.support import create_request, rpc_error, table_counts, unique
+from tests.support.database import table_counts
+from tests.support.requests import create_request, unique
+from tests.support.status import rpc_error
 
 pytestmark = pytest.mark.through_pgbouncer
 

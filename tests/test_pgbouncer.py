@@ -21,17 +21,17 @@ import asyncpg.connection
 import pytest
 
 from devcluster.cluster import Cluster, make_ca_only
+from devcluster.process import process_env, service_process
 from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_service_pb2
 from service.app import App
 from service.db.pool import connect_direct
 from service.errors import StartupError
 from service.settings import Settings, SettingsError
-from tests.pgbouncer import POOL_SIZE, PgBouncer, start_pgbouncer, stop_pgbouncer
-from tests.support import create_request, eventually, unique
-from tests.test_event_stream import publish, read_all
-from tests.test_export import export_all
-from tests.test_startup import process_env, service_process
+from tests.support.calls import export_all, publish, read_all
+from tests.support.pgbouncer import POOL_SIZE, PgBouncer, start_pgbouncer, stop_pgbouncer
+from tests.support.polling import eventually
+from tests.support.requests import create_request, unique
 
 # These tests need the service behind PgBouncer, so they run only there.
 through_pgbouncer = pytest.mark.parametrize("database_route", ["pgbouncer"], indirect=True)

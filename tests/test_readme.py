@@ -3,7 +3,6 @@ service on a fresh database, as they would run against `make run`."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from pathlib import Path
@@ -11,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from devcluster.cluster import create_database
-from tests.support import running_app, unique
+from tests.support.apps import running_app
+from tests.support.requests import unique
+from tests.support.shell import run_shell
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,17 +30,6 @@ def json_values(text: str) -> list[object]:
 def readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
     return [line for line in text.splitlines() if line.startswith("npx buf curl ")]
-
-
-async def run_shell(command: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_shell(
-        command,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    return process.returncode or 0, out.decode(), err.decode()
 
 
 @pytest.mark.slow

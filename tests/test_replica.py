@@ -11,34 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 
-from devcluster.cluster import Cluster, start_cluster, start_standby, stop_cluster
+from devcluster.cluster import Cluster, start_standby, stop_cluster
+from devcluster.throwaway import throwaway_cluster
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.app import App
 from service.db.migrate import migrate
 from service.errors import StartupError
 from service.settings import Settings
-from tests.support import (
-    admin_ssl_context,
-    create_request,
-    eventually,
-    running_app,
-    through_proxy,
-    unique,
-)
-from tests.tcp_proxy import TcpProxy
-from tests.test_imports import order as order_to_import
-from tests.test_startup import ServerLog
-from tests.test_uploads import stream
+from tests.support.apps import running_app
+from tests.support.database import ServerLog, admin_ssl_context, through_proxy
+from tests.support.polling import eventually
+from tests.support.requests import create_request, stream, unique
+from tests.support.requests import order as order_to_import
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +43,8 @@ NEVER = "3600"  # a check interval no test outlives: only calls notice trouble
 
 @pytest.fixture(scope="module")
 def primary() -> Iterator[Cluster]:
-    base = Path(tempfile.mkdtemp(prefix="orderstream-primary-"))
-    cluster = start_cluster(base, durable=False)
-    try:
+    with throwaway_cluster("orderstream-primary-", durable=False, stop_mode="immediate") as cluster:
         yield cluster
-    finally:
-        stop_cluster(cluster, mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +63,14 @@ async def primary_admin(primary: Cluster) -> AsyncIterator[asyncpg.Connection]:
 
 @pytest.fixture(scope="module")
 def standby(primary: Cluster, primary_admin: asyncpg.Connection) -> Iterator[Cluster]:
-    base = Path(tempfile.mkdtemp(prefix="orderstream-standby-"))
-    cluster = start_standby(primary, base, durable=False, settings=STANDBY_SETTINGS)
-    try:
+    with throwaway_cluster(
+        "orderstream-standby-",
+        durable=False,
+        stop_mode="immediate",
+        standby_of=primary,
+        settings=STANDBY_SETTINGS,
+    ) as cluster:
         yield cluster
-    finally:
-        stop_cluster(cluster, mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def _connect(cluster: Cluster) -> asyncpg.Connection:

@@ -15,10 +15,12 @@ import grpc
 import pytest
 
 from devcluster.cluster import Cluster
+from devcluster.process import process_env, service_process
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from tests.support import create_request, rpc_error, unique
-from tests.test_auth import bearer, write_tokens_file
-from tests.test_startup import EXIT_CONFIG, process_env, service_process
+from tests.support.processes import EXIT_CONFIG
+from tests.support.requests import create_request, unique
+from tests.support.status import rpc_error
+from tests.support.tokens import bearer, write_tokens_file
 
 
 def forms(secret: str) -> set[str]:

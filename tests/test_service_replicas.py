@@ -15,13 +15,13 @@ import grpc
 import pytest
 
 from devcluster.cluster import Cluster, create_database
+from devcluster.process import ServiceProcess, process_env, service_process
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.db.migrate import available_migrations
-from tests.support import admin_ssl_context, create_request, eventually, unique
-from tests.test_imports import order
-from tests.test_startup import ServiceProcess, process_env, service_process
-from tests.test_uploads import stream
+from tests.support.database import admin_ssl_context
+from tests.support.polling import eventually
+from tests.support.requests import create_request, order, stream, unique
 
 pytestmark = pytest.mark.slow
 

@@ -6,77 +6,23 @@ when the grace runs out is cancelled and leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import signal
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from urllib.parse import quote
 
 import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devcluster.cluster import Cluster
+from devcluster.process import service_process
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from service.db.migrate import migrate
-from tests.support import admin_ssl_context, create_request, eventually, rpc_error, unique
-from tests.test_startup import process_env, service_process
+from tests.support.polling import eventually
+from tests.support.processes import new_call_is_refused, pool_closed, serve_env
+from tests.support.requests import create_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 PROMPTLY = 2.0  # seconds
-
-
-@pytest.fixture(scope="module")
-async def migrated(pg_cluster: Cluster) -> None:
-    """The schema, applied by its owner (the processes below log in as
-    another role and do not migrate)."""
-    conn = await asyncpg.connect(pg_cluster.dsn(), ssl=admin_ssl_context(pg_cluster))
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def admin(pg_cluster: Cluster, migrated: None) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(
-        pg_cluster.dsn(admin=True), ssl=admin_ssl_context(pg_cluster), min_size=2, max_size=2
-    )
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
-@dataclass(frozen=True)
-class Login:
-    role: str
-    url: str
-
-
-@pytest.fixture
-async def login(pg_cluster: Cluster, admin: asyncpg.Pool) -> AsyncIterator[Login]:
-    """A role of its own for the process under test, so its backends can be
-    told apart in pg_stat_activity from any other orderstream instance."""
-    role = unique("drain").replace("-", "_")
-    password = secrets.token_urlsafe(16)
-    await admin.execute(
-        f"CREATE ROLE {role} LOGIN PASSWORD '{password}' IN ROLE {pg_cluster.app_user}"
-    )
-    try:
-        yield Login(
-            role,
-            f"postgresql://{role}:{quote(password)}@{pg_cluster.host}:{pg_cluster.port}/"
-            f"{pg_cluster.database}",
-        )
-    finally:
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
-        )
-        await admin.execute(f"DROP ROLE {role}")
 
 
 def pay(order_id: int) -> order_service_pb2.UpdateOrderStatusRequest:
@@ -98,42 +44,6 @@ async def blocked_behind(admin: asyncpg.Pool, role: str, holder_pid: int) -> boo
             holder_pid,
         )
     )
-
-
-async def backends_of(admin: asyncpg.Pool, role: str) -> int:
-    return await admin.fetchval(
-        """
-        SELECT count(*) FROM pg_stat_activity
-        WHERE usename = $1 AND application_name = 'orderstream'
-        """,
-        role,
-    )
-
-
-async def pool_closed(admin: asyncpg.Pool, role: str) -> bool:
-    """No connection of `role`'s service is left in the database."""
-    return await backends_of(admin, role) == 0
-
-
-def serve_env(
-    service_env: dict[str, str], login: Login, grace: int, event_loop: str | None
-) -> dict[str, str]:
-    return process_env(
-        service_env,
-        DATABASE_URL=login.url,
-        ORDERSTREAM_MIGRATE_ON_START="false",
-        ORDERSTREAM_SHUTDOWN_GRACE=str(grace),
-        ORDERSTREAM_EVENT_LOOP=event_loop,  # None: the default (uvloop)
-    )
-
-
-async def new_call_is_refused(port: int, order_id: int) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as fresh:
-        stub = order_service_pb2_grpc.OrderServiceStub(fresh)
-        error = await rpc_error(
-            stub.GetOrder(order_service_pb2.GetOrderRequest(id=order_id), timeout=5)
-        )
-    assert error.code == grpc.StatusCode.UNAVAILABLE, error
 
 
 @pytest.mark.parametrize("event_loop", [None, "asyncio"], ids=["uvloop-default", "asyncio"])

@@ -5,147 +5,25 @@ an error, not a shared port; settings never show the password."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devcluster.cluster import Cluster, make_ca_only
+from devcluster.process import process_env, service_process
 from service.app import App
 from service.errors import StartupError
 from service.settings import Settings, SettingsError
-from tests.support import running_app
+from tests.support.apps import running_app
+from tests.support.database import ServerLog
+from tests.support.processes import EXIT_CONFIG
 
-ROOT = Path(__file__).resolve().parents[1]
-EXIT_CONFIG = 2
-# The cluster writes its server log here (see devcluster/cluster.py's layout).
-SERVER_LOG = "server.log"
 PLAIN_TEXT_REJECTED = "no encryption"  # PostgreSQL's pg_hba message for a plain-text attempt
-
-
-# --------------------------------------------------------------------------
-# A real `python -m service` child process, its log lines read as they come
-# --------------------------------------------------------------------------
-
-
-def json_records(lines: list[str]) -> list[dict[str, Any]]:
-    """The JSON log records among some output lines."""
-    found = []
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if isinstance(entry, dict):
-                found.append(entry)
-    return found
-
-
-class ServiceProcess:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self._changed = asyncio.Event()
-        self._readers = [
-            asyncio.create_task(self._read(stream))
-            for stream in (process.stderr, process.stdout)
-            if stream is not None
-        ]
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        async for raw in stream:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-            self._changed.set()
-        self._changed.set()
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    @property
-    def records(self) -> list[dict[str, Any]]:
-        return json_records(self.lines)
-
-    async def record(self, message: str, timeout: float = 15.0) -> dict[str, Any]:
-        """Waits for the log record with this message."""
-        async with asyncio.timeout(timeout):
-            while True:
-                self._changed.clear()
-                for entry in self.records:
-                    if entry.get("message") == message:
-                        return entry
-                if all(reader.done() for reader in self._readers):
-                    raise AssertionError(
-                        f"the process ended without logging {message!r}:\n{self.output}"
-                    )
-                await self._changed.wait()
-
-    async def exit_code(self, timeout: float = 15.0) -> int:
-        async with asyncio.timeout(timeout):
-            code = await self.process.wait()
-            await asyncio.gather(*self._readers)
-        return code
-
-
-@contextlib.asynccontextmanager
-async def service_process(
-    env: dict[str, str], *args: str, cwd: Path = ROOT, stdout: int | IO[bytes] = subprocess.PIPE
-) -> AsyncIterator[ServiceProcess]:
-    """Starts `python -m service ARGS`; kills it if the test leaves it running.
-    Its stdout is read as log lines unless `stdout` sends it elsewhere."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        *args,
-        env=env,
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    child = ServiceProcess(process)
-    try:
-        yield child
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-        await process.wait()
-        await asyncio.gather(*child._readers)
-
-
-def process_env(service_env: dict[str, str], **overrides: str | None) -> dict[str, str]:
-    """os.environ + the deployment's settings + overrides (None removes a variable)."""
-    env = {**os.environ, **service_env}
-    for name, value in overrides.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
-
-
-class ServerLog:
-    """What the PostgreSQL server logged since this object was made."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self._path = cluster.data_dir / SERVER_LOG
-        self._start = self._path.stat().st_size
-
-    def new_text(self) -> str:
-        with open(self._path, "rb") as handle:
-            handle.seek(self._start)
-            return handle.read().decode(errors="replace")
 
 
 # --------------------------------------------------------------------------

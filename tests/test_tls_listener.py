@@ -1,6 +1,7 @@
 """TLS and mTLS on the gRPC listener with real certificates: the server's
-from devcluster.cluster, client certificates from tests/client_identity.py. Health
-for probes stays reachable in plain text on its own port."""
+from devcluster.cluster, client certificates from
+tests/support/client_identity.py. Health for probes stays reachable in
+plain text on its own port."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from devcluster.cluster import Certificates, make_certificates
 from orderstream.orders.v1 import order_service_pb2_grpc
 from service.errors import StartupError
-from tests.client_identity import ClientIdentity, client_identity
-from tests.support import create_request, rpc_error, running_app
+from tests.support.apps import running_app
+from tests.support.client_identity import ClientIdentity, client_identity
+from tests.support.requests import create_request
+from tests.support.status import rpc_error
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import grpc
 import pytest
@@ -13,7 +13,11 @@ from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
-from tests.support import eventually, pool_is_full, rpc_error, running_app, table_counts, unique
+from tests.support.apps import pool_is_full, running_app
+from tests.support.database import nothing_left_running, rows_copied, table_counts, waiting_on_lock
+from tests.support.polling import eventually
+from tests.support.requests import stream, unique
+from tests.support.status import rpc_error
 
 pytestmark = pytest.mark.through_pgbouncer
 
@@ -39,48 +43,8 @@ def messages(upload_id: str, batches: Iterable[Sequence[event_pb2.Event]]) -> li
     ]
 
 
-async def stream(requests: Iterable[object]) -> AsyncIterator[object]:
-    for request in requests:
-        yield request
-
-
 async def upload(events, requests: Iterable[Request], **kwargs: object):
     return await events.UploadEvents(stream(requests), **kwargs)
-
-
-async def nothing_left_running(admin_db) -> bool:
-    """No service backend is still copying or sits in an open transaction."""
-    return (
-        await admin_db.fetchval(
-            """
-            SELECT count(*) FROM pg_stat_activity
-            WHERE application_name = 'orderstream'
-              AND (state LIKE 'idle in transaction%' OR (state = 'active' AND query LIKE 'COPY%'))
-            """
-        )
-        == 0
-    )
-
-
-async def rows_copied(admin_db) -> int:
-    """Rows that COPY statements in progress have written so far (uncommitted)."""
-    return await admin_db.fetchval(
-        "SELECT coalesce(sum(tuples_processed), 0) FROM pg_stat_progress_copy"
-    )
-
-
-async def waiting_on_lock(admin_db, fragment: str) -> bool:
-    return (
-        await admin_db.fetchval(
-            """
-            SELECT count(*) FROM pg_stat_activity
-            WHERE application_name = 'orderstream' AND wait_event_type = 'Lock'
-              AND position($1 IN query) > 0
-            """,
-            fragment,
-        )
-        > 0
-    )
 
 
 async def stored_upload(admin_db, upload_id: str):

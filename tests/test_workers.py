@@ -10,22 +10,16 @@ import socket
 
 import grpc
 
+from devcluster.process import service_process
 from orderstream.orders.v1 import order_service_pb2_grpc
-from tests.support import create_request, eventually
-from tests.test_shutdown import (  # noqa: F401  (fixtures)
-    admin,
-    backends_of,
-    login,
-    migrated,
-    pool_closed,
-    serve_env,
-)
-from tests.test_startup import service_process
+from tests.support.polling import eventually
+from tests.support.processes import backends_of, pool_closed, serve_env
+from tests.support.requests import create_request
 
 CALLS = 24  # each on its own connection; the kernel hashes them over the workers
 
 
-async def test_workers_share_the_port_and_drain_on_sigterm(service_env, login, admin):  # noqa: F811
+async def test_workers_share_the_port_and_drain_on_sigterm(service_env, login, admin):
     env = serve_env(service_env, login, grace=10, event_loop=None)
     env["ORDERSTREAM_HEALTH_PORT"] = "0"
     async with service_process(env, "serve", "--workers", "2") as child:
@@ -73,7 +67,7 @@ async def test_workers_share_the_port_and_drain_on_sigterm(service_env, login, a
     await eventually(lambda: pool_closed(admin, login.role), what="both workers' pools to close")
 
 
-async def test_workers_refuse_a_port_another_process_holds(service_env, login):  # noqa: F811
+async def test_workers_refuse_a_port_another_process_holds(service_env, login):
     env = serve_env(service_env, login, grace=5, event_loop=None)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ from typing import TypeVar
 import asyncpg
 
 from devcluster.cluster import Cluster, start_cluster, stop_cluster
-from tests.support import admin_ssl_context
+from tests.support.database import admin_ssl_context
 
 T = TypeVar("T")
 

@@ -4,44 +4,51 @@ service's pool and that cluster, the service process under test, and the
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2_grpc
 
+from devcluster.cluster import Cluster
+from devcluster.process import json_records
+from devcluster.throwaway import scratch_directory
 from orderstream.events.v1 import event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2_grpc
 from service.db.migrate import migrate
 from tests.faults.cluster import GATE_SQL, Admin, FaultCluster
+from tests.faults.history import (
+    EVENTS_SUBJECT,
+    HISTORY_EVENTS,
+    HISTORY_ORDERS,
+    ORDERS_CUSTOMER,
+    SHORT_EVENTS,
+    SHORT_SUBJECT,
+)
 from tests.faults.invariants import check_invariants
 from tests.faults.ledger import Ledger
 from tests.faults.service import RunningProcess, channel_to, running_process, service_env
 from tests.faults.tally import TALLY
-from tests.support import admin_ssl_context, through_proxy
-from tests.tcp_proxy import TcpProxy
-from tests.test_startup import json_records
-
-HISTORY_EVENTS = 20_000
-HISTORY_ORDERS = 5_000
-EVENTS_SUBJECT = "history/events"
-# A short history, for the scenarios that start streams by the thousand.
-SHORT_EVENTS = 1_000
-SHORT_SUBJECT = "history/short"
-ORDERS_CUSTOMER = "history/orders"
+from tests.support.database import admin_ssl_context, through_proxy
+from tests.support.tcp_proxy import TcpProxy
 
 
 @pytest.fixture(scope="session")
 async def fault_cluster() -> AsyncIterator[FaultCluster]:
-    base = Path(tempfile.mkdtemp(prefix="orderstream-faults-"))
-    faults = FaultCluster(base)
-    await faults.start()
-    cluster = faults.current
+    with scratch_directory("orderstream-faults-") as base:
+        faults = FaultCluster(base)
+        await faults.start()
+        try:
+            await _prepare(faults.current)
+            yield faults
+        finally:
+            await faults.stop("fast")
+
+
+async def _prepare(cluster: Cluster) -> None:
+    """The schema (as its owner) and the fault gate's triggers."""
     conn = await asyncpg.connect(cluster.dsn(), ssl=admin_ssl_context(cluster))
     try:
         await migrate(conn)
@@ -52,11 +59,6 @@ async def fault_cluster() -> AsyncIterator[FaultCluster]:
         await conn.execute(GATE_SQL)
     finally:
         await conn.close()
-    try:
-        yield faults
-    finally:
-        await faults.stop("fast")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +96,8 @@ async def channel(service: RunningProcess) -> AsyncIterator[grpc.aio.Channel]:
         yield chan
 
 
+# The stubs again, rather than tests/fixtures/fix_service.py's: those are
+# session fixtures, cached on whichever channel the first test gave them.
 @pytest.fixture(scope="session")
 def orders(channel: grpc.aio.Channel) -> order_service_pb2_grpc.OrderServiceStub:
     return order_service_pb2_grpc.OrderServiceStub(channel)

@@ -16,7 +16,7 @@ import grpc
 from tests.faults.cluster import Admin
 from tests.faults.ledger import Ledger, Totals
 from tests.faults.service import Target
-from tests.support import eventually
+from tests.support.polling import eventually
 
 # What a healthy idle service runs on its own: the health check and the
 # feed's horizon poll (service/rpc/health.py, service/events/feed.py).

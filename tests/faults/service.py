@@ -18,13 +18,12 @@ import signal
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster.cluster import Cluster
-from tests.test_startup import ServiceProcess, process_env, service_process
+from devcluster.process import ServiceProcess, proc_status_kib, served, service_argv
 
 # Client channels: no BDP probing, so the flow-control window stays at its
 # 64 KiB start and a paused reader really holds a stream's server back.
@@ -81,10 +80,7 @@ class Target:
 
     def rss_bytes(self) -> int:
         assert self.pid is not None, "an in-process service has no RSS of its own"
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS in /proc status")
+        return proc_status_kib(self.pid, "VmRSS") * 1024
 
 
 @dataclass
@@ -98,13 +94,12 @@ class RunningProcess:
 
 @contextlib.asynccontextmanager
 async def running_process(env: dict[str, str]) -> AsyncIterator[RunningProcess]:
-    async with service_process(process_env(env)) as child:
-        serving = await child.record("serving", timeout=60)
-        target = Target(serving["port"], serving["metrics_port"], child.process.pid)
+    """`python -m service serve`, stopped with SIGTERM on exit unless the
+    scenario already stopped it."""
+    async with served(service_argv("serve"), env) as child:
+        assert child.serving is not None
+        target = Target(child.port, child.serving["metrics_port"], child.pid)
         yield RunningProcess(target, child)
-        if child.process.returncode is None:
-            child.process.send_signal(signal.SIGTERM)
-            await child.exit_code(timeout=60)
 
 
 @contextlib.asynccontextmanager

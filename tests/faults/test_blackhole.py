@@ -12,10 +12,10 @@ import grpc
 from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from tests.faults.calls import NOT_SERVING, SERVING, FedStream, HealthWatch, PausedStream
-from tests.faults.conftest import EVENTS_SUBJECT, ORDERS_CUSTOMER
+from tests.faults.history import EVENTS_SUBJECT, ORDERS_CUSTOMER
 from tests.faults.ledger import import_messages, order_request, upload_messages
 from tests.faults.service import channel_to, running_process
-from tests.support import unique
+from tests.support.requests import unique
 
 DEADLINE = 3.0
 # How late a call may end after its deadline on this loaded machine: the

@@ -17,10 +17,10 @@ import grpc
 
 from orderstream.events.v1 import event_service_pb2
 from tests.faults.calls import FedStream
-from tests.faults.conftest import SHORT_SUBJECT
+from tests.faults.history import SHORT_SUBJECT
 from tests.faults.ledger import upload_messages
 from tests.faults.service import RunningProcess
-from tests.support import unique
+from tests.support.requests import unique
 
 CANCELS = 1_000
 WARM_UP = 200

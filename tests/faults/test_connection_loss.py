@@ -13,9 +13,10 @@ import grpc
 from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_service_pb2
 from tests.faults.calls import FedStream, PausedStream, copy_running, ended_honestly
-from tests.faults.conftest import EVENTS_SUBJECT, ORDERS_CUSTOMER
+from tests.faults.history import EVENTS_SUBJECT, ORDERS_CUSTOMER
 from tests.faults.ledger import import_messages, order_request, upload_messages
-from tests.support import eventually, unique
+from tests.support.polling import eventually
+from tests.support.requests import unique
 
 
 def _event_stream(events) -> PausedStream:

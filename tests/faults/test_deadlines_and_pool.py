@@ -14,7 +14,10 @@ from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb
 from tests.faults.invariants import pool_at_baseline
 from tests.faults.ledger import order_request
 from tests.faults.service import CHANNEL_OPTIONS, Target
-from tests.support import eventually, rpc_error, running_app, unique
+from tests.support.apps import running_app
+from tests.support.polling import eventually
+from tests.support.requests import unique
+from tests.support.status import rpc_error
 
 
 async def _backend(admin, pid: int) -> asyncpg.Record | None:

@@ -23,7 +23,8 @@ import asyncio
 import grpc
 
 from tests.faults.ledger import order_request, upload_messages
-from tests.support import eventually, unique
+from tests.support.polling import eventually
+from tests.support.requests import unique
 
 
 async def _lose_the_ack(admin, proxy, call) -> tuple[grpc.StatusCode, int]:

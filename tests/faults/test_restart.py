@@ -23,9 +23,10 @@ from tests.faults.calls import (
     ended_honestly,
     unary_loop,
 )
-from tests.faults.conftest import EVENTS_SUBJECT, ORDERS_CUSTOMER
+from tests.faults.history import EVENTS_SUBJECT, ORDERS_CUSTOMER
 from tests.faults.ledger import order_request, upload_messages
-from tests.support import eventually, unique
+from tests.support.polling import eventually
+from tests.support.requests import unique
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])

@@ -20,9 +20,9 @@ import pytest
 from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_service_pb2
 from tests.faults.calls import PausedStream, ended_honestly
-from tests.faults.conftest import SHORT_SUBJECT
+from tests.faults.history import SHORT_SUBJECT
 from tests.faults.ledger import import_messages, order_request, upload_messages
-from tests.support import unique
+from tests.support.requests import unique
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
 MAX_FAULTS = max(3, int(SECONDS / 3))

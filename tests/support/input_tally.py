@@ -3,7 +3,7 @@ and prints one line in pytest's terminal summary, e.g.
 
     hostile inputs: 1234 calls across 10 RPCs, 0 INTERNAL
 
-so docs/security.md can report what a run tried. Registered from conftest.py.
+so docs/security.md can report what a run tried. Registered from tests/conftest.py.
 """
 
 from __future__ import annotations

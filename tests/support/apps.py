@@ -1,0 +1,24 @@
+"""In-process service instances besides the session's `app` fixture."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from service.app import App
+from service.settings import Settings
+
+
+@contextlib.asynccontextmanager
+async def running_app(env: dict[str, str], **overrides: str) -> AsyncIterator[App]:
+    """A second service instance with its own pool and settings."""
+    app = await App.start(Settings.from_env({**env, **overrides}))
+    try:
+        yield app
+    finally:
+        await app.stop(grace=5)
+
+
+async def pool_is_full(app: App) -> bool:
+    """Every connection of the app's pool is back in it (idle)."""
+    return app.pool.get_idle_size() == app.pool.get_size()

@@ -1,0 +1,103 @@
+"""The cluster seen from behind the service's back: TLS for admin
+connections, row counts, row locks, what the service's backends are doing,
+and what the server logged."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ssl
+from collections.abc import AsyncIterator
+
+import asyncpg
+
+from devcluster.cluster import Cluster
+
+# The cluster writes its server log here (see devcluster/cluster.py's layout).
+SERVER_LOG = "server.log"
+
+
+def admin_ssl_context(cluster: Cluster) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(cluster.certificates.ca_cert))
+
+
+def through_proxy(cluster: Cluster, port: int) -> Cluster:
+    """`cluster` as reached through a proxy on 127.0.0.1:`port` (the server
+    certificate names 127.0.0.1, so verify-full still holds)."""
+    return dataclasses.replace(cluster, host="127.0.0.1", port=port)
+
+
+async def table_counts(db: asyncpg.Pool) -> dict[str, int]:
+    """Row counts of every table the service writes (tests run one at a time)."""
+    return {
+        table: await db.fetchval(f"SELECT count(*) FROM {table}")
+        for table in ("orders", "order_items", "events")
+    }
+
+
+@contextlib.asynccontextmanager
+async def row_locked(db: asyncpg.Pool, order_id: int) -> AsyncIterator[None]:
+    """Holds a row lock on an order, so service statements on it block."""
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", order_id)
+        yield
+
+
+async def backends_running(db: asyncpg.Pool, fragment: str) -> int:
+    """Service backends currently executing a statement containing `fragment`."""
+    return await db.fetchval(
+        """
+        SELECT count(*) FROM pg_stat_activity
+        WHERE application_name = 'orderstream' AND state = 'active'
+          AND position($1 IN query) > 0
+        """,
+        fragment,
+    )
+
+
+class ServerLog:
+    """What the PostgreSQL server logged since this object was made."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._path = cluster.data_dir / SERVER_LOG
+        self._start = self._path.stat().st_size
+
+    def new_text(self) -> str:
+        with open(self._path, "rb") as handle:
+            handle.seek(self._start)
+            return handle.read().decode(errors="replace")
+
+
+async def nothing_left_running(admin_db) -> bool:
+    """No service backend is still copying or sits in an open transaction."""
+    return (
+        await admin_db.fetchval(
+            """
+            SELECT count(*) FROM pg_stat_activity
+            WHERE application_name = 'orderstream'
+              AND (state LIKE 'idle in transaction%' OR (state = 'active' AND query LIKE 'COPY%'))
+            """
+        )
+        == 0
+    )
+
+
+async def rows_copied(admin_db) -> int:
+    """Rows that COPY statements in progress have written so far (uncommitted)."""
+    return await admin_db.fetchval(
+        "SELECT coalesce(sum(tuples_processed), 0) FROM pg_stat_progress_copy"
+    )
+
+
+async def waiting_on_lock(admin_db, fragment: str) -> bool:
+    return (
+        await admin_db.fetchval(
+            """
+            SELECT count(*) FROM pg_stat_activity
+            WHERE application_name = 'orderstream' AND wait_event_type = 'Lock'
+              AND position($1 IN query) > 0
+            """,
+            fragment,
+        )
+        > 0
+    )
