@@ -44,6 +44,13 @@ def order(**fields: object) -> order_pb2.Order:
     return order_pb2.Order(**values)  # type: ignore[arg-type]
 
 
+def in_messages(
+    count: int, per_message: int, item: Callable[[int], Message]
+) -> list[list[Message]]:
+    """`count` items, item(i) the i-th of the stream, in messages of `per_message`."""
+    return [[item(first + n) for n in range(per_message)] for first in range(0, count, per_message)]
+
+
 async def stream(requests: Iterable[object]) -> AsyncIterator[object]:
     for request in requests:
         yield request
@@ -200,6 +207,16 @@ class Loader:
     def count(self, response: Any) -> int:
         return int(getattr(response, self.count_field))
 
+    @property
+    def id_range_fields(self) -> tuple[str, str, str]:
+        """The response's fields: the count, the first id and the last id."""
+        kind = self.count_field.removesuffix("_count")
+        return self.count_field, f"first_{kind}_id", f"last_{kind}_id"
+
+    def id_range(self, response: Any) -> tuple[int, int, int]:
+        count, first, last = (getattr(response, name) for name in self.id_range_fields)
+        return count, first, last
+
     async def load(self, channel: grpc.aio.Channel, requests: Iterable[Any], **kwargs: Any) -> Any:
         return await self.method(channel)(stream(requests), **kwargs)
 
@@ -209,6 +226,14 @@ class Loader:
                 f"SELECT count(*) FROM {self.tag_table} WHERE {self.tag_field} = $1", tag
             )
         )
+
+    async def tagged_id_range(self, db: asyncpg.Pool, tag: str) -> tuple[int, int, int]:
+        """(count, smallest id, largest id) of the rows tagged `tag`."""
+        found = await db.fetchrow(
+            f"SELECT count(*), min(id), max(id) FROM {self.tag_table} WHERE {self.tag_field} = $1",
+            tag,
+        )
+        return found[0], found[1], found[2]
 
     async def stored(self, db: asyncpg.Pool, key: str) -> asyncpg.Record | None:
         return await db.fetchrow(f"SELECT * FROM {self.key_table} WHERE {self.key_name} = $1", key)

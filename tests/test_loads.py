@@ -5,9 +5,15 @@ them does is in tests/test_uploads.py and tests/test_imports.py."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
 import grpc
 import pytest
 
+from service.app import App
 from tests.loaders import (
     LOADERS,
     Loader,
@@ -49,6 +55,21 @@ async def test_key_is_required_first_and_unchanged(channel, admin_db, loader: Lo
     assert list(error.violations) == [field]
     assert await table_counts(admin_db) == before
     assert await loader.stored(admin_db, key) is None
+
+
+@loaders
+async def test_response_and_stored_key_give_the_loaded_id_range(channel, admin_db, loader: Loader):
+    """Count, first and last id of the rows loaded from uneven messages, in
+    the response and in the key's stored row alike."""
+    tag = unique("tag")
+    key = unique(loader.key_name)
+    batches = [[loader.tagged(tag)] * size for size in (40, 1, 0, 25)]
+    response = await loader.load(channel, loader.messages(key, batches))
+
+    assert loader.id_range(response) == await loader.tagged_id_range(admin_db, tag)
+    assert loader.count(response) == 66
+    stored = await loader.stored(admin_db, key)
+    assert type(response)(**{name: stored[name] for name in loader.id_range_fields}) == response
 
 
 @loaders
@@ -175,28 +196,46 @@ async def test_concurrent_load_loads_its_own_items_when_the_first_fails(
     await eventually(lambda: pool_is_full(app), what="connections to return")
 
 
+@dataclass(frozen=True)
+class HeldLoad:
+    app: App
+    channel: grpc.aio.Channel
+    call: Any  # the load, its COPY started, its stream still open
+    key: str
+
+
+@contextlib.asynccontextmanager
+async def _held_load(
+    service_env: dict[str, str], admin_db, loader: Loader, **settings: str
+) -> AsyncIterator[HeldLoad]:
+    """A service of its own with `settings`, running one load of one item
+    that waits for the client's next message."""
+    async with (
+        running_app(service_env, **settings) as small,
+        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
+    ):
+        key = unique(loader.key_name)
+        call = loader.method(channel)()
+        await call.write(loader.request(key, [loader.item()]))
+        await eventually(lambda: copy_running(admin_db), what="the first load to start")
+        yield HeldLoad(small, channel, call, key)
+        await eventually(lambda: pool_is_full(small), what="connections to return")
+
+
 @loaders
 async def test_waiting_longer_than_the_statement_timeout_is_aborted(
     service_env, admin_db, loader: Loader
 ):
-    async with (
-        running_app(service_env, ORDERSTREAM_COMMAND_TIMEOUT="1") as small,
-        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
-    ):
-        key = unique(loader.key_name)
-        held = loader.method(channel)()
-        await held.write(loader.request(key, [loader.item()]))
-        await eventually(lambda: copy_running(admin_db), what="the first load to start")
-
-        error = await rpc_error(loader.load(channel, loader.messages(key, [[loader.item()]])))
+    async with _held_load(service_env, admin_db, loader, ORDERSTREAM_COMMAND_TIMEOUT="1") as held:
+        same_key = loader.messages(held.key, [[loader.item()]])
+        error = await rpc_error(loader.load(held.channel, same_key))
         assert error.code == grpc.StatusCode.ABORTED
         assert error.error_info.reason == loader.in_progress
         assert error.retry_info is not None
 
-        await held.done_writing()
-        first = await held
-        assert await loader.load(channel, loader.messages(key, [[loader.item()]])) == first
-        await eventually(lambda: pool_is_full(small), what="connections to return")
+        await held.call.done_writing()
+        first = await held.call
+        assert await loader.load(held.channel, same_key) == first
 
 
 async def _leaves_nothing(admin_db, app, loader: Loader, key: str, before: dict[str, int]):
@@ -255,23 +294,15 @@ async def test_deadline_mid_stream_leaves_nothing(channel, admin_db, app, loader
 async def test_loads_beyond_the_stream_limit_are_refused_with_retry_info(
     service_env, admin_db, loader: Loader
 ):
-    async with (
-        running_app(service_env, ORDERSTREAM_MAX_STREAMS="1") as small,
-        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
-    ):
-        held = loader.method(channel)()
-        await held.write(loader.request(unique(loader.key_name), [loader.item()]))
-        await eventually(lambda: copy_running(admin_db), what="the first load to start")
-
+    async with _held_load(service_env, admin_db, loader, ORDERSTREAM_MAX_STREAMS="1") as held:
         one = loader.messages(unique(loader.key_name), [[loader.item()]])
-        error = await rpc_error(loader.load(channel, one))
+        error = await rpc_error(loader.load(held.channel, one))
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error.error_info.reason == "TOO_MANY_STREAMS"
         assert error.retry_info is not None
 
-        await held.done_writing()
-        assert loader.count(await held) == 1
+        await held.call.done_writing()
+        assert loader.count(await held.call) == 1
         # The slot is free again.
         again = loader.messages(unique(loader.key_name), [[loader.item()]])
-        assert loader.count(await loader.load(channel, again)) == 1
-        await eventually(lambda: pool_is_full(small), what="connections to return")
+        assert loader.count(await loader.load(held.channel, again)) == 1
