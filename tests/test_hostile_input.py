@@ -15,7 +15,7 @@ reached cheaply.
 
 Cost is bounded: a fixed number of examples per test, derandomized (the same
 inputs every run, no example database), no per-example deadline. Every call
-is counted in tests/support/input_tally.py, which prints the summary line.
+is counted in tests/input_tally.py, which prints the summary line.
 
 `@given` on a coroutine test runs through pytest-asyncio, each example
 awaited on the session's loop; the tests take session-scoped fixtures only,
@@ -45,6 +45,7 @@ from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from tests.support import input_tally
 from tests.support.apps import running_app
+from tests.support.loaders import IMPORT, LOADERS, UPLOAD
 from tests.support.requests import create_request, unique
 from tests.support.status import StatusDetails, details
 
@@ -559,27 +560,6 @@ async def test_export_orders(target, customer_id, status, after, before):
     check("ExportOrders", await outcome("ExportOrders", first_message(call)), [])
 
 
-@HOSTILE
-@given(
-    import_id=st.one_of(st.uuids().map(str), TEXTS),
-    batches=st.lists(st.lists(orders_(), max_size=3), min_size=1, max_size=3),
-    later_ids=st.lists(st.one_of(st.just(""), TEXTS), min_size=2, max_size=2),
-)
-async def test_import_orders(target, admin_db, import_id, batches, later_ids):
-    messages = [
-        order_service_pb2.ImportOrdersRequest(
-            import_id=import_id if n == 0 else later_ids[n % 2], orders=batch
-        )
-        for n, batch in enumerate(batches)
-    ]
-    await rejected_write_changes_nothing(
-        admin_db,
-        "ImportOrders",
-        target.orders.ImportOrders(stream_of(messages), timeout=CALL_TIMEOUT),
-        allowed=[grpc.StatusCode.ALREADY_EXISTS],
-    )
-
-
 # --------------------------------------------------------------------------
 # EventService
 # --------------------------------------------------------------------------
@@ -619,33 +599,6 @@ async def test_get_event(target, event_id):
 
 @HOSTILE
 @given(
-    upload_id=st.one_of(st.uuids().map(str), TEXTS),
-    batches=st.one_of(
-        st.lists(st.lists(events_(), max_size=3), min_size=1, max_size=3),
-        # Past the 50-event limit, in valid events.
-        st.integers(2, 4).map(
-            lambda n: [[event_pb2.Event(type="t", source="/s", json_payload="{}")] * 20] * n
-        ),
-    ),
-    later_ids=st.lists(st.one_of(st.just(""), TEXTS), min_size=2, max_size=2),
-)
-async def test_upload_events(target, admin_db, upload_id, batches, later_ids):
-    messages = [
-        event_service_pb2.UploadEventsRequest(
-            upload_id=upload_id if n == 0 else later_ids[n % 2], events=batch
-        )
-        for n, batch in enumerate(batches)
-    ]
-    await rejected_write_changes_nothing(
-        admin_db,
-        "UploadEvents",
-        target.events.UploadEvents(stream_of(messages), timeout=CALL_TIMEOUT),
-        allowed=[grpc.StatusCode.ALREADY_EXISTS],
-    )
-
-
-@HOSTILE
-@given(
     after_id=st.one_of(st.just(0), IDS),
     types=st.one_of(st.lists(TEXTS, max_size=3), st.just(["t"] * 2000)),
     subject=st.one_of(st.just(""), TEXTS),
@@ -654,6 +607,44 @@ async def test_stream_events(target, after_id, types, subject):
     request = event_service_pb2.StreamEventsRequest(after_id=after_id, types=types, subject=subject)
     call = target.events.StreamEvents(request, timeout=CALL_TIMEOUT)
     check("StreamEvents", await outcome("StreamEvents", first_message(call)), [])
+
+
+# --------------------------------------------------------------------------
+# Client-streamed loads (UploadEvents, ImportOrders)
+# --------------------------------------------------------------------------
+
+# Per load, the items its messages carry.
+LOAD_BATCHES = {
+    UPLOAD.rpc: st.one_of(
+        st.lists(st.lists(events_(), max_size=3), min_size=1, max_size=3),
+        # Past the 50-event limit, in valid events.
+        st.integers(2, 4).map(
+            lambda n: [[event_pb2.Event(type="t", source="/s", json_payload="{}")] * 20] * n
+        ),
+    ),
+    IMPORT.rpc: st.lists(st.lists(orders_(), max_size=3), min_size=1, max_size=3),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS, ids=lambda loader: loader.rpc)
+@HOSTILE
+@given(
+    key=st.one_of(st.uuids().map(str), TEXTS),
+    data=st.data(),
+    later_keys=st.lists(st.one_of(st.just(""), TEXTS), min_size=2, max_size=2),
+)
+async def test_client_streamed_load(target, admin_db, loader, key, data, later_keys):
+    batches = data.draw(LOAD_BATCHES[loader.rpc])
+    messages = [
+        loader.request(key if n == 0 else later_keys[n % 2], batch)
+        for n, batch in enumerate(batches)
+    ]
+    await rejected_write_changes_nothing(
+        admin_db,
+        loader.rpc,
+        loader.method(target.channel)(stream_of(messages), timeout=CALL_TIMEOUT),
+        allowed=[grpc.StatusCode.ALREADY_EXISTS],
+    )
 
 
 # --------------------------------------------------------------------------
@@ -756,15 +747,8 @@ UNDECODABLE = st.one_of(
     st.sampled_from([b"\xff\xff\xff", b"\x0a\xff", b"\x08\x80\x80", b"\x0a\x05ab"]),
     st.integers(60, 400).map(lambda depth: length_delimited(1, deep_event_bytes(depth))),
 )
-# A well-formed first message for each client-streaming method.
-FIRST_MESSAGE = {
-    "/orderstream.events.v1.EventService/UploadEvents": lambda: (
-        event_service_pb2.UploadEventsRequest(upload_id=unique("raw")).SerializeToString()
-    ),
-    "/orderstream.orders.v1.OrderService/ImportOrders": lambda: (
-        order_service_pb2.ImportOrdersRequest(import_id=unique("raw")).SerializeToString()
-    ),
-}
+# The client-streaming methods, to build a well-formed first message.
+LOADER_AT = {loader.path: loader for loader in LOADERS}
 
 
 @dataclass(frozen=True)
@@ -809,7 +793,8 @@ async def test_undecodable_requests(target, admin_db, method, garbage):
     channel = target.channel
     if method.client_streaming:
         call = channel.stream_unary(method.path)(
-            stream_of([FIRST_MESSAGE[method.path](), garbage]), timeout=CALL_TIMEOUT
+            stream_of([LOADER_AT[method.path].request(unique("raw")).SerializeToString(), garbage]),
+            timeout=CALL_TIMEOUT,
         )
     elif method.server_streaming:
         call = first_message(channel.unary_stream(method.path)(garbage, timeout=CALL_TIMEOUT))

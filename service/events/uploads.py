@@ -18,7 +18,7 @@ Validation. PostgreSQL checks the rows as they stream through COPY, in C:
 text columns refuse NUL bytes, jsonb refuses bad JSON and \\u0000, and CHECK
 constraints (0001, 0003) enforce the object payload, the required fields
 and the length limits. Its error names the COPY row ("COPY events, line 5,
-column payload") and the column or constraint, which `_UploadRows.explain`
+column payload") and the column or constraint, which `_explain`
 maps back to `messages[i].events[j].<field>`. Python checks only what the
 table cannot: the Timestamp's range, and payloads that need the slow path
 (Struct payloads, missing ones, and texts of 1000 characters or more, where
@@ -40,9 +40,8 @@ at once.
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import asyncpg
 import grpc
@@ -53,16 +52,7 @@ from service.errors import FieldViolation, Reason, ServiceError, invalid_argumen
 from service.events.payload import InvalidPayload, json_object_text
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from service.streams.limits import StreamSlots
-from service.streams.loads import (
-    NO_STATEMENT_TIMEOUT,
-    LoadState,
-    MessagePositions,
-    RejectedRow,
-    claim_key,
-    confirm_end,
-    key_mismatch,
-    run_load,
-)
+from service.streams.loads import LoadSpec, MessagePositions, run_load
 
 _COLUMNS = ("type", "source", "subject", "time", "payload")
 
@@ -140,117 +130,100 @@ def _describe(sqlstate: str, column: str, exc: asyncpg.PostgresError) -> str:
     return f"rejected by the database: {exc.message}"[:240]
 
 
-def _too_large(max_events: int) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        Reason.UPLOAD_TOO_LARGE,
-        f"an upload may hold at most {max_events} events; split it into several uploads",
-        metadata={"max_events": str(max_events)},
+def _event_rows(
+    events: Sequence[event_pb2.Event], message: int, claimed: asyncpg.Record
+) -> list[tuple[str, str, str, int, str]]:
+    """One tuple per event of message `message`. This loop runs for every
+    row, so it does no more than it must; see the module docstring for who
+    checks what."""
+    now = claimed["now"]
+    rows: list[tuple[str, str, str, int, str]] = []
+    append = rows.append
+    for index, event in enumerate(events):
+        payload = event.json_payload
+        if not payload or len(payload) >= _PYTHON_CHECKED_PAYLOAD_CHARS:
+            payload = _checked_payload(event, message, index)
+        if event.HasField("time"):
+            stamp = event.time
+            seconds = stamp.seconds
+            nanos = stamp.nanos
+            if not (
+                MIN_TIMESTAMP_SECONDS <= seconds <= MAX_TIMESTAMP_SECONDS
+                and 0 <= nanos <= 999_999_999
+            ):
+                raise _invalid(message, index, "time", "must lie between 0001-01-01 and 9999-12-31")
+            time = seconds * 1_000_000 + nanos // 1000
+        else:
+            time = now
+        append((event.type, event.source, event.subject, time, payload))
+    return rows
+
+
+def _checked_payload(event: event_pb2.Event, message: int, index: int) -> str:
+    try:
+        return json_object_text(event)
+    except InvalidPayload as exc:
+        kind = event.WhichOneof("payload") or "json_payload"
+        raise _invalid(message, index, kind, str(exc)) from None
+
+
+def _invalid(message: int, index: int, field: str, description: str) -> ServiceError:
+    return invalid_argument(
+        [FieldViolation(f"messages[{message}].events[{index}].{field}", description)]
     )
 
 
-def _response(row: asyncpg.Record) -> event_service_pb2.UploadEventsResponse:
-    return event_service_pb2.UploadEventsResponse(
-        event_count=row["event_count"],
-        first_event_id=row["first_event_id"],
-        last_event_id=row["last_event_id"],
+def _explain(exc: asyncpg.PostgresError, positions: MessagePositions) -> ServiceError | None:
+    """The event behind a COPY error, or None if the error is not about one
+    row's data."""
+    sqlstate = exc.sqlstate or ""
+    if sqlstate[:2] not in _ROW_ERROR_CLASSES:
+        return None
+    match = _COPY_CONTEXT.search(exc.context or "")
+    if match is None or not 1 <= int(match[1]) <= positions.rows:
+        return None
+    message, index = positions.locate(int(match[1]) - 1)
+    event = f"messages[{message}].events[{index}]"
+    column = match[2]
+    if column is not None:
+        field = f"{event}.{_COLUMN_FIELDS.get(column, column)}"
+        description = _describe(sqlstate, column, exc)
+    elif exc.constraint_name in _CONSTRAINT_VIOLATIONS:
+        name, description = _CONSTRAINT_VIOLATIONS[exc.constraint_name]
+        field = f"{event}.{name}"
+    else:  # a rule added to the table later: at least name the event
+        field = event
+        description = f"rejected by the database: {exc.message}"[:240]
+    return invalid_argument([FieldViolation(field, description)])
+
+
+async def _finish(
+    conn: asyncpg.Connection,
+    upload_id: str,
+    claimed: asyncpg.Record,
+    count: int,
+    timeout: Callable[[], float],
+) -> asyncpg.Record:
+    first_id = await _first_own_id(conn, claimed["ids_before"], timeout())
+    return await conn.fetchrow(_FINISH, upload_id, count, first_id, timeout=timeout())
+
+
+_UPLOAD: LoadSpec[event_service_pb2.UploadEventsRequest, event_service_pb2.UploadEventsResponse] = (
+    LoadSpec(
+        key_name="upload_id",
+        in_progress=Reason.UPLOAD_IN_PROGRESS,
+        too_large=Reason.UPLOAD_TOO_LARGE,
+        items="events",
+        claim=_CLAIM,
+        stored=_STORED,
+        table="events",
+        columns=_COLUMNS,
+        rows=_event_rows,
+        finish=_finish,
+        response=event_service_pb2.UploadEventsResponse,
+        explain=_explain,
     )
-
-
-class _UploadRows:
-    """The request stream as COPY rows, and what went wrong with them."""
-
-    def __init__(
-        self,
-        first: event_service_pb2.UploadEventsRequest,
-        rest: AsyncIterator[event_service_pb2.UploadEventsRequest],
-        context: grpc.aio.ServicerContext,
-        *,
-        upload_id: str,
-        now: int,
-        max_events: int,
-    ) -> None:
-        self._first = first
-        self._rest = rest
-        self._context = context
-        self._upload_id = upload_id
-        self._now = now
-        self._max_events = max_events
-        self.positions = MessagePositions()
-        self.state = LoadState()
-
-    async def records(self) -> AsyncGenerator[tuple[str, str, str, int, str]]:
-        """One tuple per event. This loop runs for every row, so it does no
-        more than it must; see the module docstring for who checks what."""
-        positions = self.positions
-        now = self._now
-        request: event_service_pb2.UploadEventsRequest | None = self._first
-        while request is not None:
-            message = positions.messages
-            if request.upload_id and request.upload_id != self._upload_id:
-                raise self.state.reject(key_mismatch(f"messages[{message}].upload_id"))
-            events = request.events
-            if positions.rows + len(events) > self._max_events:
-                raise self.state.reject(_too_large(self._max_events))
-            positions.add(len(events))
-            for index, event in enumerate(events):
-                payload = event.json_payload
-                if not payload or len(payload) >= _PYTHON_CHECKED_PAYLOAD_CHARS:
-                    payload = self._checked_payload(event, message, index)
-                if event.HasField("time"):
-                    stamp = event.time
-                    seconds = stamp.seconds
-                    nanos = stamp.nanos
-                    if not (
-                        MIN_TIMESTAMP_SECONDS <= seconds <= MAX_TIMESTAMP_SECONDS
-                        and 0 <= nanos <= 999_999_999
-                    ):
-                        raise self._reject(
-                            message, index, "time", "must lie between 0001-01-01 and 9999-12-31"
-                        )
-                    time = seconds * 1_000_000 + nanos // 1000
-                else:
-                    time = now
-                yield (event.type, event.source, event.subject, time, payload)
-            request = await anext(self._rest, None)
-        await confirm_end(self._context)
-
-    def _checked_payload(self, event: event_pb2.Event, message: int, index: int) -> str:
-        try:
-            return json_object_text(event)
-        except InvalidPayload as exc:
-            kind = event.WhichOneof("payload") or "json_payload"
-            raise self._reject(message, index, kind, str(exc)) from None
-
-    def _reject(self, message: int, index: int, field: str, description: str) -> RejectedRow:
-        return self.state.reject(
-            invalid_argument(
-                [FieldViolation(f"messages[{message}].events[{index}].{field}", description)]
-            )
-        )
-
-    def explain(self, exc: asyncpg.PostgresError) -> ServiceError | None:
-        """The event behind a COPY error, or None if the error is not about
-        one row's data."""
-        sqlstate = exc.sqlstate or ""
-        if sqlstate[:2] not in _ROW_ERROR_CLASSES:
-            return None
-        match = _COPY_CONTEXT.search(exc.context or "")
-        if match is None or not 1 <= int(match[1]) <= self.positions.rows:
-            return None
-        message, index = self.positions.locate(int(match[1]) - 1)
-        event = f"messages[{message}].events[{index}]"
-        column = match[2]
-        if column is not None:
-            field = f"{event}.{_COLUMN_FIELDS.get(column, column)}"
-            description = _describe(sqlstate, column, exc)
-        elif exc.constraint_name in _CONSTRAINT_VIOLATIONS:
-            name, description = _CONSTRAINT_VIOLATIONS[exc.constraint_name]
-            field = f"{event}.{name}"
-        else:  # a rule added to the table later: at least name the event
-            field = event
-            description = f"rejected by the database: {exc.message}"[:240]
-        return invalid_argument([FieldViolation(field, description)])
+)
 
 
 async def upload_events(
@@ -262,56 +235,9 @@ async def upload_events(
     max_events: int,
     on_commit: Callable[[], None],
 ) -> event_service_pb2.UploadEventsResponse:
-    async def load(
-        conn: asyncpg.Connection, first: event_service_pb2.UploadEventsRequest, upload_id: str
-    ) -> tuple[event_service_pb2.UploadEventsResponse, bool]:
-        return await _load(conn, db, context, first, requests, upload_id, max_events)
-
     return await run_load(
-        db, slots, requests, context, key_name="upload_id", load=load, on_commit=on_commit
+        _UPLOAD, db, slots, requests, context, on_commit=on_commit, max_rows=max_events
     )
-
-
-async def _load(
-    conn: asyncpg.Connection,
-    db: Database,
-    context: grpc.aio.ServicerContext,
-    first: event_service_pb2.UploadEventsRequest,
-    rest: AsyncIterator[event_service_pb2.UploadEventsRequest],
-    upload_id: str,
-    max_events: int,
-) -> tuple[event_service_pb2.UploadEventsResponse, bool]:
-    """Runs inside the upload's transaction; returns the response and whether
-    any row was written."""
-    claim, stored = await claim_key(
-        conn, db, context, claim=_CLAIM, stored=_STORED, key_name="upload_id", key=upload_id
-    )
-    if claim is None:
-        return _response(stored), False
-
-    rows = _UploadRows(
-        first, rest, context, upload_id=upload_id, now=claim["now"], max_events=max_events
-    )
-    try:
-        async with contextlib.aclosing(rows.records()) as records:
-            await conn.copy_records_to_table(
-                "events", columns=_COLUMNS, records=records, timeout=NO_STATEMENT_TIMEOUT
-            )
-    except RejectedRow:
-        assert rows.state.error is not None
-        raise rows.state.error from None
-    except asyncpg.PostgresError as exc:
-        error = rows.explain(exc)
-        if error is None:
-            raise
-        raise error from None
-    if rows.positions.rows == 0:
-        return event_service_pb2.UploadEventsResponse(), False
-    first_id = await _first_own_id(conn, claim["ids_before"], db.query_timeout(context))
-    finished = await conn.fetchrow(
-        _FINISH, upload_id, rows.positions.rows, first_id, timeout=db.query_timeout(context)
-    )
-    return _response(finished), True
 
 
 async def _first_own_id(conn: asyncpg.Connection, after: int, timeout: float) -> int:

@@ -22,28 +22,18 @@ they arrive: a bad order ends the call at once with the field named
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import asyncpg
 import grpc
 
-from orderstream.orders.v1 import order_service_pb2
+from orderstream.orders.v1 import order_pb2, order_service_pb2
 from service.db.runner import Database
-from service.errors import ServiceError
+from service.errors import Reason
 from service.orders.rules import item_columns, order_total
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
-from service.streams.loads import (
-    NO_STATEMENT_TIMEOUT,
-    LoadState,
-    MessagePositions,
-    RejectedRow,
-    claim_key,
-    confirm_end,
-    key_mismatch,
-    run_load,
-)
+from service.streams.loads import NO_STATEMENT_TIMEOUT, LoadSpec, run_load
 
 _CLAIM = """
 INSERT INTO imports (import_id, order_count, first_order_id, last_order_id)
@@ -109,61 +99,53 @@ RETURNING imports.order_count, imports.first_order_id, imports.last_order_id
 """
 
 
-def _response(row: asyncpg.Record) -> order_service_pb2.ImportOrdersResponse:
-    return order_service_pb2.ImportOrdersResponse(
-        order_count=row["order_count"],
-        first_order_id=row["first_order_id"],
-        last_order_id=row["last_order_id"],
+def _order_rows(
+    orders: Sequence[order_pb2.Order], message: int, _claimed: asyncpg.Record
+) -> list[tuple[str, str, int, list[str], list[int], list[int]]]:
+    rows = []
+    for index, order in enumerate(orders):
+        v = Violations()
+        total = order_total(v, order)
+        if v.count:
+            # Again, now naming the fields in full (rarely needed).
+            named = Violations()
+            order_total(named, order, f"messages[{message}].orders[{index}].")
+            named.raise_if_any()
+        rows.append((order.customer_id, order.currency, total, *item_columns(order.items)))
+    return rows
+
+
+async def _create_staging(conn: asyncpg.Connection, timeout: Callable[[], float]) -> None:
+    await conn.execute(_CREATE_STAGING, timeout=timeout())
+
+
+async def _move(
+    conn: asyncpg.Connection,
+    import_id: str,
+    _claimed: asyncpg.Record,
+    _count: int,
+    _timeout: Callable[[], float],
+) -> asyncpg.Record:
+    # Bulk work that grows with the stream, bounded like the COPY.
+    return await conn.fetchrow(_MOVE, import_id, timeout=NO_STATEMENT_TIMEOUT)
+
+
+_IMPORT: LoadSpec[order_service_pb2.ImportOrdersRequest, order_service_pb2.ImportOrdersResponse] = (
+    LoadSpec(
+        key_name="import_id",
+        in_progress=Reason.IMPORT_IN_PROGRESS,
+        items="orders",
+        claim=_CLAIM,
+        stored=_STORED,
+        setup=_create_staging,
+        table=_STAGING_TABLE,
+        schema="pg_temp",
+        columns=_COLUMNS,
+        rows=_order_rows,
+        finish=_move,
+        response=order_service_pb2.ImportOrdersResponse,
     )
-
-
-class _ImportRows:
-    """The request stream as staging rows, and what went wrong with them."""
-
-    def __init__(
-        self,
-        first: order_service_pb2.ImportOrdersRequest,
-        rest: AsyncIterator[order_service_pb2.ImportOrdersRequest],
-        context: grpc.aio.ServicerContext,
-        *,
-        import_id: str,
-    ) -> None:
-        self._first = first
-        self._rest = rest
-        self._context = context
-        self._import_id = import_id
-        self.positions = MessagePositions()
-        self.state = LoadState()
-
-    async def records(
-        self,
-    ) -> AsyncGenerator[tuple[str, str, int, list[str], list[int], list[int]]]:
-        positions = self.positions
-        request: order_service_pb2.ImportOrdersRequest | None = self._first
-        while request is not None:
-            message = positions.messages
-            if request.import_id and request.import_id != self._import_id:
-                raise self.state.reject(key_mismatch(f"messages[{message}].import_id"))
-            positions.add(len(request.orders))
-            for index, order in enumerate(request.orders):
-                v = Violations()
-                total = order_total(v, order)
-                if v.count:
-                    # Again, now naming the fields in full (rarely needed).
-                    named = Violations()
-                    order_total(named, order, f"messages[{message}].orders[{index}].")
-                    try:
-                        named.raise_if_any()
-                    except ServiceError as error:
-                        raise self.state.reject(error) from None
-                yield (
-                    order.customer_id,
-                    order.currency,
-                    total,
-                    *item_columns(order.items),
-                )
-            request = await anext(self._rest, None)
-        await confirm_end(self._context)
+)
 
 
 async def import_orders(
@@ -174,48 +156,4 @@ async def import_orders(
     *,
     on_commit: Callable[[], None],
 ) -> order_service_pb2.ImportOrdersResponse:
-    async def load(
-        conn: asyncpg.Connection, first: order_service_pb2.ImportOrdersRequest, import_id: str
-    ) -> tuple[order_service_pb2.ImportOrdersResponse, bool]:
-        return await _load(conn, db, context, first, requests, import_id)
-
-    return await run_load(
-        db, slots, requests, context, key_name="import_id", load=load, on_commit=on_commit
-    )
-
-
-async def _load(
-    conn: asyncpg.Connection,
-    db: Database,
-    context: grpc.aio.ServicerContext,
-    first: order_service_pb2.ImportOrdersRequest,
-    rest: AsyncIterator[order_service_pb2.ImportOrdersRequest],
-    import_id: str,
-) -> tuple[order_service_pb2.ImportOrdersResponse, bool]:
-    """Runs inside the import's transaction; returns the response and whether
-    any row was written."""
-    claim, stored = await claim_key(
-        conn, db, context, claim=_CLAIM, stored=_STORED, key_name="import_id", key=import_id
-    )
-    if claim is None:
-        return _response(stored), False
-
-    await conn.execute(_CREATE_STAGING, timeout=db.query_timeout(context))
-    rows = _ImportRows(first, rest, context, import_id=import_id)
-    try:
-        async with contextlib.aclosing(rows.records()) as records:
-            await conn.copy_records_to_table(
-                _STAGING_TABLE,
-                schema_name="pg_temp",
-                columns=_COLUMNS,
-                records=records,
-                timeout=NO_STATEMENT_TIMEOUT,
-            )
-    except RejectedRow:
-        assert rows.state.error is not None
-        raise rows.state.error from None
-    if rows.positions.rows == 0:
-        return order_service_pb2.ImportOrdersResponse(), False
-    # Bulk work that grows with the stream, bounded like the COPY.
-    moved = await conn.fetchrow(_MOVE, import_id, timeout=NO_STATEMENT_TIMEOUT)
-    return _response(moved), True
+    return await run_load(_IMPORT, db, slots, requests, context, on_commit=on_commit)

@@ -1,27 +1,79 @@
-"""What the client-streamed loads (UploadEvents, ImportOrders) share: the
-idempotency key carried by the stream, telling a finished stream from a
-dead call, a transaction that cancellation cannot leave half-done, and the
-map from a COPY row back to the message that carried it."""
+"""The frame of the client-streamed loads (UploadEvents, ImportOrders): one
+request stream, read here from its first message to its confirmed end, COPYed
+into a table all or nothing under the idempotency key the stream carries.
+
+What a load does on its own, a `LoadSpec` names: its SQL, how one message's
+items become rows, its explanation of a PostgreSQL error, and the steps
+before and after the COPY. The rest is the frame's, in `run_load`: a stream
+slot, the key (required in the first message, the same or empty in every
+later one), telling a finished stream from a dead call, one connection and a
+transaction that cancellation cannot leave half-done, the claim of the key,
+the COPY, the map from a COPY row back to the message that carried it, the
+empty load, and `on_commit` once rows are committed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import bisect
 import contextlib
+import functools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import grpc
+from google.protobuf.message import Message as ProtoMessage
 
 from service.db.runner import Database
 from service.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from service.rpc.validation import MAX_ID_LENGTH
 from service.streams.limits import StreamSlots
 
-Message = TypeVar("Message")
-Response = TypeVar("Response")
+Request = TypeVar("Request", bound=ProtoMessage)
+Response = TypeVar("Response", bound=ProtoMessage)
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec(Generic[Request, Response]):
+    """What one client-streamed load is made of; `run_load` does the rest.
+
+    `rows` turns one message's items into COPY rows (a whole message per
+    call, so the frame's own work is per message, not per row), raising a
+    ServiceError that names `messages[i].<items>[j]...` for a bad item. The
+    callbacks take a `timeout` to call for each statement they run; `claimed`
+    is the row `claim` returned.
+    """
+
+    key_name: str  # the request field with the idempotency key: "upload_id"
+    # Sent when a load with the same key is still running: UPLOAD_IN_PROGRESS.
+    in_progress: Reason
+    items: str  # the repeated request field loaded as rows: "events"
+    # INSERT ... ON CONFLICT DO NOTHING ... RETURNING: claims the key ($1).
+    claim: str
+    # The committed load's response columns, by key ($1).
+    stored: str
+    table: str
+    columns: tuple[str, ...]
+    rows: Callable[[Any, int, asyncpg.Record], Sequence[Row]]  # (items, message index, claimed)
+    # Once rows were copied: the response columns (as `stored` has them).
+    finish: Callable[
+        [asyncpg.Connection, str, asyncpg.Record, int, Callable[[], float]],
+        Awaitable[asyncpg.Record],
+    ]  # (conn, key, claimed, row count, timeout)
+    response: type[Response]
+    schema: str | None = None
+    # Sent when a load holds more rows than `run_load`'s max_rows.
+    too_large: Reason | None = None
+    # Before the COPY, in the transaction.
+    setup: Callable[[asyncpg.Connection, Callable[[], float]], Awaitable[None]] | None = None
+    # The item behind a PostgreSQL error during the COPY, if it is about one
+    # item's data (None: the error goes on to service/rpc/status_map.py).
+    explain: Callable[[asyncpg.PostgresError, MessagePositions], ServiceError | None] | None = None
 
 
 class RejectedRow(Exception):
@@ -49,28 +101,30 @@ class LoadState:
 
 
 async def run_load(
+    spec: LoadSpec[Request, Response],
     db: Database,
     slots: StreamSlots,
-    requests: AsyncIterator[Message],
+    requests: AsyncIterator[Request],
     context: grpc.aio.ServicerContext,
     *,
-    key_name: str,
-    load: Callable[[asyncpg.Connection, Message, str], Awaitable[tuple[Response, bool]]],
     on_commit: Callable[[], None],
+    max_rows: int | None = None,
 ) -> Response:
-    """The frame of every load: a stream slot, the first message and its
-    key, one connection and one all-or-nothing transaction around `load`
-    (which returns the response and whether it wrote rows), and
-    `on_commit` once rows are committed."""
+    """Loads the request stream as `spec` says: a stream slot, the first
+    message and its key, one connection and one all-or-nothing transaction
+    around the load, and `on_commit` once rows are committed. More than
+    `max_rows` rows in all is RESOURCE_EXHAUSTED."""
     with slots.hold():
         # Read before taking a connection: a client slow to start holds none.
-        first = await first_message(requests, context, key_name)
-        key = getattr(first, key_name)
-        check_key(key, f"messages[0].{key_name}")
+        first = await first_message(requests, context, spec.key_name)
+        key = getattr(first, spec.key_name)
+        check_key(key, f"messages[0].{spec.key_name}")
         conn = await db.acquire(context)
         try:
             async with all_or_nothing(conn):
-                response, wrote = await load(conn, first, key)
+                response, wrote = await _load(
+                    spec, conn, db, context, first, requests, key, max_rows
+                )
         finally:
             await db.release(conn)
     if wrote:
@@ -78,32 +132,103 @@ async def run_load(
     return response
 
 
-async def claim_key(
+async def _load(
+    spec: LoadSpec[Request, Response],
     conn: asyncpg.Connection,
     db: Database,
     context: grpc.aio.ServicerContext,
-    *,
-    claim: str,
-    stored: str,
-    key_name: str,
+    first: Request,
+    rest: AsyncIterator[Request],
     key: str,
-) -> tuple[asyncpg.Record | None, asyncpg.Record | None]:
-    """Claims `key` in this transaction with the statement `claim` (an
-    INSERT ... ON CONFLICT DO NOTHING ... RETURNING): (its row, None). If a
-    load with `key` committed first: (None, its row read by `stored`). A
-    load with `key` that is still running when our timeout ends is ABORTED
-    with RetryInfo."""
-    in_progress = _IN_PROGRESS[key_name]  # first, so that a new kind of load fails at once
+    max_rows: int | None,
+) -> tuple[Response, bool]:
+    """Runs inside the load's transaction; returns the response and whether
+    any row was written."""
+    timeout = functools.partial(db.query_timeout, context)
+    fresh, claimed = await claim_key(conn, spec, key, timeout)
+    if not fresh:
+        return spec.response(**claimed), False
+
+    if spec.setup is not None:
+        await spec.setup(conn, timeout)
+    positions = MessagePositions()
+    state = LoadState()
+    records = _records(spec, first, rest, context, key, claimed, max_rows, positions, state)
     try:
-        claimed = await conn.fetchrow(claim, key, timeout=db.query_timeout(context))
+        async with contextlib.aclosing(records):
+            await conn.copy_records_to_table(
+                spec.table,
+                schema_name=spec.schema,
+                columns=spec.columns,
+                records=records,
+                timeout=NO_STATEMENT_TIMEOUT,
+            )
+    except RejectedRow:
+        assert state.error is not None
+        raise state.error from None
+    except asyncpg.PostgresError as exc:
+        error = None if spec.explain is None else spec.explain(exc, positions)
+        if error is None:
+            raise
+        raise error from None
+    if positions.rows == 0:
+        return spec.response(), False
+    finished = await spec.finish(conn, key, claimed, positions.rows, timeout)
+    return spec.response(**finished), True
+
+
+async def _records(
+    spec: LoadSpec[Request, Response],
+    first: Request,
+    rest: AsyncIterator[Request],
+    context: grpc.aio.ServicerContext,
+    key: str,
+    claimed: asyncpg.Record,
+    max_rows: int | None,
+    positions: MessagePositions,
+    state: LoadState,
+) -> AsyncGenerator[Row]:
+    """The rows of the whole request stream, read message by message; a
+    problem found here is kept in `state` and raised as RejectedRow."""
+    key_name = spec.key_name
+    items = spec.items
+    rows_of = spec.rows
+    request: Request | None = first
+    while request is not None:
+        message = positions.messages
+        if (other := getattr(request, key_name)) and other != key:
+            raise state.reject(key_mismatch(f"messages[{message}].{key_name}"))
+        batch = getattr(request, items)
+        if max_rows is not None and positions.rows + len(batch) > max_rows:
+            raise state.reject(_too_large(spec, max_rows))
+        try:
+            rows = rows_of(batch, message, claimed)
+        except ServiceError as error:
+            raise state.reject(error) from None
+        positions.add(len(rows))
+        for row in rows:
+            yield row
+        request = await anext(rest, None)
+    await confirm_end(context)
+
+
+async def claim_key(
+    conn: asyncpg.Connection, spec: LoadSpec[Any, Any], key: str, timeout: Callable[[], float]
+) -> tuple[bool, asyncpg.Record]:
+    """Claims `key` in this transaction with `spec.claim`: (True, its row).
+    If a load with `key` committed first: (False, its row read by
+    `spec.stored`). A load with `key` that is still running when our
+    timeout ends is ABORTED with RetryInfo."""
+    try:
+        claimed = await conn.fetchrow(spec.claim, key, timeout=timeout())
     except TimeoutError:
-        raise _load_in_progress(in_progress, key_name, key) from None
+        raise _load_in_progress(spec, key) from None
     if claimed is not None:
-        return claimed, None
-    committed = await conn.fetchrow(stored, key, timeout=db.query_timeout(context))
+        return True, claimed
+    committed = await conn.fetchrow(spec.stored, key, timeout=timeout())
     if committed is None:  # unreachable unless rows of the key's table are deleted
-        raise _load_in_progress(in_progress, key_name, key)
-    return None, committed
+        raise _load_in_progress(spec, key)
+    return False, committed
 
 
 def check_key(key: str, field: str) -> None:
@@ -116,19 +241,26 @@ def check_key(key: str, field: str) -> None:
         )
 
 
-# Each load's key, and the reason sent while another load with it still runs.
-_IN_PROGRESS = {"upload_id": Reason.UPLOAD_IN_PROGRESS, "import_id": Reason.IMPORT_IN_PROGRESS}
-
-
-def _load_in_progress(reason: Reason, key_name: str, key: str) -> ServiceError:
+def _load_in_progress(spec: LoadSpec[Any, Any], key: str) -> ServiceError:
     """A load with the same key is still running (we outwaited our timeout)."""
-    kind = key_name.removesuffix("_id")  # "upload", "import"
+    kind = spec.key_name.removesuffix("_id")  # "upload", "import"
     return ServiceError(
         grpc.StatusCode.ABORTED,
-        reason,
-        f"another {kind} with this {key_name} is still running; retry to get its result",
+        spec.in_progress,
+        f"another {kind} with this {spec.key_name} is still running; retry to get its result",
         retry_after=1.0,
-        metadata={key_name: key},
+        metadata={spec.key_name: key},
+    )
+
+
+def _too_large(spec: LoadSpec[Any, Any], max_rows: int) -> ServiceError:
+    kind = spec.key_name.removesuffix("_id")
+    assert spec.too_large is not None, "a load with max_rows names its too_large reason"
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        spec.too_large,
+        f"an {kind} may hold at most {max_rows} {spec.items}; split it into several {kind}s",
+        metadata={f"max_{spec.items}": str(max_rows)},
     )
 
 
@@ -139,8 +271,8 @@ def key_mismatch(field: str) -> ServiceError:
 
 
 async def first_message(
-    requests: AsyncIterator[Message], context: grpc.aio.ServicerContext, key_name: str
-) -> Message:
+    requests: AsyncIterator[Request], context: grpc.aio.ServicerContext, key_name: str
+) -> Request:
     """Waits for the stream's first message; an empty stream is invalid."""
     message = await anext(requests, None)
     if message is None:
@@ -170,7 +302,7 @@ async def confirm_end(context: grpc.aio.ServicerContext) -> None:
     cancelled separately, possibly only after a commit. Only a real end may
     commit a load, so this sends the response headers now, which fails on a
     dead call (with grpc.aio.InternalError, as seen with grpcio 1.85): the
-    load rolls back, and `boundary.rpc` ends the call as the cancellation it is.
+    load rolls back, and `call.rpc` ends the call as the cancellation it is.
     """
     await context.send_initial_metadata(())
 

@@ -82,13 +82,6 @@ async def nothing_left_running(admin_db) -> bool:
     )
 
 
-async def rows_copied(admin_db) -> int:
-    """Rows that COPY statements in progress have written so far (uncommitted)."""
-    return await admin_db.fetchval(
-        "SELECT coalesce(sum(tuples_processed), 0) FROM pg_stat_progress_copy"
-    )
-
-
 async def waiting_on_lock(admin_db, fragment: str) -> bool:
     return (
         await admin_db.fetchval(
@@ -99,5 +92,23 @@ async def waiting_on_lock(admin_db, fragment: str) -> bool:
             """,
             fragment,
         )
+        > 0
+    )
+
+
+async def copy_running(db: asyncpg.Pool) -> bool:
+    return (
+        await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'orderstream' "
+            "AND state = 'active' AND query LIKE 'COPY%'"
+        )
+        > 0
+    )
+
+
+async def some_rows_copied(db: asyncpg.Pool) -> bool:
+    """Rows that COPY statements in progress have written (uncommitted)."""
+    return (
+        await db.fetchval("SELECT coalesce(sum(tuples_processed), 0) FROM pg_stat_progress_copy")
         > 0
     )
