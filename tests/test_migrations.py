@@ -7,50 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from devcluster.cluster import Cluster, create_database
 from devcluster.process import ServiceProcess, process_env, service_process
 from service.db import migrate as migrate_module
 from service.db.migrate import available_migrations, migrate
-from tests.support.database import admin_ssl_context
+from tests.support.database import connect_to
 from tests.support.polling import eventually
-from tests.support.requests import unique
 
 PROCESSES = 4
 CREATED_TABLE = re.compile(r"^CREATE TABLE (\w+)", re.MULTILINE)
-
-
-@pytest.fixture
-async def fresh_database(pg_cluster: Cluster) -> AsyncIterator[str]:
-    """An empty database owned by the service's role, dropped afterwards."""
-    name = await create_database(pg_cluster, unique("migrations").replace("-", "_"))
-    try:
-        yield name
-    finally:
-        conn = await asyncpg.connect(
-            pg_cluster.dsn(admin=True, database="postgres"), ssl=admin_ssl_context(pg_cluster)
-        )
-        try:
-            await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-
-@contextlib.asynccontextmanager
-async def connect(
-    cluster: Cluster, database: str, *, admin: bool = False
-) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(
-        cluster.dsn(admin=admin, database=database), ssl=admin_ssl_context(cluster)
-    )
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def advisory_lock_sql(function: str) -> tuple[str, tuple[int, ...]]:
@@ -86,7 +54,7 @@ async def test_concurrent_migrate_processes_apply_each_migration_exactly_once(
     wait for it, so they certainly contend; otherwise they just start at once."""
     migrations = available_migrations()
     env = process_env(service_env, DATABASE_URL=pg_cluster.dsn(database=fresh_database))
-    async with connect(pg_cluster, fresh_database, admin=True) as gate:
+    async with connect_to(pg_cluster, fresh_database, admin=True) as gate:
         lock, key = advisory_lock_sql("pg_advisory_lock")
         unlock, _ = advisory_lock_sql("pg_advisory_unlock")
         if gated:
@@ -115,7 +83,7 @@ async def test_concurrent_migrate_processes_apply_each_migration_exactly_once(
 
     # Between them the processes applied every migration, each exactly once.
     assert sorted(name for names in applied for name in names) == sorted(m.name for m in migrations)
-    async with connect(pg_cluster, fresh_database) as conn:
+    async with connect_to(pg_cluster, fresh_database) as conn:
         assert await recorded(conn) == [(m.version, m.name) for m in migrations]
         for table in expected_tables():
             assert await conn.fetchval("SELECT to_regclass($1)::text", table) == table
@@ -136,8 +104,8 @@ async def test_migration_and_its_record_commit_or_roll_back_together(fresh_datab
     assert len(created) >= 2, "needs a migration that creates more than one table"
     squatted = created[-1]
     async with (
-        connect(pg_cluster, fresh_database) as conn,
-        connect(pg_cluster, fresh_database) as other,
+        connect_to(pg_cluster, fresh_database) as conn,
+        connect_to(pg_cluster, fresh_database) as other,
     ):
         await conn.execute(f"CREATE TABLE {squatted} (squatter integer)")
         with pytest.raises(asyncpg.DuplicateTableError):

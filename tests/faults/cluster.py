@@ -24,8 +24,8 @@ from tests.support.database import admin_ssl_context
 
 T = TypeVar("T")
 
-# Both lock keys of the gate's advisory locks: the two-int form (objsubid 2)
-# stays out of events_safe_horizon(), which reads single-bigint locks only.
+# The gate's advisory locks: the two-int form with a class of its own
+# stays out of events_safe_horizon(), which reads the feed's class only.
 GATE_LOCK_CLASS = 7007
 
 # Rows whose key starts with "gate:" wait at COMMIT for an advisory lock the

@@ -112,3 +112,16 @@ async def some_rows_copied(db: asyncpg.Pool) -> bool:
         await db.fetchval("SELECT coalesce(sum(tuples_processed), 0) FROM pg_stat_progress_copy")
         > 0
     )
+
+
+@contextlib.asynccontextmanager
+async def connect_to(
+    cluster: Cluster, database: str, *, admin: bool = False
+) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(
+        cluster.dsn(admin=admin, database=database), ssl=admin_ssl_context(cluster)
+    )
+    try:
+        yield conn
+    finally:
+        await conn.close()
