@@ -37,6 +37,7 @@ from service.db.runner import Database
 from service.errors import StartupError
 from service.events.feed import EventFeed
 from service.events.service import EventService
+from service.events.tail import Tail
 from service.ops.metrics import Metrics, MetricsEndpoint
 from service.ops.tracing import Tracing
 from service.orders.page_token import PageTokens
@@ -139,7 +140,9 @@ class App:
         )
         reads, monitor = await _read_router(settings, db, pool, replica_pool, metrics)
         feed = EventFeed(
-            lambda: connect_direct(settings), poll_interval=settings.follow_poll_interval
+            lambda: connect_direct(settings),
+            Tail(settings.feed_buffer_bytes),
+            poll_interval=settings.follow_poll_interval,
         )
         streams = StreamSlots(settings.max_streams, "stream")
         followers = StreamSlots(settings.max_followers, "follower")

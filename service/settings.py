@@ -101,6 +101,7 @@ class Settings:
     page_token_key: Secret | None
     max_streams: int
     max_followers: int
+    feed_buffer_bytes: int
     stream_batch_bytes: int
     max_upload_events: int
     follow_poll_interval: float
@@ -143,12 +144,19 @@ class Settings:
             shutdown_grace=env.seconds("ORDERSTREAM_SHUTDOWN_GRACE", 20.0),
             health_check_interval=env.seconds("ORDERSTREAM_HEALTH_CHECK_INTERVAL", 2.0),
             page_token_key=env.secret("ORDERSTREAM_PAGE_TOKEN_KEY"),
-            # Each stream holds a connection for its whole life: by default
-            # half the pool, so unary calls always find one.
+            # Streams reading the table at once (history, exports, loads, and
+            # followers catching up): by default half the pool, so unary
+            # calls always find a connection.
             max_streams=env.integer(
                 "ORDERSTREAM_MAX_STREAMS", max(1, pool_max_size // 2), low=1, high=1000
             ),
-            max_followers=env.integer("ORDERSTREAM_MAX_FOLLOWERS", 256, low=0, high=100_000),
+            # Followers near the live end read only the shared tail, so they
+            # cost memory (bounded per follower by the stream batch) and no
+            # connection.
+            max_followers=env.integer("ORDERSTREAM_MAX_FOLLOWERS", 2000, low=0, high=100_000),
+            feed_buffer_bytes=env.integer(
+                "ORDERSTREAM_FEED_BUFFER_BYTES", 64 << 20, low=4 << 20, high=16 << 30
+            ),
             stream_batch_bytes=env.integer(
                 "ORDERSTREAM_STREAM_BATCH_BYTES", 1 << 20, low=1024, high=3 << 20
             ),

@@ -1,18 +1,27 @@
-"""Wake-ups for followers of the event feed.
+"""The feed's own connection: it learns when new events are final, reads
+them once for the whole process into the shared tail, and tells the other
+replicas.
 
-The events table is the source of truth; this only tells followers when it
-is worth looking again. Commits made by this process wake local followers at
-once and are announced to other replicas with NOTIFY, coalesced to at most
-one per `notify_interval` and sent outside the writers' transactions (a
-NOTIFY inside every write would serialise all commits on PostgreSQL's notify
-queue lock). One LISTEN connection per process, opened directly rather than
-taken from the pool (LISTEN is session state; behind a transaction-pooling
-PgBouncer it needs a direct connection anyway), receives other replicas'
-announcements. The same connection checks the feed's safe horizon every
-`poll_interval` and wakes followers when it moved, which covers events
-written by anything else: one query per process, however many followers.
-While that connection is down, followers look again every `poll_interval`
-themselves.
+The events table is the source of truth. One direct connection per process
+(LISTEN is session state; behind a transaction-pooling PgBouncer it needs a
+direct connection anyway) does all of the feed's reading:
+
+- Wake-ups. Commits made by this process `announce` themselves; other
+  replicas' commits arrive as NOTIFY; anything else (another writer) is
+  found by looking again every `poll_interval`.
+- Rounds. On a wake-up the connection computes the safe horizon once and
+  reads the newly final range, unfiltered, in pages bounded in bytes, into
+  the tail (service/events/tail.py), which wakes the followers. Wake-ups
+  that arrive during a round, or within `notify_interval` after it, make one
+  more round: under a steady stream of commits followers are woken at most
+  once per `notify_interval`, however many commits there were.
+- Announcements. This process's commits are sent to the other replicas as
+  one NOTIFY per round, outside the writers' transactions (a NOTIFY inside
+  every write would serialise all commits on PostgreSQL's notify queue lock).
+
+While the connection is down the tail stays where it was (nothing is lost:
+it goes on from its horizon after reconnecting) and `live` is False, so
+followers read the table themselves every `poll_interval` until it is back.
 """
 
 from __future__ import annotations
@@ -25,84 +34,64 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from service.db.pool import DATABASE_FAILURES
-from service.events.sql import SAFE_HORIZON
+from service.events import sql
+from service.events.tail import Tail
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "orderstream_events"
+STATEMENT_TIMEOUT = 10.0  # seconds, for the feed's own statements
 
 
 class EventFeed:
     def __init__(
         self,
         connect: Callable[[], Awaitable[asyncpg.Connection]],
+        tail: Tail,
         *,
         notify_interval: float = 0.02,
         poll_interval: float = 1.0,
     ) -> None:
         self._connect = connect
+        self.tail = tail
         self._notify_interval = notify_interval
         self.poll_interval = poll_interval
-        self._generation = 0
-        self._changed = asyncio.Event()
-        self._announce_pending = asyncio.Event()
-        self._closing = asyncio.Event()
-        self._connected = False
+        self._work = asyncio.Event()
+        self._announce_pending = False
+        self._closing = False
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def generation(self) -> int:
-        """Grows by one for every wake-up; followers remember the last seen."""
-        return self._generation
-
-    @property
     def closing(self) -> bool:
-        return self._closing.is_set()
+        return self._closing
 
     def announce(self) -> None:
         """Called after this process committed events."""
-        self._wake()
-        self._announce_pending.set()
-
-    async def wait(self, seen_generation: int) -> None:
-        """Returns on a wake-up after `seen_generation` or on shutdown; while
-        the listener is down, also after poll_interval."""
-        if self._generation != seen_generation or self.closing:
-            return
-        # While the listener is up it checks the horizon for everyone;
-        # losing it wakes every follower, which then polls by itself. Shutdown
-        # is a wake-up too (`close`), so the one event covers it.
-        timeout = None if self._connected else self.poll_interval
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
-
-    def _wake(self) -> None:
-        self._generation += 1
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self._announce_pending = True
+        self._work.set()
 
     def _on_notification(self, *_: object) -> None:
-        self._wake()
+        self._work.set()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen_and_announce(), name="event-feed")
+        self._task = asyncio.create_task(self._listen_and_read(), name="event-feed")
 
     async def close(self) -> None:
-        """Ends every follower's wait and the listener."""
-        self._closing.set()
-        self._wake()
+        """Ends every follower's wait and the connection."""
+        self._closing = True
+        self.tail.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _listen_and_announce(self) -> None:
+    async def _listen_and_read(self) -> None:
         backoff = 0.1
-        while not self.closing:
+        while not self._closing:
             try:
                 conn = await self._connect()
             except DATABASE_FAILURES as exc:
-                log.warning("event feed listener cannot connect: %s", type(exc).__name__)
+                log.warning("event feed cannot connect: %s", type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -111,36 +100,55 @@ class EventFeed:
             conn.add_termination_listener(lambda _, lost=lost: lost.set())
             try:
                 await conn.add_listener(CHANNEL, self._on_notification)
-                self._connected = True
-                # Anything may have been missed while disconnected.
-                self._wake()
-                await self._announce_until_lost(conn, lost)
+                self.tail.start_at(await conn.fetchval(sql.SAFE_HORIZON, timeout=STATEMENT_TIMEOUT))
+                self.tail.set_live(True)
+                await self._read_until_lost(conn, lost)
             except DATABASE_FAILURES as exc:
-                log.warning("event feed listener lost its connection: %s", type(exc).__name__)
+                log.warning("event feed lost its connection: %s", type(exc).__name__)
             finally:
-                self._connected = False
-                self._wake()  # followers fall back to polling themselves
+                self.tail.set_live(False)  # followers read the table themselves meanwhile
                 with contextlib.suppress(Exception):
                     await asyncio.shield(conn.close(timeout=2))
 
-    async def _announce_until_lost(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
-        horizon = await conn.fetchval(SAFE_HORIZON, timeout=5)
+    async def _read_until_lost(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        # Anything may have been committed while disconnected.
+        self._work.set()
         while True:
-            pending = asyncio.ensure_future(self._announce_pending.wait())
+            work = asyncio.ensure_future(self._work.wait())
             gone = asyncio.ensure_future(lost.wait())
             await asyncio.wait(
-                (pending, gone), timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED
+                (work, gone), timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED
             )
-            pending.cancel()
+            work.cancel()
             gone.cancel()
             if lost.is_set():
                 return
-            if self._announce_pending.is_set():
-                self._announce_pending.clear()
-                await conn.execute("SELECT pg_notify($1, '')", CHANNEL, timeout=5)
-                await asyncio.sleep(self._notify_interval)
-                continue
-            moved = await conn.fetchval(SAFE_HORIZON, timeout=5)
-            if moved != horizon:
-                horizon = moved
-                self._wake()
+            self._work.clear()
+            if self._announce_pending:
+                self._announce_pending = False
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL, timeout=STATEMENT_TIMEOUT)
+            await self._read_new_events(conn)
+            # Coalesces the wake-ups of a steady stream of commits.
+            await asyncio.sleep(self._notify_interval)
+
+    async def _read_new_events(self, conn: asyncpg.Connection) -> None:
+        """One round: the new horizon, then every event below it not read
+        yet, page by page into the tail."""
+        tail = self.tail
+        horizon: int = await conn.fetchval(sql.SAFE_HORIZON, timeout=STATEMENT_TIMEOUT)
+        if not tail.followers:
+            if horizon > tail.horizon:
+                tail.skip_to(horizon)
+            return
+        position = tail.horizon - 1
+        query = sql.events_page(with_types=False, with_subject=False)
+        limit = sql.PAGE_ROWS
+        while position < horizon - 1:
+            rows = await conn.fetch(
+                query, position, horizon, limit, sql.PAGE_BYTES, timeout=STATEMENT_TIMEOUT
+            )
+            cut = sql.page_is_cut(rows, limit)
+            upto = rows[-1][0] if cut else horizon - 1
+            tail.append(position, upto, rows)
+            position = upto
+            limit = sql.next_limit(rows, limit)

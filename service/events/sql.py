@@ -1,5 +1,8 @@
 """The SQL of EventService; every value is a $n parameter."""
 
+from collections.abc import Sequence
+from typing import Any
+
 # Rows are inserted in request order, and ids are drawn in insertion order,
 # so the ascending ids returned map one to one onto the request's events.
 PUBLISH_EVENTS = """
@@ -21,9 +24,44 @@ FROM events WHERE id = $1
 SAFE_HORIZON = "SELECT events_safe_horizon()"
 
 
-def events_in_range(*, with_types: bool, with_subject: bool, limited: bool) -> str:
-    """Events with $1 < id < $2, ascending, then optional filters: type =
-    ANY($3), subject = $n, and LIMIT $n, in that order."""
+# The most rows and bytes (as `row_bytes` counts them) one page of events
+# may hold: a stream holds one page and reads the next meanwhile.
+PAGE_ROWS = 5000
+PAGE_BYTES = 1 << 20
+
+
+def row_bytes(row: Sequence[Any]) -> int:
+    """What a row of `events_page` counts toward the page's byte budget:
+    the same sum the statement takes (characters count four bytes each,
+    UTF-8's most, so the count never falls short of the wire size)."""
+    return row[6] + 4 * (len(row[1]) + len(row[2]) + len(row[3])) + 32
+
+
+def page_is_cut(rows: Sequence[Sequence[Any]], limit: int) -> bool:
+    """Whether `events_page` (with `limit` rows and PAGE_BYTES) stopped
+    before the end of its range, so that more events may follow the last
+    row."""
+    return len(rows) == limit or sum(map(row_bytes, rows)) >= PAGE_BYTES
+
+
+def next_limit(rows: Sequence[Sequence[Any]], limit: int) -> int:
+    """The row limit for the page after `rows` (read with `limit`): twice
+    what fitted the byte budget, so that pages of large events do not make
+    PostgreSQL look at thousands of rows to return a few; and growing again,
+    up to PAGE_ROWS, while pages fill up by rows."""
+    if len(rows) == limit:
+        return min(PAGE_ROWS, 2 * limit)
+    return min(PAGE_ROWS, max(64, 2 * len(rows)))
+
+
+def events_page(*, with_types: bool, with_subject: bool) -> str:
+    """Events with $1 < id < $2, ascending, then optional filters (type =
+    ANY($3), subject = $n), at most $n rows and, after the first row, no
+    more than $n bytes (PAGE_BYTES) as `row_bytes` counts them.
+
+    Memory is bounded in bytes, not rows: a page of small events holds
+    thousands, a page of 1 MiB events one. Its columns are what the C
+    encoder takes (service/events/wire.c), then payload_bytes."""
     conditions = ["id > $1", "id < $2"]
     n = 3
     if with_types:
@@ -32,11 +70,21 @@ def events_in_range(*, with_types: bool, with_subject: bool, limited: bool) -> s
     if with_subject:
         conditions.append(f"subject = ${n}")
         n += 1
-    limit = f"LIMIT ${n}" if limited else ""
     return f"""
-SELECT id, type, source, subject, time, payload
-FROM events
-WHERE {" AND ".join(conditions)}
+SELECT id, type, source, subject, time, payload::text AS payload, payload_bytes
+FROM (
+    SELECT id, type, source, subject, time, payload, payload_bytes,
+           sum(payload_bytes
+               + 4 * (char_length(type) + char_length(source) + char_length(subject))
+               + 32) OVER (ORDER BY id) AS running,
+           payload_bytes
+               + 4 * (char_length(type) + char_length(source) + char_length(subject))
+               + 32 AS own
+    FROM events
+    WHERE {" AND ".join(conditions)}
+    ORDER BY id
+    LIMIT ${n}
+) AS page
+WHERE running - own < ${n + 1}
 ORDER BY id
-{limit}
 """

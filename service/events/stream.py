@@ -1,25 +1,30 @@
 """StreamEvents: the event feed in id order, never past a gap-free horizon.
 
-History is read through a cursor inside one read-only REPEATABLE READ
-transaction, up to the horizon computed just before it (see
-migrations/0002_streaming.sql), so every id below it is final and a consumer
-resuming from the last id it saw misses nothing. With `follow`, the stream
-then hands over without gap or duplicate: the position moves to the horizon
-even when no row below it matched the filters, and each later round reads
-(position, new horizon) in bounded chunks on a briefly borrowed connection,
-so an idle follower holds none. Rounds start when the feed wakes followers,
-or every poll interval at the latest.
+History is read from the table up to the safe horizon computed just before
+it (see migrations/0002_streaming.sql and 0004), so every id below it is
+final and a consumer resuming from the last id it saw misses nothing. It
+reads in pages bounded in bytes (sql.events_page), each on a briefly
+borrowed pooled connection, one page ahead of what is being written: a
+stream holds no connection, and no transaction, while its caller reads.
+
+With `follow`, the stream then hands over without gap or duplicate to the
+process's shared tail (service/events/tail.py), which the feed's own
+connection fills once for every follower: a follower near the live end
+reads only memory. One that is further back than the tail holds reads the
+table up to it first, taking one of the stream slots for as long as that
+takes; when none is free it waits its turn instead of being refused, so
+followers that arrive together (after a rolling restart) are all served.
+The position moves past events the filter does not match too, so a
+follower never looks at the same range twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import asyncpg
-import asyncpg.cursor
 import grpc
 
 from orderstream.events.v1 import event_service_pb2
@@ -27,13 +32,12 @@ from service.db.runner import Database
 from service.errors import Reason, ServiceError
 from service.events import sql
 from service.events.feed import EventFeed
+from service.events.tail import Filter
 from service.events.wire import encode_events
 from service.rpc.encoded import Encoded
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
 
-FETCH_ROWS = 5000  # rows per cursor round trip while reading history
-FOLLOW_CHUNK_ROWS = 5000  # rows per query while following
 MAX_TYPES = 100
 
 
@@ -55,8 +59,8 @@ class _Batches:
     (back-pressure). Rows become wire bytes in C (service/events/wire.c): the
     per-row cost is what bounds a stream's rate."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, budget: int) -> None:
-        self._context = context
+    def __init__(self, write: Callable[[Encoded], Awaitable[None]], budget: int) -> None:
+        self._write = write
         self._budget = budget
         self._chunks: list[bytes] = []
         self._size = 0
@@ -79,7 +83,79 @@ class _Batches:
             # Runs of `events` entries joined are one StreamEventsResponse.
             message = Encoded(b"".join(self._chunks), self._rows)
             self._chunks, self._size, self._rows = [], 0, 0
-            await self._context.write(message)
+            await self._write(message)
+
+
+class _Stream:
+    """One StreamEvents call: its filter, its position, and how it reads."""
+
+    def __init__(
+        self,
+        db: Database,
+        request: event_service_pb2.StreamEventsRequest,
+        context: grpc.aio.ServicerContext,
+        batch_bytes: int,
+    ) -> None:
+        self._db = db
+        self._context = context
+        self.filter = Filter(frozenset(request.types), request.subject)
+        self._query = sql.events_page(
+            with_types=bool(request.types), with_subject=bool(request.subject)
+        )
+        self._filter_args: list[object] = []
+        if request.types:
+            self._filter_args.append(list(request.types))
+        if request.subject:
+            self._filter_args.append(request.subject)
+        self.batches = _Batches(self.write, batch_bytes)
+        self.budget = batch_bytes
+        self.position = request.after_id
+
+    async def write(self, message: Encoded) -> None:
+        await self._context.write(message)
+
+    async def horizon(self) -> int:
+        """The safe horizon now: every event with a lower id is final."""
+        row = await self._db.fetchrow(self._context, sql.SAFE_HORIZON)
+        assert row is not None
+        return int(row[0])
+
+    async def read_table(self, below: int) -> None:
+        """Streams the matching events with position < id < `below` from
+        the table, one page ahead of the writes; the position reaches
+        below - 1."""
+        limit = sql.PAGE_ROWS
+        pending = self._page(self.position, below, limit)
+        try:
+            while True:
+                rows = await pending
+                if not sql.page_is_cut(rows, limit):
+                    await self.batches.add(rows)
+                    break
+                # The next page is read while this one is encoded and written.
+                limit = sql.next_limit(rows, limit)
+                pending = self._page(rows[-1][0], below, limit)
+                await self.batches.add(rows)
+            await self.batches.flush()
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+        self.position = max(self.position, below - 1)
+
+    def _page(self, after: int, below: int, limit: int) -> asyncio.Future[list[Any]]:
+        return asyncio.ensure_future(
+            self._db.fetch(
+                self._context,
+                self._query,
+                after,
+                below,
+                *self._filter_args,
+                limit,
+                sql.PAGE_BYTES,
+            )
+        )
 
 
 async def stream_events(
@@ -93,106 +169,52 @@ async def stream_events(
     batch_bytes: int,
 ) -> None:
     _checked(request)
-    filter_args: list[object] = []
-    if request.types:
-        filter_args.append(list(request.types))
-    if request.subject:
-        filter_args.append(request.subject)
-    with_types, with_subject = bool(request.types), bool(request.subject)
-    batches = _Batches(context, batch_bytes)
-
-    with streams.hold():
-        position = await _stream_history(
-            db,
-            context,
-            request.after_id,
-            sql.events_in_range(with_types=with_types, with_subject=with_subject, limited=False),
-            filter_args,
-            batches,
-        )
+    stream = _Stream(db, request, context, batch_bytes)
     if not request.follow:
+        with streams.hold():
+            await stream.read_table(await stream.horizon())
         return
     with followers.hold():
-        await _follow(
-            db,
-            context,
-            position,
-            sql.events_in_range(with_types=with_types, with_subject=with_subject, limited=True),
-            filter_args,
-            batches,
-            feed,
-        )
+        await _follow(stream, feed, streams)
 
 
-async def _stream_history(
-    db: Database,
-    context: grpc.aio.ServicerContext,
-    after_id: int,
-    query: str,
-    filter_args: list[object],
-    batches: _Batches,
-) -> int:
-    """Streams (after_id, horizon); returns the position the stream reached."""
-    conn = await db.acquire(context)
-    try:
-        horizon = await conn.fetchval(sql.SAFE_HORIZON, timeout=db.query_timeout(context))
-        if horizon - 1 > after_id:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                cursor = await db.cursor(conn, context, query, after_id, horizon, *filter_args)
-                await _drain(cursor, batches, lambda: db.query_timeout(context))
-        await batches.flush()
-    finally:
-        await db.release(conn)
-    return max(after_id, horizon - 1)
-
-
-async def _drain(
-    cursor: asyncpg.cursor.Cursor, batches: _Batches, timeout: Callable[[], float]
-) -> None:
-    """Feeds every row of `cursor` to `batches`, one round trip ahead: the
-    next fetch is in flight while this batch is turned into messages, so
-    PostgreSQL produces rows on one core while Python builds on the other."""
-    pending = asyncio.ensure_future(cursor.fetch(FETCH_ROWS, timeout=timeout()))
-    try:
-        while rows := await pending:
-            pending = asyncio.ensure_future(cursor.fetch(FETCH_ROWS, timeout=timeout()))
-            await batches.add(rows)
-    finally:
-        if not pending.done():
-            # Never leave a fetch running on a connection going back to the pool.
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pending
-
-
-async def _follow(
-    db: Database,
-    context: grpc.aio.ServicerContext,
-    position: int,
-    query: str,
-    filter_args: list[object],
-    batches: _Batches,
-    feed: EventFeed,
-) -> None:
+async def _follow(stream: _Stream, feed: EventFeed, streams: StreamSlots) -> None:
     """Streams new events as they become final, until cancel, deadline or
     shutdown (which ends the stream UNAVAILABLE: resume elsewhere)."""
+    tail = feed.tail
+    with tail.following():
+        await _follow_tail(stream, feed, streams)
+
+
+async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -> None:
+    tail = feed.tail
     while True:
-        seen = feed.generation
+        seen = tail.generation
         if feed.closing:
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
                 Reason.SHUTTING_DOWN,
                 "the server is shutting down; resume after the last id received",
                 retry_after=0.0,
-                metadata={"position": str(position)},
+                metadata={"position": str(stream.position)},
             )
-        row = await db.fetchrow(context, sql.SAFE_HORIZON)
-        horizon: int = row[0]  # type: ignore[index]
-        while position < horizon - 1:
-            rows = await db.fetch(
-                context, query, position, horizon, *filter_args, FOLLOW_CHUNK_ROWS
+        if not (tail.live and tail.ready):
+            # The feed's connection is down: look at the table every poll
+            # interval, as the feed would.
+            horizon = await stream.horizon()
+            if stream.position < horizon - 1:
+                async with streams.queued():
+                    await stream.read_table(horizon)
+            await tail.wait(seen, feed.poll_interval)
+        elif stream.position < tail.floor:
+            # Further back than the tail holds: the table up to it first.
+            async with streams.queued():
+                await stream.read_table(tail.floor + 1)
+        elif stream.position < tail.horizon - 1:
+            message, stream.position = tail.next_message(
+                stream.position, stream.filter, stream.budget
             )
-            await batches.add(rows)
-            position = rows[-1][0] if len(rows) == FOLLOW_CHUNK_ROWS else horizon - 1
-        await batches.flush()
-        await feed.wait(seen)
+            if message is not None:
+                await stream.write(message)
+        else:
+            await tail.wait(seen)

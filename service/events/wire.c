@@ -8,9 +8,10 @@
  *
  * encode_events(rows, start, used, budget) -> (bytes, next)
  *
- *   rows    a sequence of rows (asyncpg Records) shaped as
+ *   rows    a sequence of rows (asyncpg Records) starting with
  *           (id int, type str, source str, subject str, time_us int,
- *            json_payload str), time_us in microseconds since the Unix epoch
+ *            json_payload str), time_us in microseconds since the Unix epoch;
+ *           further columns are ignored
  *   start   the index of the first row to encode
  *   used    bytes already in the message being filled
  *   budget  the most bytes a message may hold
@@ -149,11 +150,12 @@ static int read_int(PyObject *row, Py_ssize_t column, long long *number) {
 /* Reads one row; `keep` holds the row's str objects, which own the UTF-8. */
 static int read_event(PyObject *row, Event *event, PyObject *keep[4]) {
     long long time_us;
-    if (PySequence_Size(row) != ROW_COLUMNS) {
+    /* Columns past the sixth (the page query's payload_bytes) are not read. */
+    if (PySequence_Size(row) < ROW_COLUMNS) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_ValueError,
-                            "an event row has 6 columns: id, type, source, subject, time_us, "
-                            "json_payload");
+                            "an event row starts with 6 columns: id, type, source, subject, "
+                            "time_us, json_payload");
         }
         return -1;
     }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
@@ -11,13 +13,20 @@ from service.errors import Reason, ServiceError
 
 
 class StreamSlots:
-    """A fixed number of slots; taking one when none is free fails at once
-    with RESOURCE_EXHAUSTED and RetryInfo rather than queueing the call."""
+    """A fixed number of slots.
+
+    `hold` takes one for a call that may be refused: when none is free it
+    fails at once with RESOURCE_EXHAUSTED and RetryInfo rather than queueing
+    the call. `queued` takes one for work that must not be refused (a
+    follower's catch-up from the table): it waits its turn, first come first
+    served, and ahead of nobody already waiting.
+    """
 
     def __init__(self, limit: int, what: str) -> None:
         self._free = limit
         self._limit = limit
         self._what = what
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def in_use(self) -> int:
@@ -25,7 +34,7 @@ class StreamSlots:
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
-        if self._free <= 0:
+        if self._free <= 0 or self._waiters:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 Reason.TOO_MANY_STREAMS,
@@ -37,4 +46,32 @@ class StreamSlots:
         try:
             yield
         finally:
-            self._free += 1
+            self._release()
+
+    @contextlib.asynccontextmanager
+    async def queued(self) -> AsyncIterator[None]:
+        if self._free <= 0 or self._waiters:
+            turn = asyncio.get_running_loop().create_future()
+            self._waiters.append(turn)
+            try:
+                await turn  # `_release` handed its slot straight to us
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # handed over just as we were cancelled
+                else:
+                    self._waiters.remove(turn)
+                raise
+        else:
+            self._free -= 1
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot passes on without being freed
+                return
+        self._free += 1
