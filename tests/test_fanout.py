@@ -393,7 +393,14 @@ async def test_followers_that_never_read_are_ended_and_their_memory_returned(ser
 
             # The service's access log shows when it has ended the streams;
             # reading before that would un-stall them.
-            await eventually(all_ended, timeout=40, what="every stalled follower to be ended")
+            try:
+                await eventually(all_ended, timeout=40, what="every stalled follower to be ended")
+            except AssertionError as error:
+                growth = (child.rss_kib() - before_kib) * 1024
+                raise AssertionError(
+                    f"{error}: {stalled()} of {STALLED_FOLLOWERS} ended, "
+                    f"RSS {growth / MiB:.0f} MiB above its level before"
+                ) from None
             endings: list[StatusDetails] = []
             for call in calls:
                 try:
