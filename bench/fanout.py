@@ -1,0 +1,502 @@
+"""The change feed under fan-out: many follow streams on one service process.
+
+    python -m bench.fanout [--followers 1,100,1000] [--rate 200] [--seconds 10]
+
+One `python -m service serve` process on a durable cluster, as deployed
+(pool of 10, ORDERSTREAM_MAX_FOLLOWERS raised to the largest step). A writer
+publishes `--rate` events/s, one PublishEvents call per event, each event's
+payload carrying its send time (CLOCK_MONOTONIC, which every process on the
+machine shares). For each step, N followers (StreamEvents follow=true from
+the current end, each reading every event) are spread over
+`--client-processes` client processes of `--channels` channels each, so the
+Python client is not what limits them. Once every follower has received an
+event and `--warmup` has passed, a step has two phases of `--seconds`:
+
+1. writer + followers: delivery lag (from the writer reading the
+   PublishEvents acknowledgement to the follower receiving the event; an
+   event a follower receives before its publisher reads the acknowledgement
+   counts 0), the service's database connections (pg_stat_activity,
+   application_name 'orderstream': all of them, and those not idle apart
+   from the writer's INSERT: the followers' own), sampled every 50 ms;
+2. writer + followers + GetOrder from h2load (16 concurrent): its calls/s,
+   as a ratio to the first step, which has no followers (0).
+
+The service's VmRSS is sampled throughout. Prints a table per step and the
+issue's targets PASS/FAIL (with the largest step), writes
+bench/results/fanout.json. A follower refused (RESOURCE_EXHAUSTED) retries
+from the last id it saw after 100 ms; the refusals are counted and shown.
+No CPU pinning: service, PostgreSQL and clients share the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import multiprocessing.connection
+import ssl
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+
+from bench import h2load
+from bench.grpc_load import line_items
+from bench.grpc_wire import write_frame
+from bench.h2load import percentile
+from bench.harness import ServiceProcess, cluster, save, service
+from devcluster.cluster import Cluster
+from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
+from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
+
+GET_ORDER = "/orderstream.orders.v1.OrderService/GetOrder"
+GET_CONCURRENCY = 16
+POOL_MAX = 10  # the default pool; targets are judged as deployed
+RETRY_AFTER = 0.1  # a refused follower's wait before it asks again
+LIVE_TIMEOUT = 60.0  # for every follower to receive its first event
+DRAIN_TIMEOUT = 60.0  # for every follower to receive the last event
+
+TARGETS = {
+    "get_vs_none": 0.8,  # GetOrder beside the largest step / with no followers, at least
+    "lag_p99_ms": 100.0,  # at most
+    "follower_connections": 2,  # at most, per process
+    "rss_mib": 256.0,  # at most
+}
+
+
+# -- the follower client processes --------------------------------------------
+
+
+@dataclass
+class Follower:
+    received: array.array  # receipt time per event offset (id - after), 0: not yet
+    last_id: int
+    refused: int = 0
+    ended: str | None = None  # the status code, if the stream ended
+
+
+async def _follow(
+    stub: event_service_pb2_grpc.EventServiceStub, me: Follower, after: int, live: asyncio.Event
+) -> None:
+    while True:
+        call = stub.StreamEvents(
+            event_service_pb2.StreamEventsRequest(after_id=me.last_id, follow=True)
+        )
+        try:
+            async for response in call:
+                now = time.monotonic()
+                for event in response.events:
+                    offset = event.id - after
+                    if offset < len(me.received):
+                        me.received[offset] = now
+                    me.last_id = event.id
+                live.set()
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                me.refused += 1
+                await asyncio.sleep(RETRY_AFTER)
+                continue
+            if error.code() != grpc.StatusCode.CANCELLED:
+                me.ended = error.code().name
+                live.set()  # ended: nothing more to wait for
+            return
+        me.ended = "OK"
+        live.set()
+        return
+
+
+async def _client(
+    port: int, count: int, channels: int, after: int, capacity: int, pipe: Any
+) -> None:
+    chans = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("bench.channel", n)])
+        for n in range(channels)
+    ]
+    stubs = [event_service_pb2_grpc.EventServiceStub(c) for c in chans]
+    followers = [Follower(array.array("d", bytes(8 * capacity)), after) for _ in range(count)]
+    lives = [asyncio.Event() for _ in range(count)]
+    tasks = [
+        asyncio.create_task(_follow(stubs[n % channels], f, after, lives[n]))
+        for n, f in enumerate(followers)
+    ]
+    pipe.send("opened")
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LIVE_TIMEOUT):
+            await asyncio.gather(*(live.wait() for live in lives))
+    pipe.send(("live", sum(f.last_id > after and not f.ended for f in followers)))
+    # ("collect", lo, hi, last, acks): lags of offsets [lo, hi) once every
+    # follower has the event at offset `last` (or DRAIN_TIMEOUT passed).
+    _, lo, hi, last, acks = await loop.run_in_executor(None, pipe.recv)
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while time.monotonic() < deadline and not all(f.received[last] or f.ended for f in followers):
+        await asyncio.sleep(0.05)
+    lags = array.array("d")
+    missing = 0
+    for f in followers:
+        for offset in range(lo, hi):
+            ack = acks[offset]
+            if not ack:
+                continue  # no event at this offset (an id the sequence skipped)
+            got = f.received[offset]
+            if got:
+                lags.append(max(0.0, got - ack))
+            else:
+                missing += 1
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for c in chans:
+        await c.close()
+    ended: dict[str, int] = {}
+    for f in followers:
+        if f.ended:
+            ended[f.ended] = ended.get(f.ended, 0) + 1
+    pipe.send(
+        {
+            "lags": lags.tobytes(),
+            "missing": missing,
+            "refused": sum(f.refused for f in followers),
+            "ended": ended,
+        }
+    )
+
+
+def client_main(port: int, count: int, channels: int, after: int, capacity: int, pipe: Any) -> None:
+    import uvloop
+
+    uvloop.run(_client(port, count, channels, after, capacity, pipe))
+
+
+# -- the step ------------------------------------------------------------------
+
+
+@dataclass
+class Writer:
+    """Publishes `rate` events/s, one call each, one call in flight; records
+    the acknowledgement time by offset (id - after)."""
+
+    stub: event_service_pb2_grpc.EventServiceStub
+    after: int
+    capacity: int
+    rate: float
+    acks: array.array = field(init=False)
+    last: int = 0
+    failed: int = 0
+    stop: bool = False
+
+    def __post_init__(self) -> None:
+        self.acks = array.array("d", bytes(8 * self.capacity))
+
+    async def run(self) -> None:
+        start = time.monotonic()
+        n = 0
+        while not self.stop:
+            due = start + n / self.rate
+            if (wait := due - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            n += 1
+            sent = time.monotonic()
+            event = event_pb2.Event(
+                type="bench.fanout",
+                source="/bench",
+                subject=f"fanout/{n}",
+                json_payload=json.dumps({"n": n, "sent_monotonic": sent}),
+            )
+            try:
+                response = await self.stub.PublishEvents(
+                    event_service_pb2.PublishEventsRequest(events=[event]), timeout=10
+                )
+            except grpc.aio.AioRpcError:
+                self.failed += 1
+                continue
+            offset = response.ids[0] - self.after
+            if offset >= self.capacity:
+                raise RuntimeError("more events than the step's capacity")
+            self.acks[offset] = time.monotonic()
+            self.last = max(self.last, offset)
+
+
+@dataclass
+class Samples:
+    rss_kib: list[int] = field(default_factory=list)
+    connections: list[int] = field(default_factory=list)
+    follower_connections: list[int] = field(default_factory=list)
+
+
+CONNECTIONS = """
+SELECT count(*),
+       count(*) FILTER (WHERE state <> 'idle' AND query NOT ILIKE '%INSERT INTO events%')
+FROM pg_stat_activity WHERE application_name = 'orderstream'
+"""
+
+
+async def sample(
+    server: ServiceProcess, admin: asyncpg.Connection, into: Samples, connections: bool
+) -> None:
+    while True:
+        into.rss_kib.append(server.rss_kib())
+        if connections:
+            total, busy = await admin.fetchrow(CONNECTIONS)
+            into.connections.append(total)
+            into.follower_connections.append(busy)
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def sampling(
+    server: ServiceProcess, admin: asyncpg.Connection, connections: bool
+) -> AsyncIterator[Samples]:
+    samples = Samples()
+    task = asyncio.create_task(sample(server, admin, samples, connections))
+    try:
+        yield samples
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def spread(total: int, parts: int) -> list[int]:
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if n < total % parts else 0) for n in range(parts)]
+
+
+async def step(
+    server: ServiceProcess,
+    admin: asyncpg.Connection,
+    args: argparse.Namespace,
+    followers: int,
+    get_frame: Path,
+) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = event_service_pb2_grpc.EventServiceStub(channel)
+        marker = await stub.PublishEvents(
+            event_service_pb2.PublishEventsRequest(
+                events=[
+                    event_pb2.Event(type="bench.fanout.start", source="/bench", json_payload="{}")
+                ]
+            )
+        )
+        after = marker.ids[0]
+        total_seconds = args.warmup + 2 * args.seconds + LIVE_TIMEOUT
+        capacity = int(args.rate * total_seconds * 1.2) + 100
+        context = multiprocessing.get_context("spawn")
+        pipes, processes = [], []
+        for count in spread(followers, args.client_processes) if followers else []:
+            mine, theirs = context.Pipe()
+            process = context.Process(
+                target=client_main,
+                args=(server.port, count, args.channels, after, capacity, theirs),
+                daemon=True,
+            )
+            process.start()
+            pipes.append(mine)
+            processes.append(process)
+
+        async def receive(pipe: multiprocessing.connection.Connection) -> Any:
+            return await asyncio.to_thread(pipe.recv)
+
+        try:
+            await asyncio.gather(*(receive(p) for p in pipes))  # "opened"
+            writer = Writer(stub, after, capacity, args.rate)
+            writing = asyncio.create_task(writer.run())
+            live = sum(n for _, n in await asyncio.gather(*(receive(p) for p in pipes)))
+            await asyncio.sleep(args.warmup)
+            lo = writer.last + 1
+            async with sampling(server, admin, connections=True) as alone:
+                await asyncio.sleep(args.seconds)
+            hi = writer.last + 1
+            async with sampling(server, admin, connections=False) as loaded:
+                get = await asyncio.to_thread(
+                    h2load.run,
+                    server.port,
+                    GET_ORDER,
+                    get_frame,
+                    concurrency=GET_CONCURRENCY,
+                    seconds=args.seconds,
+                    warmup=1.0,
+                    cpus="0,1",
+                )
+            writer.stop = True
+            await writing
+            for pipe in pipes:
+                pipe.send(("collect", lo, hi, writer.last, writer.acks))
+            results = await asyncio.gather(*(receive(p) for p in pipes))
+        finally:
+            for process in processes:
+                process.join(timeout=10)
+                if process.is_alive():
+                    process.kill()
+    lags = sorted(lag for r in results for lag in array.array("d", r["lags"]))
+    ended: dict[str, int] = {}
+    for r in results:
+        for code, n in r["ended"].items():
+            ended[code] = ended.get(code, 0) + n
+    rss = alone.rss_kib + loaded.rss_kib
+    return {
+        "followers": followers,
+        "live": live,
+        "refused": sum(r["refused"] for r in results),
+        "ended": ended,
+        "missing": sum(r["missing"] for r in results),
+        "events_published": hi - lo,
+        "publish_failed": writer.failed,
+        "lag_p50_ms": percentile(lags, 0.50) * 1000 if lags else None,
+        "lag_p99_ms": percentile(lags, 0.99) * 1000 if lags else None,
+        "rss_mib_max": max(rss) / 1024,
+        "connections_max": max(alone.connections),
+        "follower_connections_max": max(alone.follower_connections),
+        "get_order": get.as_dict(),
+    }
+
+
+# -- the run -------------------------------------------------------------------
+
+
+async def seed_order(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        orders = order_service_pb2_grpc.OrderServiceStub(channel)
+        created = await orders.CreateOrder(
+            order_service_pb2.CreateOrderRequest(
+                request_id=f"fanout-{time.time_ns()}",
+                customer_id="c-1",
+                currency="EUR",
+                items=line_items(),
+            )
+        )
+        await orders.GetOrder(order_service_pb2.GetOrderRequest(id=created.id), timeout=10)
+    return int(created.id)
+
+
+async def measure(db: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+    steps = [0, *args.followers]
+    env = {
+        "ORDERSTREAM_POOL_MAX_SIZE": str(POOL_MAX),
+        "ORDERSTREAM_MAX_FOLLOWERS": str(max(1000, *steps)),
+    }
+    admin = await asyncpg.connect(
+        db.dsn(admin=True), ssl=ssl.create_default_context(cafile=str(db.certificates.ca_cert))
+    )
+    try:
+        async with service(db, **env) as server:
+            order_id = await seed_order(server.port)
+            baseline_kib = server.rss_kib()
+            with tempfile.TemporaryDirectory() as scratch:
+                frame = write_frame(
+                    order_service_pb2.GetOrderRequest(id=order_id), Path(scratch) / "get.bin"
+                )
+                figures = []
+                for followers in steps:
+                    figures.append(await step(server, admin, args, followers, frame))
+                    print(row(figures[-1], figures[0]), flush=True)
+    finally:
+        await admin.close()
+    none = figures[0]["get_order"]["rps"]
+    for f in figures:
+        f["get_vs_none"] = f["get_order"]["rps"] / none if none else 0.0
+    return {
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "client_processes": args.client_processes,
+        "channels": args.channels,
+        "settings": env,
+        "rss_mib_at_start": baseline_kib / 1024,
+        "steps": figures,
+        "checks": checks(figures),
+    }
+
+
+def checks(figures: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The issue's targets, judged on the largest step."""
+    top = figures[-1]
+    none = figures[0]["get_order"]["rps"]
+    lag = top["lag_p99_ms"]
+    found = {
+        "get_vs_none": (top["get_order"]["rps"] / none if none else 0.0, ">="),
+        "lag_p99_ms": (float("inf") if lag is None else lag, "<="),
+        "follower_connections": (top["follower_connections_max"], "<="),
+        "rss_mib": (max(f["rss_mib_max"] for f in figures), "<="),
+    }
+    out = {}
+    for key, (value, sense) in found.items():
+        bound = TARGETS[key]
+        met = value >= bound if sense == ">=" else value <= bound
+        # Every follower served and every event delivered, or no PASS at all.
+        if key == "lag_p99_ms":
+            met = met and top["missing"] == 0 and top["live"] == top["followers"]
+        out[key] = {"value": value, "target": f"{sense} {bound:g}", "met": met}
+    return out
+
+
+HEADER = (
+    "| followers | live | refused | lag p50 / p99 ms | service RSS MiB (max) "
+    "| DB conns: all / followers' (max) | GetOrder calls/s | / none |"
+)
+
+
+def row(f: dict[str, Any], first: dict[str, Any]) -> str:
+    lag = (
+        "-"
+        if f["lag_p50_ms"] is None
+        else f"{f['lag_p50_ms']:.1f} / {f['lag_p99_ms']:.1f}"
+        + (f" ({f['missing']:,} missing)" if f["missing"] else "")
+    )
+    none = first["get_order"]["rps"]
+    ratio = f["get_order"]["rps"] / none if none else 0.0
+    failed = f" ({f['get_order']['failed']:,} failed)" if f["get_order"]["failed"] else ""
+    return (
+        f"| {f['followers']:,} | {f['live']:,} | {f['refused']:,} | {lag} "
+        f"| {f['rss_mib_max']:.0f} | {f['connections_max']} / {f['follower_connections_max']} "
+        f"| {f['get_order']['rps']:,.0f}{failed} | {ratio:.2f} |"
+    )
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    first = results["steps"][0]
+    lines = [HEADER, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [row(f, first) for f in results["steps"]]
+    lines += ["", "| target (largest step) | measured | target | |", "|---|---:|---:|---|"]
+    for key, check in results["checks"].items():
+        verdict = "PASS" if check["met"] else "FAIL"
+        lines.append(f"| {key} | {check['value']:.2f} | {check['target']} | {verdict} |")
+    return lines
+
+
+def followers_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("a comma-separated list of follower counts >= 1")
+    return values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--followers", type=followers_list, default=[1, 100, 1000])
+    parser.add_argument("--rate", type=float, default=200.0, help="events/s published")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per phase of each step")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--client-processes", type=int, default=4)
+    parser.add_argument("--channels", type=int, default=4, help="per client process")
+    args = parser.parse_args()
+    print(HEADER)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    with cluster() as db:
+        results = asyncio.run(measure(db, args))
+    print("\n".join(table(results)[len(results["steps"]) + 2 :]))
+    path = save("fanout", results)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
