@@ -1,6 +1,11 @@
 """ExportOrders: every matching order, with its items, from one consistent
-snapshot (a read-only REPEATABLE READ transaction) through a cursor, many
-orders per message."""
+snapshot (a read-only REPEATABLE READ transaction), many orders per
+message.
+
+The orders are read in pages bounded in bytes (sql.export_page), each a
+statement in that one transaction: an order may hold 1,000 items, so a
+fetch of a fixed number of rows, as a cursor makes, would bound nothing.
+One page is held at a time."""
 
 from __future__ import annotations
 
@@ -14,8 +19,6 @@ from service.orders.convert import order_from_row
 from service.orders.filters import order_filters
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
-
-FETCH_ROWS = 2000  # orders per cursor round trip
 
 
 async def export_orders(
@@ -34,23 +37,38 @@ async def export_orders(
         conn = await db.acquire(context)
         try:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                cursor = await db.cursor(
-                    conn, context, sql.export_orders(tuple(filters)), *filters.values()
-                )
+                query = sql.export_page(tuple(filters))
                 response = order_service_pb2.ExportOrdersResponse()
                 size = 0
-                while rows := await cursor.fetch(FETCH_ROWS, timeout=db.query_timeout(context)):
+                after, limit = 0, sql.EXPORT_PAGE_ROWS
+                while rows := await conn.fetch(
+                    query,
+                    *filters.values(),
+                    after,
+                    limit,
+                    sql.EXPORT_PAGE_BYTES,
+                    timeout=db.query_timeout(context),
+                ):
                     for row in rows:
                         order = order_from_row(row)
                         size += order.ByteSize()
                         response.orders.append(order)
                         if size >= batch_bytes:
                             # The await is the back-pressure: a slow reader
-                            # holds the cursor where it is.
+                            # holds the export where it is.
                             sent.anything = True
                             await context.write(response)
                             response = order_service_pb2.ExportOrdersResponse()
                             size = 0
+                    if (
+                        len(rows) < limit
+                        and sum(row["own"] for row in rows) < sql.EXPORT_PAGE_BYTES
+                    ):
+                        break  # neither limit cut the page: the orders are all read
+                    after = rows[-1]["id"]
+                    # Pages of large orders should not make PostgreSQL look
+                    # at thousands of rows to return a few.
+                    limit = min(sql.EXPORT_PAGE_ROWS, max(64, 2 * len(rows)))
                 if response.orders:
                     sent.anything = True
                     await context.write(response)

@@ -109,6 +109,37 @@ def list_orders(filters: tuple[str, ...]) -> str:
     return _filtered_orders(filters, [f"o.id > ${after}"]) + f"LIMIT ${limit}\n"
 
 
-def export_orders(filters: tuple[str, ...]) -> str:
-    """SELECT of every order matching the set filters, ascending by id."""
-    return _filtered_orders(filters, [])
+# The most orders and bytes (as `export_page` counts them: characters as
+# four bytes, UTF-8's most) one page of an export may hold.
+EXPORT_PAGE_ROWS = 2000
+EXPORT_PAGE_BYTES = 1 << 20
+
+
+def export_page(filters: tuple[str, ...]) -> str:
+    """The next orders matching the set filters after the id in the
+    parameter after theirs, ascending, at most the row limit in the next
+    one and, after the first order, no more than the bytes in the last.
+    Orders hold up to 1,000 items, so a page is bounded in bytes, not
+    rows."""
+    after = len(filters) + 1
+    conditions = [LIST_FILTERS[name].format(n) for n, name in enumerate(filters, start=1)]
+    conditions.append(f"o.id > ${after}")
+    return f"""
+SELECT id, customer_id, currency, status, total_cents, version,
+       create_time, update_time, skus, quantities, prices, own
+FROM (
+    SELECT {_ORDER_COLUMNS},
+           sum(size.own) OVER (ORDER BY o.id) AS running, size.own
+    FROM orders o {_ITEMS_OF_O}
+    CROSS JOIN LATERAL (
+        SELECT 4 * char_length(o.customer_id) + 96
+               + coalesce((SELECT sum(4 * char_length(s) + 32) FROM unnest(i.skus) AS s), 0)
+               AS own
+    ) size
+    WHERE {" AND ".join(conditions)}
+    ORDER BY o.id
+    LIMIT ${after + 1}
+) AS page
+WHERE running - own < ${after + 2}
+ORDER BY id
+"""
