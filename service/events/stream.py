@@ -31,6 +31,7 @@ from service.events.wire import encode_events
 from service.rpc.encoded import Encoded
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
+from service.streams.writes import write_within
 
 FETCH_ROWS = 5000  # rows per cursor round trip while reading history
 FOLLOW_CHUNK_ROWS = 5000  # rows per query while following
@@ -55,12 +56,16 @@ class _Batches:
     (back-pressure). Rows become wire bytes in C (service/events/wire.c): the
     per-row cost is what bounds a stream's rate."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, budget: int) -> None:
+    def __init__(
+        self, context: grpc.aio.ServicerContext, budget: int, stall_timeout: float
+    ) -> None:
         self._context = context
         self._budget = budget
+        self._stall_timeout = stall_timeout
         self._chunks: list[bytes] = []
         self._size = 0
         self._rows = 0
+        self._last = 0  # the last event id packed so far
 
     async def add(self, rows: Sequence[Any]) -> None:
         start, count = 0, len(rows)
@@ -70,6 +75,7 @@ class _Batches:
                 self._chunks.append(chunk)
                 self._size += len(chunk)
                 self._rows += end - start
+                self._last = rows[end - 1][0]
                 start = end
             if start < count:  # row `start` did not fit: this message is full
                 await self.flush()
@@ -79,7 +85,9 @@ class _Batches:
             # Runs of `events` entries joined are one StreamEventsResponse.
             message = Encoded(b"".join(self._chunks), self._rows)
             self._chunks, self._size, self._rows = [], 0, 0
-            await self._context.write(message)
+            # A reader that takes nothing within the stall timeout ends the
+            # stream READER_STALLED, naming this message's last id.
+            await write_within(self._context, message, self._stall_timeout, position=self._last)
 
 
 async def stream_events(
@@ -91,6 +99,7 @@ async def stream_events(
     followers: StreamSlots,
     feed: EventFeed,
     batch_bytes: int,
+    write_stall_timeout: float,
 ) -> None:
     _checked(request)
     filter_args: list[object] = []
@@ -99,7 +108,7 @@ async def stream_events(
     if request.subject:
         filter_args.append(request.subject)
     with_types, with_subject = bool(request.types), bool(request.subject)
-    batches = _Batches(context, batch_bytes)
+    batches = _Batches(context, batch_bytes, write_stall_timeout)
 
     with streams.hold():
         position = await _stream_history(

@@ -14,6 +14,7 @@ from service.orders.convert import order_from_row
 from service.orders.filters import order_filters
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
+from service.streams.writes import write_within
 
 FETCH_ROWS = 2000  # orders per cursor round trip
 
@@ -25,6 +26,7 @@ async def export_orders(
     *,
     streams: StreamSlots,
     batch_bytes: int,
+    write_stall_timeout: float,
     sent: Sent,
 ) -> None:
     v = Violations()
@@ -46,13 +48,18 @@ async def export_orders(
                         response.orders.append(order)
                         if size >= batch_bytes:
                             # The await is the back-pressure: a slow reader
-                            # holds the cursor where it is.
+                            # holds the cursor where it is, a stalled one
+                            # ends the export (READER_STALLED).
                             sent.anything = True
-                            await context.write(response)
+                            await write_within(
+                                context, response, write_stall_timeout, position=order.id
+                            )
                             response = order_service_pb2.ExportOrdersResponse()
                             size = 0
                 if response.orders:
                     sent.anything = True
-                    await context.write(response)
+                    await write_within(
+                        context, response, write_stall_timeout, position=response.orders[-1].id
+                    )
         finally:
             await db.release(conn)
