@@ -12,6 +12,7 @@ and Prometheus metrics over HTTP on another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from service.errors import StartupError
 from service.events.feed import EventFeed
 from service.events.service import EventService
 from service.events.tail import Tail
+from service.ops.memory import trim_memory_forever
 from service.ops.metrics import Metrics, MetricsEndpoint
 from service.ops.tracing import Tracing
 from service.orders.page_token import PageTokens
@@ -48,7 +50,7 @@ from service.rpc.health import DatabaseHealth, HealthServicer
 from service.rpc.listener import server_credentials
 from service.rpc.observing import Observer
 from service.settings import Settings
-from service.streams.limits import StreamSlots
+from service.streams.limits import StreamSlots, StreamTimeouts
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,9 @@ class App:
     port: int
     health: DatabaseHealth
     health_task: asyncio.Task[None]
+    trim_task: asyncio.Task[None]
     feed: EventFeed
+    streams: StreamSlots
     followers: StreamSlots
     metrics: Metrics
     # Health alone on a plain-text port, for Kubernetes' probes.
@@ -146,11 +150,17 @@ class App:
         )
         streams = StreamSlots(settings.max_streams, "stream")
         followers = StreamSlots(settings.max_followers, "follower")
+        timeouts = StreamTimeouts(
+            first_message=settings.first_message_timeout,
+            client_idle=settings.client_idle_timeout,
+            write_stall=settings.write_stall_timeout,
+        )
         orders = OrderService(
             db,
             reads=reads,
             page_tokens=_page_tokens(settings),
             streams=streams,
+            timeouts=timeouts,
             batch_bytes=settings.stream_batch_bytes,
             announce=feed.announce,
         )
@@ -158,6 +168,7 @@ class App:
             db,
             streams=streams,
             followers=followers,
+            timeouts=timeouts,
             feed=feed,
             batch_bytes=settings.stream_batch_bytes,
             max_upload_events=settings.max_upload_events,
@@ -208,7 +219,9 @@ class App:
             port=port,
             health=database_health,
             health_task=asyncio.create_task(database_health.run(), name="database-health"),
+            trim_task=asyncio.create_task(trim_memory_forever(), name="memory-trim"),
             feed=feed,
+            streams=streams,
             followers=followers,
             metrics=metrics,
             health_server=health_server,
@@ -237,6 +250,9 @@ class App:
         await self.feed.close()
         await stopping
         await self.health_task
+        self.trim_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.trim_task
         # Probes keep seeing NOT_SERVING until the main listener is gone.
         if self.health_server is not None:
             await self.health_server.stop(None)
@@ -265,6 +281,39 @@ def _server_options(settings: Settings, reuse_port: bool) -> list[tuple[str, int
         # grace is unlimited, so follow streams are not cut), new calls
         # open a new connection (see ORDERSTREAM_MAX_CONNECTION_AGE).
         ("grpc.max_connection_age_ms", round(settings.max_connection_age * 1000)),
+        *_keepalive_options(settings),
+    ]
+
+
+# The least interval between a client's pings that the server tolerates (a
+# ping sooner is a strike; two strikes close the connection with
+# "too_many_pings"). The Python client pings every 5 minutes while calls are
+# open (clients/python's keepalive_options, docs/clients.md); gRPC servers'
+# default minimum is those same 5 minutes, so timer jitter alone could make
+# a strike. 30 s leaves that default far inside, and lets clients that must
+# notice a dead server sooner ping as often as clients.md's example does.
+MIN_CLIENT_PING_INTERVAL_MS = 30_000
+
+
+def _keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """HTTP/2 pings, so a peer gone without a FIN (a node or a conntrack
+    entry lost) is noticed: the server pings every ORDERSTREAM_KEEPALIVE_TIME
+    and closes the connection, cancelling its calls and releasing their
+    slots and connections, when no answer comes within
+    ORDERSTREAM_KEEPALIVE_TIMEOUT. A peer that is alive but stopped reading
+    answers pings; the write-stall timeout covers it (service/streams/writes.py)."""
+    return [
+        ("grpc.keepalive_time_ms", round(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", round(settings.keepalive_timeout * 1000)),
+        # Only connections with calls open are worth pinging: an idle one
+        # holds nothing of ours, and max_connection_age retires it. Like the
+        # client, which pings only while calls are open.
+        ("grpc.keepalive_permit_without_calls", 0),
+        # A follow stream may send nothing for hours; without this gRPC
+        # stops pinging after two pings without data (its default), and the
+        # client sets the same (max_pings_without_data 0).
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
     ]
 
 

@@ -60,10 +60,14 @@ class Reason(enum.StrEnum):
     IMPORT_IN_PROGRESS = "IMPORT_IN_PROGRESS"  # an ImportOrders with this import_id still runs
     # DEADLINE_EXCEEDED
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the deadline ended the database work (or 57014)
+    # A client stream's caller sent no message within the first-message or
+    # idle timeout (service/streams/loads.py)
+    CLIENT_STREAM_IDLE = "CLIENT_STREAM_IDLE"
     # UNAVAILABLE: retry
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"  # no connection, a lost one, a database down
     DATABASE_READ_ONLY = "DATABASE_READ_ONLY"  # the database is read-only (25006)
     SHUTTING_DOWN = "SHUTTING_DOWN"  # StreamEvents ended by the server's shutdown; resume
+    READER_STALLED = "READER_STALLED"  # a server stream's reader took no message in time; resume
     # UNAUTHENTICATED
     TOKEN_MISSING = "TOKEN_MISSING"  # no authorization metadata
     TOKEN_MALFORMED = "TOKEN_MALFORMED"  # authorization metadata not one `Bearer <token>`
@@ -93,6 +97,11 @@ class ServiceError(Exception):
     violations: Sequence[FieldViolation] = ()
     retry_after: float | None = None  # seconds; set where a retry can succeed
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Set on a server stream's error raised while the reader has messages
+    # it has not taken: the status is sent after them, so it waits for the
+    # reader; this bounds how long the handler waits with it (see `abort`
+    # in service/rpc/status_map.py).
+    status_wait: float | None = None
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"

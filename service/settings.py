@@ -121,6 +121,18 @@ class Settings:
     replica: DatabaseTarget | None
     replica_max_lag: float
     replica_check_interval: float
+    # Quiet callers (docs/streams.md#quiet-callers): how long a client stream
+    # may wait for its first message and between messages, how long a
+    # server stream's write may wait for the reader to take it.
+    first_message_timeout: float
+    client_idle_timeout: float
+    write_stall_timeout: float
+    # HTTP/2 pings that notice a peer gone without a FIN.
+    keepalive_time: float
+    keepalive_timeout: float
+    # PostgreSQL's idle_in_transaction_session_timeout: the backstop that
+    # ends a transaction the service itself failed to end.
+    idle_in_transaction_timeout: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -192,10 +204,32 @@ class Settings:
             ),
             replica_max_lag=env.seconds("ORDERSTREAM_REPLICA_MAX_LAG", 5.0),
             replica_check_interval=env.seconds("ORDERSTREAM_REPLICA_CHECK_INTERVAL", 1.0),
+            first_message_timeout=env.seconds("ORDERSTREAM_FIRST_MESSAGE_TIMEOUT", 10.0),
+            client_idle_timeout=env.seconds("ORDERSTREAM_CLIENT_IDLE_TIMEOUT", 30.0),
+            write_stall_timeout=env.seconds("ORDERSTREAM_WRITE_STALL_TIMEOUT", 30.0),
+            # gRPC's own floor for keepalive pings is 10 s; a timeout under a
+            # second would count a busy peer as dead.
+            keepalive_time=env.seconds("ORDERSTREAM_KEEPALIVE_TIME", 60.0, at_least=10.0),
+            keepalive_timeout=env.seconds("ORDERSTREAM_KEEPALIVE_TIMEOUT", 20.0, at_least=1.0),
+            # PostgreSQL counts it in milliseconds; under a second is no backstop.
+            idle_in_transaction_timeout=env.seconds(
+                "ORDERSTREAM_IDLE_IN_TRANSACTION_TIMEOUT", 60.0, at_least=1.0
+            ),
         )
         if settings.pool_min_size > settings.pool_max_size:
             raise SettingsError(
                 "ORDERSTREAM_POOL_MIN_SIZE must not exceed ORDERSTREAM_POOL_MAX_SIZE"
+            )
+        if settings.idle_in_transaction_timeout <= settings.write_stall_timeout:
+            # A history stream or export waiting on its reader sits idle in
+            # its transaction: the backstop must not fire before the stall
+            # timeout ends the stream with its READER_STALLED status.
+            raise SettingsError(
+                "ORDERSTREAM_IDLE_IN_TRANSACTION_TIMEOUT "
+                f"({settings.idle_in_transaction_timeout:g} s) must exceed "
+                f"ORDERSTREAM_WRITE_STALL_TIMEOUT ({settings.write_stall_timeout:g} s): "
+                "a stream waiting on a slow reader is idle in its transaction, and "
+                "PostgreSQL would cut its connection before the stream could end cleanly"
             )
         return settings
 
@@ -243,14 +277,17 @@ class _Reader:
             return None
         return self.integer(name, 0, low=low, high=high)
 
-    def seconds(self, name: str, default: float) -> float:
+    def seconds(self, name: str, default: float, *, at_least: float | None = None) -> float:
+        """Above 0 (or `at_least` and more) and below a day."""
+
         def parse(value: str) -> float:
             number = float(value)
-            if not 0 < number < 86_400:
+            if not 0 < number < 86_400 or (at_least is not None and number < at_least):
                 raise ValueError
             return number
 
-        return self._parsed(name, default, parse, "a number of seconds above 0 and below 86400")
+        low = "above 0" if at_least is None else f"from {at_least:g}"
+        return self._parsed(name, default, parse, f"a number of seconds {low} and below 86400")
 
     def boolean(self, name: str, default: bool) -> bool:
         words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}

@@ -105,6 +105,21 @@ REFUSALS = [
         SettingsError,
         ("ORDERSTREAM_PORT", "'abc'"),
     ),
+    Refusal(
+        # A stream waiting on its reader sits idle in its transaction:
+        # PostgreSQL must not end it before the write-stall timeout does.
+        "idle-in-transaction-backstop-not-above-write-stall",
+        lambda c, tmp: {
+            "ORDERSTREAM_IDLE_IN_TRANSACTION_TIMEOUT": "20",
+            "ORDERSTREAM_WRITE_STALL_TIMEOUT": "20",
+        },
+        SettingsError,
+        (
+            "ORDERSTREAM_IDLE_IN_TRANSACTION_TIMEOUT",
+            "must exceed",
+            "ORDERSTREAM_WRITE_STALL_TIMEOUT",
+        ),
+    ),
 ]
 
 

@@ -81,24 +81,43 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     back a transaction left open before this runs."""
 
 
-def _connect_options(settings: Settings, target: DatabaseTarget | None = None) -> dict[str, Any]:
-    """What every connection gets, pooled or direct, to the primary unless
+def _connect_options(
+    settings: Settings, target: DatabaseTarget | None = None, *, direct: bool = False
+) -> dict[str, Any]:
+    """What every connection gets, pooled or `direct`, to the primary unless
     another `target` (the read replica) is given."""
     target = target or settings.database
+    server_settings = {"application_name": "orderstream"}
+    if direct or not settings.transaction_pooling:
+        # The backstop behind the write-stall timeout: PostgreSQL ends a
+        # session left idle in a transaction (a stream or load the service
+        # failed to end), releasing its snapshot and locks. A startup
+        # parameter: PgBouncer (1.18) refuses unknown ones, so behind it the
+        # role carries it instead (docs/scaling.md#behind-pgbouncer), which
+        # `open_pool` checks.
+        server_settings["idle_in_transaction_session_timeout"] = _milliseconds(
+            settings.idle_in_transaction_timeout
+        )
     return {
         "dsn": target.dsn.reveal(),
         "ssl": ssl_context_for(target, allow_insecure=settings.allow_insecure_database),
         "command_timeout": settings.command_timeout,
         "statement_cache_size": settings.statement_cache_size,
         "timeout": settings.pool_acquire_timeout,
-        "server_settings": {"application_name": "orderstream"},
+        "server_settings": server_settings,
     }
+
+
+def _milliseconds(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
 
 
 async def connect_direct(settings: Settings) -> asyncpg.Connection:
     """A connection outside the pool, for session state such as LISTEN: to
     ORDERSTREAM_DIRECT_DATABASE_URL, past any transaction-pooling PgBouncer."""
-    conn = await asyncpg.connect(**_connect_options(settings, settings.direct_database))
+    conn = await asyncpg.connect(
+        **_connect_options(settings, settings.direct_database, direct=True)
+    )
     await register_codecs(conn)
     return conn
 
@@ -135,8 +154,30 @@ async def open_pool(settings: Settings) -> asyncpg.Pool:
     with _startup_errors(settings.database):
         pool = await _create_pool(settings, settings.database, settings.pool_min_size)
         # min_size may be 0: make sure at least one connection can be made.
-        await pool.fetchval("SELECT 1", timeout=settings.command_timeout)
+        backstop = await pool.fetchval(IDLE_IN_TRANSACTION_MS, timeout=settings.command_timeout)
+    _check_backstop(settings, backstop)
     return pool
+
+
+# What the pooled sessions really got: through PgBouncer, the role's setting.
+IDLE_IN_TRANSACTION_MS = (
+    "SELECT setting::bigint FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'"
+)
+
+
+def _check_backstop(settings: Settings, milliseconds: int) -> None:
+    """Warns when pooled sessions have no idle-in-transaction backstop, or
+    one that would cut a stream waiting on its reader before the write-stall
+    timeout ends it: possible only behind PgBouncer, where the role (or the
+    database) must carry the setting."""
+    if milliseconds == 0 or milliseconds <= settings.write_stall_timeout * 1000:
+        log.warning(
+            "pooled sessions have idle_in_transaction_session_timeout=%dms; set it on the "
+            "role above ORDERSTREAM_WRITE_STALL_TIMEOUT (ALTER ROLE ... SET "
+            "idle_in_transaction_session_timeout = '%ds')",
+            milliseconds,
+            round(settings.idle_in_transaction_timeout),
+        )
 
 
 async def open_replica_pool(settings: Settings, target: DatabaseTarget) -> asyncpg.Pool:

@@ -18,7 +18,7 @@ from service.events.stream import stream_events
 from service.events.uploads import upload_events
 from service.rpc.boundary import rpc
 from service.rpc.validation import Violations, require_positive_id
-from service.streams.limits import StreamSlots
+from service.streams.limits import StreamSlots, StreamTimeouts
 
 MAX_PUBLISH_EVENTS = 1000
 
@@ -64,6 +64,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         *,
         streams: StreamSlots,
         followers: StreamSlots,
+        timeouts: StreamTimeouts,
         feed: EventFeed,
         batch_bytes: int,
         max_upload_events: int,
@@ -73,6 +74,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         self._db = db
         self._streams = streams
         self._followers = followers
+        self._timeouts = timeouts
         self._feed = feed
         self._batch_bytes = batch_bytes
         self._max_upload_events = max_upload_events
@@ -122,6 +124,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         return await upload_events(
             self._db,
             self._streams,
+            self._timeouts,
             request_iterator,
             context,
             max_events=self._max_upload_events,
@@ -140,4 +143,5 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             followers=self._followers,
             feed=self._feed,
             batch_bytes=self._batch_bytes,
+            write_stall_timeout=self._timeouts.write_stall,
         )

@@ -37,6 +37,7 @@ from service.events.wire import encode_events
 from service.rpc.encoded import Encoded
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
+from service.streams.writes import write_within
 
 MAX_TYPES = 100
 
@@ -59,12 +60,13 @@ class _Batches:
     (back-pressure). Rows become wire bytes in C (service/events/wire.c): the
     per-row cost is what bounds a stream's rate."""
 
-    def __init__(self, write: Callable[[Encoded], Awaitable[None]], budget: int) -> None:
+    def __init__(self, write: Callable[[Encoded, int], Awaitable[None]], budget: int) -> None:
         self._write = write
         self._budget = budget
         self._chunks: list[bytes] = []
         self._size = 0
         self._rows = 0
+        self._last = 0  # the last event id packed so far
 
     async def add(self, rows: Sequence[Any]) -> None:
         start, count = 0, len(rows)
@@ -74,6 +76,7 @@ class _Batches:
                 self._chunks.append(chunk)
                 self._size += len(chunk)
                 self._rows += end - start
+                self._last = rows[end - 1][0]
                 start = end
             if start < count:  # row `start` did not fit: this message is full
                 await self.flush()
@@ -83,7 +86,7 @@ class _Batches:
             # Runs of `events` entries joined are one StreamEventsResponse.
             message = Encoded(b"".join(self._chunks), self._rows)
             self._chunks, self._size, self._rows = [], 0, 0
-            await self._write(message)
+            await self._write(message, self._last)
 
 
 class _Stream:
@@ -95,9 +98,11 @@ class _Stream:
         request: event_service_pb2.StreamEventsRequest,
         context: grpc.aio.ServicerContext,
         batch_bytes: int,
+        stall_timeout: float,
     ) -> None:
         self._db = db
         self._context = context
+        self._stall_timeout = stall_timeout
         self.filter = Filter(frozenset(request.types), request.subject)
         self._query = sql.events_page(
             with_types=bool(request.types), with_subject=bool(request.subject)
@@ -111,8 +116,11 @@ class _Stream:
         self.budget = batch_bytes
         self.position = request.after_id
 
-    async def write(self, message: Encoded) -> None:
-        await self._context.write(message)
+    async def write(self, message: Encoded, position: int) -> None:
+        """Writes `message`, whose last event is at `position`; a reader
+        that takes nothing within the stall timeout ends the stream
+        (READER_STALLED, docs/streams.md#quiet-callers)."""
+        await write_within(self._context, message, self._stall_timeout, position=position)
 
     async def horizon(self) -> int:
         """The safe horizon now: every event with a lower id is final."""
@@ -167,9 +175,10 @@ async def stream_events(
     followers: StreamSlots,
     feed: EventFeed,
     batch_bytes: int,
+    write_stall_timeout: float,
 ) -> None:
     _checked(request)
-    stream = _Stream(db, request, context, batch_bytes)
+    stream = _Stream(db, request, context, batch_bytes, write_stall_timeout)
     if not request.follow:
         with streams.hold():
             await stream.read_table(await stream.horizon())
@@ -215,6 +224,6 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
                 stream.position, stream.filter, stream.budget
             )
             if message is not None:
-                await stream.write(message)
+                await stream.write(message, stream.position)
         else:
             await tail.wait(seen)

@@ -51,7 +51,7 @@ from service.db.runner import Database
 from service.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from service.events.payload import InvalidPayload, json_object_text
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
-from service.streams.limits import StreamSlots
+from service.streams.limits import StreamSlots, StreamTimeouts
 from service.streams.loads import LoadSpec, MessagePositions, run_load
 
 _COLUMNS = ("type", "source", "subject", "time", "payload")
@@ -229,6 +229,7 @@ _UPLOAD: LoadSpec[event_service_pb2.UploadEventsRequest, event_service_pb2.Uploa
 async def upload_events(
     db: Database,
     slots: StreamSlots,
+    timeouts: StreamTimeouts,
     requests: AsyncIterator[event_service_pb2.UploadEventsRequest],
     context: grpc.aio.ServicerContext,
     *,
@@ -236,7 +237,7 @@ async def upload_events(
     on_commit: Callable[[], None],
 ) -> event_service_pb2.UploadEventsResponse:
     return await run_load(
-        _UPLOAD, db, slots, requests, context, on_commit=on_commit, max_rows=max_events
+        _UPLOAD, db, slots, timeouts, requests, context, on_commit=on_commit, max_rows=max_events
     )
 
 

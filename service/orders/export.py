@@ -19,6 +19,7 @@ from service.orders.convert import order_from_row
 from service.orders.filters import order_filters
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
+from service.streams.writes import write_within
 
 
 async def export_orders(
@@ -28,6 +29,7 @@ async def export_orders(
     *,
     streams: StreamSlots,
     batch_bytes: int,
+    write_stall_timeout: float,
     sent: Sent,
 ) -> None:
     v = Violations()
@@ -55,9 +57,12 @@ async def export_orders(
                         response.orders.append(order)
                         if size >= batch_bytes:
                             # The await is the back-pressure: a slow reader
-                            # holds the export where it is.
+                            # holds the export where it is, a stalled one
+                            # ends it (READER_STALLED).
                             sent.anything = True
-                            await context.write(response)
+                            await write_within(
+                                context, response, write_stall_timeout, position=order.id
+                            )
                             response = order_service_pb2.ExportOrdersResponse()
                             size = 0
                     if (
@@ -71,6 +76,8 @@ async def export_orders(
                     limit = min(sql.EXPORT_PAGE_ROWS, max(64, 2 * len(rows)))
                 if response.orders:
                     sent.anything = True
-                    await context.write(response)
+                    await write_within(
+                        context, response, write_stall_timeout, position=response.orders[-1].id
+                    )
         finally:
             await db.release(conn)

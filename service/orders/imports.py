@@ -32,7 +32,7 @@ from service.db.runner import Database
 from service.errors import Reason
 from service.orders.rules import item_columns, order_total
 from service.rpc.validation import Violations
-from service.streams.limits import StreamSlots
+from service.streams.limits import StreamSlots, StreamTimeouts
 from service.streams.loads import NO_STATEMENT_TIMEOUT, LoadSpec, run_load
 
 _CLAIM = """
@@ -151,9 +151,10 @@ _IMPORT: LoadSpec[order_service_pb2.ImportOrdersRequest, order_service_pb2.Impor
 async def import_orders(
     db: Database,
     slots: StreamSlots,
+    timeouts: StreamTimeouts,
     requests: AsyncIterator[order_service_pb2.ImportOrdersRequest],
     context: grpc.aio.ServicerContext,
     *,
     on_commit: Callable[[], None],
 ) -> order_service_pb2.ImportOrdersResponse:
-    return await run_load(_IMPORT, db, slots, requests, context, on_commit=on_commit)
+    return await run_load(_IMPORT, db, slots, timeouts, requests, context, on_commit=on_commit)

@@ -27,7 +27,7 @@ from service.orders.page_token import InvalidPageToken, PageTokens
 from service.orders.rules import body_digest, checked_create, item_columns
 from service.rpc.boundary import rpc
 from service.rpc.validation import Violations, require_positive_id
-from service.streams.limits import StreamSlots
+from service.streams.limits import StreamSlots, StreamTimeouts
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -58,6 +58,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         reads: ReadRouter,
         page_tokens: PageTokens,
         streams: StreamSlots,
+        timeouts: StreamTimeouts,
         batch_bytes: int,
         announce: Callable[[], None],
     ) -> None:
@@ -69,6 +70,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         self._reads = reads
         self._page_tokens = page_tokens
         self._streams = streams
+        self._timeouts = timeouts
         self._announce = announce
         self._batch_bytes = batch_bytes
 
@@ -237,6 +239,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
                 context,
                 streams=self._streams,
                 batch_bytes=self._batch_bytes,
+                write_stall_timeout=self._timeouts.write_stall,
                 sent=sent,
             )
 
@@ -249,7 +252,12 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> order_service_pb2.ImportOrdersResponse:
         return await import_orders(
-            self._db, self._streams, request_iterator, context, on_commit=self._announce
+            self._db,
+            self._streams,
+            self._timeouts,
+            request_iterator,
+            context,
+            on_commit=self._announce,
         )
 
 

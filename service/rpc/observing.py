@@ -46,11 +46,14 @@ def _callers_request_id(context: grpc.aio.ServicerContext) -> str | None:
 
 
 def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    if isinstance(error, asyncio.CancelledError):
-        return "CANCELLED"
+    # A status set before a cancellation is the call's: a handler whose
+    # status waits for a stalled reader ends cancelled, with its status
+    # (READER_STALLED) queued behind the messages (service/rpc/status_map.py).
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
     if error is not None and not isinstance(error, grpc.aio.AbortError):
         return "UNKNOWN"
     return "OK"

@@ -10,6 +10,7 @@ bug: INTERNAL with an incident id, the traceback only in the log.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -203,6 +204,23 @@ def _internal(exc: BaseException, method: str) -> ServiceError:
 
 
 async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
-    """Ends the call with `error`; grpc.aio has no abort_with_status."""
+    """Ends the call with `error`; grpc.aio has no abort_with_status.
+
+    The status travels after the messages already written, so `abort`
+    returns only once the reader has taken them. For a reader that stopped
+    (`error.status_wait` set) the handler waits that long at most, then
+    ends as cancelled: the status stays queued in gRPC behind the messages,
+    so a reader that reads on still receives them and then this status
+    (measured with grpcio 1.85), and a dead connection ends it all.
+    """
     status = error.to_status()
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    if error.status_wait is None:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        return
+    try:
+        async with asyncio.timeout(error.status_wait):
+            await context.abort(status.code, status.details, status.trailing_metadata)
+    except TimeoutError:
+        # CancelledError is the one exception grpc.aio takes quietly from a
+        # handler whose status is already on its way.
+        raise asyncio.CancelledError("the status waits for the reader") from None

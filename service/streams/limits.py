@@ -1,4 +1,5 @@
-"""Bounds on long-lived calls, so streams cannot starve unary calls."""
+"""Bounds on long-lived calls, so streams cannot starve unary calls: in
+number (slots) and in time while their caller is quiet."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -75,3 +77,14 @@ class StreamSlots:
                 turn.set_result(None)  # the slot passes on without being freed
                 return
         self._free += 1
+
+
+@dataclass(frozen=True)
+class StreamTimeouts:
+    """How long a stream waits on a quiet caller (docs/streams.md#quiet-callers):
+    a client stream for its first message and between messages, a server
+    stream for the reader to take a message."""
+
+    first_message: float  # ORDERSTREAM_FIRST_MESSAGE_TIMEOUT
+    client_idle: float  # ORDERSTREAM_CLIENT_IDLE_TIMEOUT
+    write_stall: float  # ORDERSTREAM_WRITE_STALL_TIMEOUT

@@ -6,7 +6,8 @@ What a load does on its own, a `LoadSpec` names: its SQL, how one message's
 items become rows, its explanation of a PostgreSQL error, and the steps
 before and after the COPY. The rest is the frame's, in `run_load`: a stream
 slot, the key (required in the first message, the same or empty in every
-later one), telling a finished stream from a dead call, one connection and a
+later one), a caller that goes quiet (no first message, or none for a while
+after), telling a finished stream from a dead call, one connection and a
 transaction that cancellation cannot leave half-done, the claim of the key,
 the COPY, the map from a COPY row back to the message that carried it, the
 empty load, and `on_commit` once rows are committed.
@@ -30,7 +31,7 @@ from google.protobuf.message import Message as ProtoMessage
 from service.db.runner import Database
 from service.errors import FieldViolation, Reason, ServiceError, invalid_argument
 from service.rpc.validation import MAX_ID_LENGTH
-from service.streams.limits import StreamSlots
+from service.streams.limits import StreamSlots, StreamTimeouts
 
 Request = TypeVar("Request", bound=ProtoMessage)
 Response = TypeVar("Response", bound=ProtoMessage)
@@ -104,6 +105,7 @@ async def run_load(
     spec: LoadSpec[Request, Response],
     db: Database,
     slots: StreamSlots,
+    timeouts: StreamTimeouts,
     requests: AsyncIterator[Request],
     context: grpc.aio.ServicerContext,
     *,
@@ -113,17 +115,21 @@ async def run_load(
     """Loads the request stream as `spec` says: a stream slot, the first
     message and its key, one connection and one all-or-nothing transaction
     around the load, and `on_commit` once rows are committed. More than
-    `max_rows` rows in all is RESOURCE_EXHAUSTED."""
+    `max_rows` rows in all is RESOURCE_EXHAUSTED; a caller quiet for longer
+    than `timeouts` allow is CLIENT_STREAM_IDLE."""
     with slots.hold():
-        # Read before taking a connection: a client slow to start holds none.
-        first = await first_message(requests, context, spec.key_name)
+        # Read before taking a connection: a client slow to start holds none,
+        # and one that never starts gives its slot back after the timeout.
+        first = await first_message(
+            requests, context, spec.key_name, timeout=timeouts.first_message
+        )
         key = getattr(first, spec.key_name)
         check_key(key, f"messages[0].{spec.key_name}")
         conn = await db.acquire(context)
         try:
             async with all_or_nothing(conn):
                 response, wrote = await _load(
-                    spec, conn, db, context, first, requests, key, max_rows
+                    spec, conn, db, context, first, requests, key, max_rows, timeouts.client_idle
                 )
         finally:
             await db.release(conn)
@@ -141,6 +147,7 @@ async def _load(
     rest: AsyncIterator[Request],
     key: str,
     max_rows: int | None,
+    idle_timeout: float,
 ) -> tuple[Response, bool]:
     """Runs inside the load's transaction; returns the response and whether
     any row was written."""
@@ -153,7 +160,9 @@ async def _load(
         await spec.setup(conn, timeout)
     positions = MessagePositions()
     state = LoadState()
-    records = _records(spec, first, rest, context, key, claimed, max_rows, positions, state)
+    records = _records(
+        spec, first, rest, context, key, claimed, max_rows, positions, state, idle_timeout
+    )
     try:
         async with contextlib.aclosing(records):
             await conn.copy_records_to_table(
@@ -187,9 +196,12 @@ async def _records(
     max_rows: int | None,
     positions: MessagePositions,
     state: LoadState,
+    idle_timeout: float,
 ) -> AsyncGenerator[Row]:
     """The rows of the whole request stream, read message by message; a
-    problem found here is kept in `state` and raised as RejectedRow."""
+    problem found here is kept in `state` and raised as RejectedRow. No
+    next message within `idle_timeout` is such a problem: the COPY waits on
+    the caller meanwhile, holding a connection and a transaction."""
     key_name = spec.key_name
     items = spec.items
     rows_of = spec.rows
@@ -208,7 +220,13 @@ async def _records(
         positions.add(len(rows))
         for row in rows:
             yield row
-        request = await anext(rest, None)
+        try:
+            async with asyncio.timeout(idle_timeout):
+                request = await anext(rest, None)
+        except TimeoutError:
+            raise state.reject(
+                client_stream_idle(positions.messages, idle_timeout, first=False)
+            ) from None
     await confirm_end(context)
 
 
@@ -271,16 +289,50 @@ def key_mismatch(field: str) -> ServiceError:
 
 
 async def first_message(
-    requests: AsyncIterator[Request], context: grpc.aio.ServicerContext, key_name: str
+    requests: AsyncIterator[Request],
+    context: grpc.aio.ServicerContext,
+    key_name: str,
+    *,
+    timeout: float,
 ) -> Request:
-    """Waits for the stream's first message; an empty stream is invalid."""
-    message = await anext(requests, None)
+    """Waits up to `timeout` for the stream's first message; an empty
+    stream is invalid."""
+    try:
+        async with asyncio.timeout(timeout):
+            message = await anext(requests, None)
+    except TimeoutError:
+        raise client_stream_idle(0, timeout, first=True) from None
     if message is None:
         await confirm_end(context)
         raise invalid_argument(
             [FieldViolation("messages", f"at least one message, carrying {key_name}, is required")]
         )
     return message
+
+
+def client_stream_idle(index: int, timeout: float, *, first: bool) -> ServiceError:
+    """The caller sent no message `index` within `timeout`.
+
+    DEADLINE_EXCEEDED: a time limit ended the call before it could complete,
+    as the caller's own deadline would; the reason tells it was the server's
+    limit on a quiet caller, not the call's deadline. Not UNAVAILABLE, which
+    says the server failed and invites automatic retries of a stream the
+    client may not be able to replay; not ABORTED, which is about concurrency.
+    Nothing was committed, so a retry with the same key is safe.
+    """
+    if first:
+        what = f"no first message within {timeout:g} s (ORDERSTREAM_FIRST_MESSAGE_TIMEOUT)"
+    else:
+        what = (
+            f"no message {index} within {timeout:g} s of the one before "
+            "(ORDERSTREAM_CLIENT_IDLE_TIMEOUT)"
+        )
+    return ServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        Reason.CLIENT_STREAM_IDLE,
+        f"the client stream went quiet: {what}; nothing was loaded",
+        metadata={"message_index": str(index), "timeout_seconds": f"{timeout:g}"},
+    )
 
 
 # asyncpg's timeout for the COPY (and the bulk statements after it): none.
