@@ -71,7 +71,7 @@ import grpc
 from orderstream.events.v1 import event_pb2, event_service_pb2
 from service.db.runner import Database
 from service.errors import FieldViolation, Reason, ServiceError, invalid_argument
-from service.events.payload import MAX_PAYLOAD_BYTES, InvalidPayload, json_object_text
+from service.events.payload import InvalidPayload, json_object_text, written_out_too_large
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from service.streams.limits import StreamSlots
 from service.streams.loads import NO_STATEMENT_TIMEOUT, LoadSpec, MessagePositions, run_load
@@ -151,11 +151,7 @@ _CONSTRAINT_VIOLATIONS = {
     "events_source_length": ("source", "at most 1024 characters"),
     "events_subject_length": ("subject", "at most 1024 characters"),
     "events_payload_check": ("json_payload", "must be a JSON object"),
-    "events_payload_size": (
-        "json_payload",
-        f"at most {MAX_PAYLOAD_BYTES} bytes as PostgreSQL writes it out (every number in "
-        "full, a space after each , and :), which is what readers receive",
-    ),
+    "events_payload_size": ("json_payload", written_out_too_large()),
 }
 
 # SQLSTATE classes that describe the data of the row being copied: data
