@@ -26,8 +26,18 @@ WHERE octet_length(p.payload::jsonb::text) > {MAX_PAYLOAD_BYTES}
 ORDER BY p.n
 """
 
-GET_EVENT = """
-SELECT id, type, source, subject, time, payload::text AS payload
+# What readers select, in this column order (service/events/wire.c reads
+# rows positionally): the payload, or NULL when its stored written-out size
+# is over the limit (rows from before migration 0004, or written behind the
+# service's back: the table's CHECK is NOT VALID), and that size, which the
+# reader then sends as omitted_payload_bytes. The event keeps its place in
+# the feed, and no reader is handed a message it cannot take.
+EVENT_COLUMNS = f"""id, type, source, subject, time,
+       CASE WHEN payload_bytes <= {MAX_PAYLOAD_BYTES} THEN payload::text END AS payload,
+       payload_bytes"""
+
+GET_EVENT = f"""
+SELECT {EVENT_COLUMNS}
 FROM events WHERE id = $1
 """
 
@@ -37,8 +47,8 @@ SAFE_HORIZON = "SELECT events_safe_horizon()"
 
 
 def events_in_range(*, with_types: bool, with_subject: bool, limited: bool) -> str:
-    """Events with $1 < id < $2, ascending, then optional filters: type =
-    ANY($3), subject = $n, and LIMIT $n, in that order."""
+    """Events (EVENT_COLUMNS) with $1 < id < $2, ascending, then optional
+    filters: type = ANY($3), subject = $n, and LIMIT $n, in that order."""
     conditions = ["id > $1", "id < $2"]
     n = 3
     if with_types:
@@ -49,7 +59,7 @@ def events_in_range(*, with_types: bool, with_subject: bool, limited: bool) -> s
         n += 1
     limit = f"LIMIT ${n}" if limited else ""
     return f"""
-SELECT id, type, source, subject, time, payload
+SELECT {EVENT_COLUMNS}
 FROM events
 WHERE {" AND ".join(conditions)}
 ORDER BY id
