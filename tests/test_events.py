@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from orderstream.events.v1 import event_pb2, event_service_pb2
 from tests.support.database import table_counts
+from tests.support.loaders import POISON_PAYLOAD, SPACED_OUT_PAYLOAD
 from tests.support.requests import create_request, unique
 from tests.support.status import rpc_error
 
@@ -120,6 +121,24 @@ BAD_EVENTS = [
         },
         "struct_payload",
     ),
+    # Small as sent, over 1 MiB as jsonb writes the numbers out.
+    ({"json_payload": POISON_PAYLOAD}, "json_payload"),
+    (
+        {
+            "struct_payload": struct_pb2.Struct(
+                fields={
+                    "x": struct_pb2.Value(
+                        list_value=struct_pb2.ListValue(
+                            values=[struct_pb2.Value(number_value=1e300)] * 4000
+                        )
+                    )
+                }
+            )
+        },
+        "struct_payload",
+    ),
+    # Under 1 MiB as sent and in numbers; over it with jsonb's spaces.
+    ({"json_payload": SPACED_OUT_PAYLOAD}, "json_payload"),
 ]
 
 
@@ -132,6 +151,27 @@ async def test_one_bad_event_rejects_the_whole_batch(events, admin_db, fields, f
     )
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert f"events[2].{field}" in error.violations, error.violations
+    assert await table_counts(admin_db) == before
+
+
+async def test_a_payload_only_the_database_finds_too_large_is_named(events, admin_db):
+    """The table's size CHECK refuses what Python let through; the call
+    still names each offending event, never a constraint violation."""
+    before = await table_counts(admin_db)
+    struct = struct_pb2.Struct()
+    struct.update({"n": 1})
+    batch = [
+        event(json_payload=SPACED_OUT_PAYLOAD),
+        event(struct_payload=struct),
+        event(json_payload=SPACED_OUT_PAYLOAD),
+    ]
+    error = await rpc_error(
+        events.PublishEvents(event_service_pb2.PublishEventsRequest(events=batch))
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.error_info.reason == "INVALID_FIELD"
+    assert list(error.violations) == ["events[0].json_payload", "events[2].json_payload"]
+    assert "as PostgreSQL writes it out" in error.violations["events[0].json_payload"]
     assert await table_counts(admin_db) == before
 
 

@@ -15,7 +15,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from orderstream.events.v1 import event_service_pb2
 from tests.support.apps import pool_is_full, running_app
-from tests.support.database import copy_running, some_rows_copied, table_counts
+from tests.support.database import (
+    copy_running,
+    nothing_left_running,
+    some_rows_copied,
+    table_counts,
+)
 from tests.support.loaders import UPLOAD, event, in_messages
 from tests.support.polling import eventually
 from tests.support.requests import unique
@@ -71,39 +76,39 @@ async def test_multi_message_upload_round_trips(channel, events, admin_db):
     assert len({r["time"] for r in rows if r["time"].year != 2023}) == 1
 
 
-async def test_id_range_is_exact_when_concurrent_writers_interleave(events, admin_db):
-    """first/last are this upload's own smallest and largest ids, however many
-    ids other writers drew before, between and after them."""
+async def test_ids_are_drawn_at_the_end_in_stream_order(events, admin_db):
+    """The upload streams into a staging table and draws its ids only once
+    the client has finished: events published while it streams come before
+    it, and first/last are its own smallest and largest ids, in stream order."""
     source = unique("/uploads")
     other = unique("/others")
     call = events.UploadEvents()
-    # A few rows only: asyncpg holds them until its buffer fills, so no id is
-    # drawn for the upload yet when the COPY starts.
     await call.write(Request(upload_id=unique("upload"), events=[event(source=source)] * 3))
     await eventually(lambda: copy_running(admin_db), what="the upload to start its COPY")
-    before = []
-    for _ in range(3):  # more than one page of other writers' ids to step over
-        published = await events.PublishEvents(
-            event_service_pb2.PublishEventsRequest(events=[event(source=other)] * 1000)
+    for m in range(20):
+        await call.write(
+            Request(
+                events=[
+                    event(source=source, json_payload=f'{{"n": {m * 1000 + n}}}')
+                    for n in range(1000)
+                ]
+            )
         )
-        before.extend(published.ids)
-    for _ in range(20):
-        await call.write(Request(events=[event(source=source)] * 1000))
     await eventually(
         lambda: some_rows_copied(admin_db), what="rows to reach the database uncommitted"
     )
-    between = await events.PublishEvents(
-        event_service_pb2.PublishEventsRequest(events=[event(source=other)])
+    during = await events.PublishEvents(
+        event_service_pb2.PublishEventsRequest(events=[event(source=other)] * 10)
     )
-    await call.write(Request(events=[event(source=source)] * 1000))
     await call.done_writing()
     response = await call
 
-    ours = [r["id"] for r in await rows_from(admin_db, source)]
-    assert response.event_count == len(ours) == 21_003
+    rows = await rows_from(admin_db, source)
+    ours = [r["id"] for r in rows]
+    assert response.event_count == len(ours) == 20_003
     assert (response.first_event_id, response.last_event_id) == (ours[0], ours[-1])
-    assert max(before) < response.first_event_id
-    assert response.first_event_id < between.ids[0] < response.last_event_id
+    assert max(during.ids) < response.first_event_id
+    assert [json.loads(r["payload"])["n"] for r in rows] == [1, 1, 1, *range(20_000)]
 
 
 async def test_struct_payloads_and_long_payloads_are_accepted(channel, admin_db):
@@ -197,3 +202,48 @@ async def test_unary_calls_proceed_while_uploads_stream(events, admin_db):
     assert len(published.ids) == 1
     await call.done_writing()
     assert (await call).event_count == 1
+
+
+async def test_a_stalled_upload_does_not_hold_the_feed_back(events, admin_db):
+    """An upload whose client sent a first megabyte and then stalls (no
+    deadline, no half-close) holds no feed lock: events published meanwhile
+    reach a follower and a history read at once. Cancelled, it leaves nothing."""
+    source = unique("/stalled")
+    upload_id = unique("upload")
+    start = await admin_db.fetchval("SELECT coalesce(max(id), 0) FROM events")
+    follower = events.StreamEvents(
+        event_service_pb2.StreamEventsRequest(after_id=start, follow=True)
+    )
+    call = events.UploadEvents()
+    payload = json.dumps({"padding": "x" * 1000})
+    await call.write(
+        Request(upload_id=upload_id, events=[event(source=source, json_payload=payload)] * 1000)
+    )
+    await eventually(lambda: some_rows_copied(admin_db), what="the upload's rows to arrive")
+
+    published = await events.PublishEvents(
+        event_service_pb2.PublishEventsRequest(events=[event(source=unique("/others"))])
+    )
+    (wanted,) = published.ids
+
+    async def followed() -> None:
+        async for response in follower:
+            if any(e.id == wanted for e in response.events):
+                return
+
+    await asyncio.wait_for(followed(), 10)
+    history = [
+        e.id
+        async for response in events.StreamEvents(
+            event_service_pb2.StreamEventsRequest(after_id=wanted - 1), timeout=10
+        )
+        for e in response.events
+    ]
+    assert history == [wanted]
+    assert await copy_running(admin_db), "the upload is still open"
+
+    call.cancel()
+    follower.cancel()
+    await eventually(lambda: nothing_left_running(admin_db), what="the upload to roll back")
+    assert await admin_db.fetchval("SELECT count(*) FROM events WHERE source = $1", source) == 0
+    assert await UPLOAD.stored(admin_db, upload_id) is None

@@ -11,7 +11,22 @@ from google.protobuf import json_format
 
 from orderstream.events.v1 import event_pb2
 
+# The limit of every write path on a payload's size *as PostgreSQL writes it
+# out* (what readers receive), in bytes of UTF-8: the same number as the
+# events_payload_size CHECK of migration 0004, which enforces it for every
+# writer. The checks below catch what they can before the database does.
 MAX_PAYLOAD_BYTES = 1 << 20
+
+
+def written_out_too_large(size: int | None = None) -> str:
+    """The violation's description once the database measured the payload."""
+    taken = "" if size is None else f"; this one takes {size}"
+    return (
+        f"at most {MAX_PAYLOAD_BYTES} bytes as PostgreSQL writes it out (every number "
+        f"in full, a space after each , and :), which is what readers receive{taken}"
+    )
+
+
 # jsonb keeps numbers as `numeric`, which holds at most 131072 digits before
 # the decimal point and 16383 after it; JSON itself has no bound.
 _NUMERIC_MAX_WEIGHT = 131_071

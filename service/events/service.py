@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from service.db.codecs import unix_micros
 from service.db.runner import Database
-from service.errors import event_not_found
+from service.errors import FieldViolation, ServiceError, event_not_found, invalid_argument
 from service.events import sql
 from service.events.convert import event_from_row
 from service.events.feed import EventFeed
-from service.events.payload import InvalidPayload, json_object_text
+from service.events.payload import InvalidPayload, json_object_text, written_out_too_large
 from service.events.stream import stream_events
 from service.events.uploads import upload_events
 from service.rpc.boundary import rpc
@@ -93,17 +94,44 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         for n, event in enumerate(request.events):
             rows.add(f"events[{n}]", event, v)
         v.raise_if_any()
-        records = await self._db.fetch(
-            context,
-            sql.PUBLISH_EVENTS,
-            rows.types,
-            rows.sources,
-            rows.subjects,
-            rows.times,
-            rows.payloads,
-        )
+        try:
+            records = await self._db.fetch(
+                context,
+                sql.PUBLISH_EVENTS,
+                rows.types,
+                rows.sources,
+                rows.subjects,
+                rows.times,
+                rows.payloads,
+            )
+        except asyncpg.CheckViolationError as exc:
+            if exc.constraint_name != "events_payload_size":
+                raise
+            raise await self._oversized(request, rows.payloads, context) or exc from None
         self._feed.announce()
         return event_service_pb2.PublishEventsResponse(ids=sorted(r["id"] for r in records))
+
+    async def _oversized(
+        self,
+        request: event_service_pb2.PublishEventsRequest,
+        payloads: list[str],
+        context: grpc.aio.ServicerContext,
+    ) -> ServiceError | None:
+        """The events whose payloads the table refused as too large once
+        written out (the caller's fault, so INVALID_ARGUMENT naming each),
+        measured by the database that refused them. Every event of the
+        request passed the Python checks, so `payloads` lines up with it."""
+        found = await self._db.fetch(context, sql.OVERSIZED_PAYLOADS, payloads)
+        if not found:
+            return None
+        violations = []
+        for row in found:
+            index = row["index"]
+            kind = request.events[index].WhichOneof("payload") or "json_payload"
+            violations.append(
+                FieldViolation(f"events[{index}].{kind}", written_out_too_large(row["bytes"]))
+            )
+        return invalid_argument(violations)
 
     @rpc
     async def GetEvent(

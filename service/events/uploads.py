@@ -1,10 +1,22 @@
 """UploadEvents: a client stream of events loaded through COPY, all or nothing.
 
-One transaction per upload: claim the upload_id in `uploads`, COPY the
-events straight from the request stream, record the response in the claim,
+One transaction per upload: claim the upload_id in `uploads`, create a
+temporary staging table (dropped at commit or rollback), COPY the events
+into it straight from the request stream, then move them into `events` with
+one INSERT ... SELECT in stream order and record the response in the claim,
 commit. A bad event, a cancel, the deadline or a broken stream aborts the
 COPY, and the rollback takes the claim with it: nothing of the upload is
 visible, and the upload_id is free for a retry.
+
+Why staging. Every statement that inserts into `events` announces itself
+to the feed (migrations 0002/0004): its shared advisory lock holds the safe
+horizon, and so every follower and history read on every replica, below its
+ids until its transaction ends. A COPY straight into `events` would take
+that lock when the stream starts and hold it for as long as the client
+takes to send, so one stalled client froze the feed. The COPY into the
+staging table takes no feed lock; the lock lives only from the move to the
+commit, paced by the server. The price is writing every row twice (staging
+and `events`); see docs/streams.md for the measured cost.
 
 Idempotency. The claim is an INSERT ... ON CONFLICT DO NOTHING on the
 uploads primary key. A second upload with the same id waits on that index
@@ -16,18 +28,28 @@ timeout ends in ABORTED with RetryInfo.)
 
 Validation. PostgreSQL checks the rows as they stream through COPY, in C:
 text columns refuse NUL bytes, jsonb refuses bad JSON and \\u0000, and CHECK
-constraints (0001, 0003) enforce the object payload, the required fields
-and the length limits. Its error names the COPY row ("COPY events, line 5,
-column payload") and the column or constraint, which `_explain`
-maps back to `messages[i].events[j].<field>`. Python checks only what the
+constraints (0001, 0003, 0004) enforce the object payload, the required
+fields, the length limits and the payload's written-out size. The staging
+table is made LIKE `events` with its defaults, CHECK constraints (under
+their names) and generated column, so it refuses exactly what `events`
+would, and a constraint added to `events` later applies to uploads at once.
+Its error names the COPY row ("COPY upload_events, line 5, column payload")
+and the column or constraint, which `_explain` maps back to
+`messages[i].events[j].<field>`. Python checks only what the
 table cannot: the Timestamp's range, and payloads that need the slow path
 (Struct payloads, missing ones, and texts of 1000 characters or more, where
-PublishEvents' own checks run so that nesting depth and size limits agree
-exactly; a shorter text cannot nest deeply enough for the two parsers to
+PublishEvents' own checks run so that nesting depth agrees exactly and an
+oversized payload ends the call at once; a shorter text cannot nest deeply
+enough for the two parsers to disagree). The payload's size as written
+out, which a short text of huge exponents (`1e131071`) multiplies, is the
+table's to bound: its events_payload_size CHECK refuses every row over
+the limit, whatever Python looked at. The alternative, PublishEvents' checks
+in Python for every row
 disagree). The alternative, PublishEvents' checks in Python for every row
 (a json.loads each), measured end to end on the 2-core development machine
 (1M events with a small JSON payload, 1000 per message; client and server
-in separate uvloop processes; best of 3):
+in separate uvloop processes; best of 3; COPY then went straight into
+`events`):
 
     PostgreSQL validates:  173k rows/s = 1.02 x psql \\copy of the same rows
     Python validates:      140k rows/s = 0.83 x psql \\copy
@@ -49,10 +71,10 @@ import grpc
 from orderstream.events.v1 import event_pb2, event_service_pb2
 from service.db.runner import Database
 from service.errors import FieldViolation, Reason, ServiceError, invalid_argument
-from service.events.payload import InvalidPayload, json_object_text
+from service.events.payload import InvalidPayload, json_object_text, written_out_too_large
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from service.streams.limits import StreamSlots, StreamTimeouts
-from service.streams.loads import LoadSpec, MessagePositions, run_load
+from service.streams.loads import NO_STATEMENT_TIMEOUT, LoadSpec, MessagePositions, run_load
 
 _COLUMNS = ("type", "source", "subject", "time", "payload")
 
@@ -60,40 +82,59 @@ _COLUMNS = ("type", "source", "subject", "time", "payload")
 _PYTHON_CHECKED_PAYLOAD_CHARS = 1000
 
 # Also reads the transaction's start, now(): events without a `time` get
-# it, as PublishEvents' do, computed once per upload instead of per row; and
-# `ids_before`: every id this upload draws lies above it.
+# it, as PublishEvents' do, computed once per upload instead of per row.
 _CLAIM = """
 INSERT INTO uploads (upload_id, event_count, first_event_id, last_event_id)
 VALUES ($1, 0, 0, 0)
 ON CONFLICT (upload_id) DO NOTHING
-RETURNING now() AS now, coalesce(pg_sequence_last_value('events_id_seq'), 0) AS ids_before
+RETURNING now() AS now
 """
 
 _STORED = """
 SELECT event_count, first_event_id, last_event_id FROM uploads WHERE upload_id = $1
 """
 
-# The upload's ids are all above `ids_before`; only ids concurrent writers
-# drew after the claim can come first. Page through them in id order (a
-# plain index range: filtering on tx_id in SQL would let the planner pick a
-# sequential scan of the whole table).
-_IDS_AFTER = """
-SELECT id, tx_id = pg_current_xact_id() AS ours
-FROM events WHERE id > $1 ORDER BY id LIMIT 1000
+_STAGING_TABLE = "upload_events"
+
+# LIKE events: the same columns, defaults, generated payload_bytes and CHECK
+# constraints under the same names (which `_explain` maps to fields), so the
+# rows are checked in C as they stream, as `events` would check them. Its
+# own identity (INCLUDING IDENTITY makes a new sequence, 1, 2, ...) numbers
+# the rows in stream order. NOT NULL always comes with LIKE.
+_CREATE_STAGING = f"""
+CREATE TEMP TABLE {_STAGING_TABLE} (
+    LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED
+        INCLUDING IDENTITY
+) ON COMMIT DROP
 """
 
-# currval: this session's last id, drawn by the COPY's last row.
-_FINISH = """
+# One statement moves the upload into events: the only one of the upload
+# that announces itself to the feed. Ids are drawn as the sorted rows are
+# inserted, so they ascend in stream order (interleaved with whatever
+# concurrent writers draw meanwhile, as before).
+_MOVE = f"""
+WITH moved AS (
+    INSERT INTO events (type, source, subject, time, payload)
+    SELECT type, source, subject, time, payload
+    FROM pg_temp.{_STAGING_TABLE}
+    ORDER BY id
+    RETURNING id
+)
 UPDATE uploads
-SET event_count = $2, first_event_id = $3, last_event_id = currval('events_id_seq')
+SET event_count = m.event_count, first_event_id = m.first_event_id,
+    last_event_id = m.last_event_id
+FROM (
+    SELECT count(*) AS event_count, min(id) AS first_event_id, max(id) AS last_event_id
+    FROM moved
+) AS m
 WHERE upload_id = $1
-RETURNING event_count, first_event_id, last_event_id
+RETURNING uploads.event_count, uploads.first_event_id, uploads.last_event_id
 """
 
 # PostgreSQL's outermost error context names the COPY row (1-based) and,
 # for errors while reading a value, the column. Only the last context line
 # is trusted: the JSON parser's line before it quotes the caller's payload.
-_COPY_CONTEXT = re.compile(r"(?:\A|\n)COPY events, line (\d+)(?:, column (\w+))?\Z")
+_COPY_CONTEXT = re.compile(rf"(?:\A|\n)COPY {_STAGING_TABLE}, line (\d+)(?:, column (\w+))?\Z")
 
 _COLUMN_FIELDS = {
     "type": "type",
@@ -110,6 +151,7 @@ _CONSTRAINT_VIOLATIONS = {
     "events_source_length": ("source", "at most 1024 characters"),
     "events_subject_length": ("subject", "at most 1024 characters"),
     "events_payload_check": ("json_payload", "must be a JSON object"),
+    "events_payload_size": ("json_payload", written_out_too_large()),
 }
 
 # SQLSTATE classes that describe the data of the row being copied: data
@@ -197,15 +239,19 @@ def _explain(exc: asyncpg.PostgresError, positions: MessagePositions) -> Service
     return invalid_argument([FieldViolation(field, description)])
 
 
-async def _finish(
+async def _create_staging(conn: asyncpg.Connection, timeout: Callable[[], float]) -> None:
+    await conn.execute(_CREATE_STAGING, timeout=timeout())
+
+
+async def _move(
     conn: asyncpg.Connection,
     upload_id: str,
-    claimed: asyncpg.Record,
-    count: int,
-    timeout: Callable[[], float],
+    _claimed: asyncpg.Record,
+    _count: int,
+    _timeout: Callable[[], float],
 ) -> asyncpg.Record:
-    first_id = await _first_own_id(conn, claimed["ids_before"], timeout())
-    return await conn.fetchrow(_FINISH, upload_id, count, first_id, timeout=timeout())
+    # Bulk work that grows with the stream, bounded like the COPY.
+    return await conn.fetchrow(_MOVE, upload_id, timeout=NO_STATEMENT_TIMEOUT)
 
 
 _UPLOAD: LoadSpec[event_service_pb2.UploadEventsRequest, event_service_pb2.UploadEventsResponse] = (
@@ -216,10 +262,12 @@ _UPLOAD: LoadSpec[event_service_pb2.UploadEventsRequest, event_service_pb2.Uploa
         items="events",
         claim=_CLAIM,
         stored=_STORED,
-        table="events",
+        setup=_create_staging,
+        table=_STAGING_TABLE,
+        schema="pg_temp",
         columns=_COLUMNS,
         rows=_event_rows,
-        finish=_finish,
+        finish=_move,
         response=event_service_pb2.UploadEventsResponse,
         explain=_explain,
     )
@@ -239,13 +287,3 @@ async def upload_events(
     return await run_load(
         _UPLOAD, db, slots, timeouts, requests, context, on_commit=on_commit, max_rows=max_events
     )
-
-
-async def _first_own_id(conn: asyncpg.Connection, after: int, timeout: float) -> int:
-    """The smallest id this transaction wrote above `after` (it wrote one)."""
-    while True:
-        found = await conn.fetch(_IDS_AFTER, after, timeout=timeout)
-        for row in found:
-            if row["ours"]:
-                return int(row["id"])
-        after = found[-1]["id"]

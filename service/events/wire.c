@@ -8,10 +8,13 @@
  *
  * encode_events(rows, start, used, budget) -> (bytes, next)
  *
- *   rows    a sequence of rows (asyncpg Records) starting with
+ *   rows    a sequence of rows (asyncpg Records) shaped as
  *           (id int, type str, source str, subject str, time_us int,
- *            json_payload str), time_us in microseconds since the Unix epoch;
- *           further columns are ignored
+ *            json_payload str or None, payload_bytes int), time_us in
+ *           microseconds since the Unix epoch; json_payload None when the
+ *           stored payload is over the limit (service/events/sql.py), and
+ *           then payload_bytes, its size, is written as
+ *           `omitted_payload_bytes` (otherwise payload_bytes is not read)
  *   start   the index of the first row to encode
  *   used    bytes already in the message being filled
  *   budget  the most bytes a message may hold
@@ -28,8 +31,10 @@
  * Byte-identical to what the protobuf runtime serialises for the message the
  * Python loop built (tests/test_event_wire.py holds it to that): fields in
  * number order; proto3 scalars omitted at their zero value; `time` always
- * present, since a sub-message is present once set; `json_payload` always
- * present, since it is a member of a oneof.
+ * present, since a sub-message is present once set; `json_payload`
+ * present whenever set, since it is a member of a oneof (even when empty);
+ * `omitted_payload_bytes` (field 8, after it) only when json_payload is not
+ * set, omitted at 0 as any proto3 scalar.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -48,12 +53,13 @@ enum {
     EVENT_SUBJECT = 4,
     EVENT_TIME = 5,
     EVENT_JSON_PAYLOAD = 6,
+    EVENT_OMITTED_PAYLOAD_BYTES = 8,
     TIMESTAMP_SECONDS = 1,
     TIMESTAMP_NANOS = 2,
 };
 
 #define TAG(field, wire) ((uint8_t)(((field) << 3) | (wire)))
-#define ROW_COLUMNS 6
+#define ROW_COLUMNS 7
 #define MICROS_PER_SECOND 1000000LL
 
 typedef struct {
@@ -64,6 +70,8 @@ typedef struct {
 typedef struct {
     long long id;
     Text type, source, subject, payload;
+    int has_payload;           /* 0: payload left out, omitted_bytes instead */
+    long long omitted_bytes;
     long long seconds;
     long nanos;
     size_t time_size;  /* the Timestamp's body */
@@ -121,12 +129,8 @@ static char *put_text_field(char *out, uint8_t tag, Text text) {
     return text.size ? put_text(out, tag, text) : out;
 }
 
-static int read_text(PyObject *row, Py_ssize_t column, Text *text, PyObject **keep) {
-    PyObject *value = PySequence_GetItem(row, column);
-    if (value == NULL) {
-        return -1;
-    }
-    *keep = value;
+/* `value` (owned by the caller) as UTF-8. */
+static int text_of(PyObject *value, Py_ssize_t column, Text *text) {
     if (!PyUnicode_Check(value)) {
         PyErr_Format(PyExc_TypeError, "event column %zd must be str, not %.100s", column,
                      Py_TYPE(value)->tp_name);
@@ -135,6 +139,15 @@ static int read_text(PyObject *row, Py_ssize_t column, Text *text, PyObject **ke
     /* UTF-8 is cached on the str object; for ASCII text it is the str itself. */
     text->data = PyUnicode_AsUTF8AndSize(value, &text->size);
     return text->data == NULL ? -1 : 0;
+}
+
+static int read_text(PyObject *row, Py_ssize_t column, Text *text, PyObject **keep) {
+    PyObject *value = PySequence_GetItem(row, column);
+    if (value == NULL) {
+        return -1;
+    }
+    *keep = value;
+    return text_of(value, column, text);
 }
 
 static int read_int(PyObject *row, Py_ssize_t column, long long *number) {
@@ -147,22 +160,41 @@ static int read_int(PyObject *row, Py_ssize_t column, long long *number) {
     return (*number == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* The payload column, or, when it is None (left out for its size), the
+ * payload_bytes column after it. */
+static int read_payload(PyObject *row, Event *event, PyObject **keep) {
+    PyObject *value = PySequence_GetItem(row, 5);
+    if (value == NULL) {
+        return -1;
+    }
+    if (value == Py_None) {
+        Py_DECREF(value);
+        event->has_payload = 0;
+        event->payload.data = NULL;
+        event->payload.size = 0;
+        return read_int(row, 6, &event->omitted_bytes);
+    }
+    *keep = value;
+    event->has_payload = 1;
+    event->omitted_bytes = 0;
+    return text_of(value, 5, &event->payload);
+}
+
 /* Reads one row; `keep` holds the row's str objects, which own the UTF-8. */
 static int read_event(PyObject *row, Event *event, PyObject *keep[4]) {
     long long time_us;
-    /* Columns past the sixth (the page query's payload_bytes) are not read. */
-    if (PySequence_Size(row) < ROW_COLUMNS) {
+    if (PySequence_Size(row) != ROW_COLUMNS) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_ValueError,
-                            "an event row starts with 6 columns: id, type, source, subject, "
-                            "time_us, json_payload");
+                            "an event row has 7 columns: id, type, source, subject, time_us, "
+                            "json_payload, payload_bytes");
         }
         return -1;
     }
     if (read_int(row, 0, &event->id) || read_text(row, 1, &event->type, &keep[0]) ||
         read_text(row, 2, &event->source, &keep[1]) ||
         read_text(row, 3, &event->subject, &keep[2]) || read_int(row, 4, &time_us) ||
-        read_text(row, 5, &event->payload, &keep[3])) {
+        read_payload(row, event, &keep[3])) {
         return -1;
     }
     /* Timestamp: seconds rounded down, nanos in [0, 1e9), as divmod does. */
@@ -177,9 +209,10 @@ static int read_event(PyObject *row, Event *event, PyObject *keep[4]) {
     event->time_size = int64_field_size(event->seconds) + int64_field_size(event->nanos);
     event->event_size = int64_field_size(event->id) + text_field_size(event->type) +
                         text_field_size(event->source) + text_field_size(event->subject) +
-                        1 + varint_size(event->time_size) + event->time_size + 1 +
-                        varint_size((uint64_t)event->payload.size) +
-                        (size_t)event->payload.size;
+                        1 + varint_size(event->time_size) + event->time_size +
+                        (event->has_payload ? 1 + varint_size((uint64_t)event->payload.size) +
+                                                  (size_t)event->payload.size
+                                            : int64_field_size(event->omitted_bytes));
     return 0;
 }
 
@@ -213,7 +246,12 @@ static void put_event(Buffer *buffer, const Event *event) {
     out = put_varint(out, event->time_size);
     out = put_int64_field(out, TAG(TIMESTAMP_SECONDS, WIRE_VARINT), event->seconds);
     out = put_int64_field(out, TAG(TIMESTAMP_NANOS, WIRE_VARINT), event->nanos);
-    out = put_text(out, TAG(EVENT_JSON_PAYLOAD, WIRE_LEN), event->payload);
+    if (event->has_payload) {
+        out = put_text(out, TAG(EVENT_JSON_PAYLOAD, WIRE_LEN), event->payload);
+    } else {
+        out = put_int64_field(out, TAG(EVENT_OMITTED_PAYLOAD_BYTES, WIRE_VARINT),
+                              event->omitted_bytes);
+    }
     buffer->size = (size_t)(out - buffer->data);
 }
 

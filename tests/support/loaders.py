@@ -34,6 +34,15 @@ def event(**fields: object) -> event_pb2.Event:
     return event_pb2.Event(**values)  # type: ignore[arg-type]
 
 
+# 997 bytes as sent, 110 numbers that jsonb writes out in full as 131072
+# digits each: 13.8 MiB back to every reader. Short enough that UploadEvents
+# leaves it to PostgreSQL, whose size CHECK must refuse it.
+POISON_PAYLOAD = '{"x":[' + ",".join(["1e131071"] * 110) + "]}"
+# Just under 1 MiB as sent, with no number to grow, and about 1.5 MiB as
+# jsonb writes it out (`1,` becomes `1, `): only the database sees it.
+SPACED_OUT_PAYLOAD = '{"a":[' + ",".join(["1"] * 524_280) + "]}"
+
+
 def in_messages(
     count: int, per_message: int, item: Callable[[int], Message]
 ) -> list[list[Message]]:
@@ -74,6 +83,8 @@ BAD_EVENTS: list[tuple[dict[str, object], str]] = [
     ({"json_payload": json.dumps({"x": "é" * 600_000}, ensure_ascii=False)}, "json_payload"),
     # 24 KB as sent; over 1 MiB as PostgreSQL writes the numbers out.
     ({"json_payload": '{"x": [' + ",".join(["1e300"] * 4000) + "]}"}, "json_payload"),
+    ({"json_payload": POISON_PAYLOAD}, "json_payload"),
+    ({"json_payload": SPACED_OUT_PAYLOAD}, "json_payload"),
     (
         {
             "struct_payload": struct_pb2.Struct(
@@ -239,6 +250,7 @@ UPLOAD = Loader(
     bad_items=BAD_EVENTS,
     far_bad_items=[
         ({"json_payload": "[]"}, "json_payload"),
+        ({"json_payload": POISON_PAYLOAD}, "json_payload"),
         ({"time": Timestamp(seconds=2**40)}, "time"),
     ],
 )

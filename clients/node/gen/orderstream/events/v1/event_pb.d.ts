@@ -67,7 +67,8 @@ export declare type Event = Message<"orderstream.events.v1.Event"> & {
   payload: {
     /**
      * The JSON object as text, e.g. "{\"amount\": 3}". The fast path, and
-     * the form in which the service returns payloads.
+     * the form in which the service returns payloads. Not set on output when
+     * `omitted_payload_bytes` is.
      *
      * @generated from field: string json_payload = 6;
      */
@@ -83,6 +84,19 @@ export declare type Event = Message<"orderstream.events.v1.Event"> & {
     value: JsonObject;
     case: "structPayload";
   } | { case: undefined; value?: undefined };
+
+  /**
+   * Output only. Set instead of a payload when the stored payload is larger
+   * than the service's payload limit (1 MiB, 1048576 bytes): its size in
+   * bytes of UTF-8 as PostgreSQL writes it out. Such rows predate the limit
+   * or were written behind the service's back; the event keeps its place in
+   * the feed with every other field, so a consumer can skip or report it
+   * instead of failing on an oversized message. 0 (unset) on every other
+   * event. Ignored on input.
+   *
+   * @generated from field: int64 omitted_payload_bytes = 8;
+   */
+  omittedPayloadBytes: bigint;
 };
 
 /**

@@ -36,6 +36,7 @@ class Event(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     JSON_PAYLOAD_FIELD_NUMBER: _builtins.int
     STRUCT_PAYLOAD_FIELD_NUMBER: _builtins.int
+    OMITTED_PAYLOAD_BYTES_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Output only. The event's position in the feed, assigned by the service:
     > 0 and increasing in the order events are written. Ignored on input.
@@ -52,7 +53,17 @@ class Event(_message.Message):
     """What the event is about, e.g. "orders/42"; at most 1024 characters."""
     json_payload: _builtins.str
     """The JSON object as text, e.g. "{\\"amount\\": 3}". The fast path, and
-    the form in which the service returns payloads.
+    the form in which the service returns payloads. Not set on output when
+    `omitted_payload_bytes` is.
+    """
+    omitted_payload_bytes: _builtins.int
+    """Output only. Set instead of a payload when the stored payload is larger
+    than the service's payload limit (1 MiB, 1048576 bytes): its size in
+    bytes of UTF-8 as PostgreSQL writes it out. Such rows predate the limit
+    or were written behind the service's back; the event keeps its place in
+    the feed with every other field, so a consumer can skip or report it
+    instead of failing on an oversized message. 0 (unset) on every other
+    event. Ignored on input.
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
@@ -76,10 +87,11 @@ class Event(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         json_payload: _builtins.str = ...,
         struct_payload: _struct_pb2.Struct | None = ...,
+        omitted_payload_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["json_payload", b"json_payload", "payload", b"payload", "struct_payload", b"struct_payload", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "json_payload", b"json_payload", "payload", b"payload", "source", b"source", "struct_payload", b"struct_payload", "subject", b"subject", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "json_payload", b"json_payload", "omitted_payload_bytes", b"omitted_payload_bytes", "payload", b"payload", "source", b"source", "struct_payload", b"struct_payload", "subject", b"subject", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["json_payload", "struct_payload"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
