@@ -44,7 +44,7 @@ from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from tests.support import input_tally
-from tests.support.apps import running_app
+from tests.support.apps import app_with_channel
 from tests.support.loaders import IMPORT, LOADERS, UPLOAD
 from tests.support.requests import create_request, unique
 from tests.support.status import StatusDetails, details
@@ -307,14 +307,11 @@ class Target:
 
 @pytest.fixture(scope="session")
 async def target(service_env: dict[str, str]) -> AsyncIterator[Target]:
-    async with (
-        running_app(
-            service_env,
-            ORDERSTREAM_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
-            ORDERSTREAM_MAX_UPLOAD_EVENTS=str(MAX_UPLOAD_EVENTS),
-        ) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
-    ):
+    async with app_with_channel(
+        service_env,
+        ORDERSTREAM_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
+        ORDERSTREAM_MAX_UPLOAD_EVENTS=str(MAX_UPLOAD_EVENTS),
+    ) as (_, channel):
         orders = order_service_pb2_grpc.OrderServiceStub(channel)
         events = event_service_pb2_grpc.EventServiceStub(channel)
         customer = unique("hostile")
