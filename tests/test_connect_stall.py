@@ -7,7 +7,7 @@ from __future__ import annotations
 import grpc
 
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-from tests.support.apps import running_app
+from tests.support.apps import app_with_channel
 from tests.support.database import through_proxy
 from tests.support.polling import eventually
 from tests.support.requests import create_request
@@ -19,14 +19,13 @@ async def test_a_connection_that_cannot_open_is_unavailable(pg_cluster, service_
     order = await orders.CreateOrder(create_request())
     async with (
         TcpProxy(pg_cluster.port) as proxy,
-        running_app(
+        app_with_channel(
             service_env,
             DATABASE_URL=through_proxy(pg_cluster, proxy.port).dsn(),
             ORDERSTREAM_POOL_MIN_SIZE="0",
             ORDERSTREAM_POOL_MAX_SIZE="2",
             ORDERSTREAM_POOL_ACQUIRE_TIMEOUT="0.5",
-        ) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+        ) as (app, channel),
     ):
         stub = order_service_pb2_grpc.OrderServiceStub(channel)
         get = order_service_pb2.GetOrderRequest(id=order.id)

@@ -14,7 +14,7 @@ from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.app import App
 from service.settings import Settings
-from tests.support.apps import pool_is_full, running_app
+from tests.support.apps import app_with_channel, pool_is_full
 from tests.support.calls import new_event, publish, read_all
 from tests.support.polling import eventually
 from tests.support.requests import create_request, unique
@@ -86,8 +86,7 @@ async def test_many_events_per_message_within_the_byte_budget(service_env, event
     response = await events.PublishEvents(event_service_pb2.PublishEventsRequest(events=batch))
     ids = list(response.ids)
     async with (
-        running_app(service_env, ORDERSTREAM_STREAM_BATCH_BYTES=str(budget)) as small,
-        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
+        app_with_channel(service_env, ORDERSTREAM_STREAM_BATCH_BYTES=str(budget)) as (_, channel),
     ):
         stub = event_service_pb2_grpc.EventServiceStub(channel)
         messages = [
@@ -190,8 +189,7 @@ async def test_followers_on_another_replica_are_woken_by_notify(service_env, eve
     """With the fallback poll at a minute, only NOTIFY can deliver in time."""
     subject = unique("notify/")
     async with (
-        running_app(service_env, ORDERSTREAM_FOLLOW_POLL_INTERVAL="60") as replica,
-        grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel,
+        app_with_channel(service_env, ORDERSTREAM_FOLLOW_POLL_INTERVAL="60") as (replica, channel),
     ):
         stub = event_service_pb2_grpc.EventServiceStub(channel)
         call = stub.StreamEvents(
@@ -217,8 +215,7 @@ async def test_an_aged_connection_moves_new_calls_and_keeps_its_followers(servic
     while a follow stream on the old one runs on."""
     subject = unique("aged/")
     async with (
-        running_app(service_env, ORDERSTREAM_MAX_CONNECTION_AGE="1") as aging,
-        grpc.aio.insecure_channel(f"127.0.0.1:{aging.port}") as channel,
+        app_with_channel(service_env, ORDERSTREAM_MAX_CONNECTION_AGE="1") as (aging, channel),
     ):
         stub = event_service_pb2_grpc.EventServiceStub(channel)
         call = stub.StreamEvents(
@@ -281,12 +278,9 @@ async def test_streams_over_the_limit_fail_fast_and_unary_calls_still_work(
     subject = unique("limit/")
     for _ in range(4):
         await publish(events, subject, 1000)
-    async with (
-        running_app(
-            service_env, ORDERSTREAM_MAX_STREAMS="1", ORDERSTREAM_STREAM_BATCH_BYTES="2048"
-        ) as limited,
-        grpc.aio.insecure_channel(f"127.0.0.1:{limited.port}") as channel,
-    ):
+    async with app_with_channel(
+        service_env, ORDERSTREAM_MAX_STREAMS="1", ORDERSTREAM_STREAM_BATCH_BYTES="2048"
+    ) as (limited, channel):
         stub = event_service_pb2_grpc.EventServiceStub(channel)
         # A reader that stops reading: the server blocks in write() holding
         # its stream slot and connection.

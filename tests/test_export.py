@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from tests.support.apps import pool_is_full, running_app
+from tests.support.apps import app_with_channel, pool_is_full
 from tests.support.calls import export_all
 from tests.support.polling import eventually
 from tests.support.requests import create_request, unique
@@ -55,8 +55,7 @@ async def test_export_reads_one_snapshot_while_orders_change(service_env, orders
     customer = unique("cust")
     created = [await orders.CreateOrder(create_request(customer_id=customer)) for _ in range(60)]
     async with (
-        running_app(service_env, ORDERSTREAM_STREAM_BATCH_BYTES="1024") as small,
-        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
+        app_with_channel(service_env, ORDERSTREAM_STREAM_BATCH_BYTES="1024") as (_, channel),
     ):
         stub = order_service_pb2_grpc.OrderServiceStub(channel)
         call = stub.ExportOrders(order_service_pb2.ExportOrdersRequest(customer_id=customer))
@@ -102,8 +101,7 @@ async def test_export_past_its_deadline_returns_its_connection(service_env, orde
     for _ in range(40):
         await orders.CreateOrder(create_request(customer_id=customer))
     async with (
-        running_app(service_env, ORDERSTREAM_STREAM_BATCH_BYTES="1024") as small,
-        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
+        app_with_channel(service_env, ORDERSTREAM_STREAM_BATCH_BYTES="1024") as (small, channel),
     ):
         stub = order_service_pb2_grpc.OrderServiceStub(channel)
         # A reader that stops after one message: the server waits in write()

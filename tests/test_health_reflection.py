@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.app import SERVICE_NAMES
-from tests.support.apps import running_app
+from tests.support.apps import app_with_channel
 from tests.support.requests import create_request, unique
 from tests.support.status import rpc_error
 
@@ -66,15 +66,12 @@ async def test_health_follows_the_database(service_env, pg_cluster, admin_db, or
             f"postgresql://{role}:{quote(password)}@{pg_cluster.host}:{pg_cluster.port}/"
             f"{pg_cluster.database}"
         )
-        async with (
-            running_app(
-                service_env,
-                DATABASE_URL=url,
-                ORDERSTREAM_MIGRATE_ON_START="false",
-                ORDERSTREAM_POOL_ACQUIRE_TIMEOUT="1",
-            ) as probe,
-            grpc.aio.insecure_channel(f"127.0.0.1:{probe.port}") as channel,
-        ):
+        async with app_with_channel(
+            service_env,
+            DATABASE_URL=url,
+            ORDERSTREAM_MIGRATE_ON_START="false",
+            ORDERSTREAM_POOL_ACQUIRE_TIMEOUT="1",
+        ) as (_, channel):
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
             assert (await watch.read()).status == SERVING
 

@@ -44,7 +44,7 @@ from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from tests.support import input_tally
-from tests.support.apps import running_app
+from tests.support.apps import app_with_channel
 from tests.support.loaders import IMPORT, LOADERS, UPLOAD
 from tests.support.requests import create_request, unique
 from tests.support.status import StatusDetails, details
@@ -307,14 +307,11 @@ class Target:
 
 @pytest.fixture(scope="session")
 async def target(service_env: dict[str, str]) -> AsyncIterator[Target]:
-    async with (
-        running_app(
-            service_env,
-            ORDERSTREAM_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
-            ORDERSTREAM_MAX_UPLOAD_EVENTS=str(MAX_UPLOAD_EVENTS),
-        ) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
-    ):
+    async with app_with_channel(
+        service_env,
+        ORDERSTREAM_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
+        ORDERSTREAM_MAX_UPLOAD_EVENTS=str(MAX_UPLOAD_EVENTS),
+    ) as (_, channel):
         orders = order_service_pb2_grpc.OrderServiceStub(channel)
         events = event_service_pb2_grpc.EventServiceStub(channel)
         customer = unique("hostile")
@@ -431,6 +428,15 @@ async def rejected_write_changes_nothing(
         assert await counts(db) == before, (rpc, error)
 
 
+async def looked_up_by_id(rpc: str, call: Awaitable[object], requested_id: int) -> None:
+    """A Get by id: found or NOT_FOUND, and INVALID_ARGUMENT naming `id` for
+    an id that is not positive."""
+    error = check(rpc, await outcome(rpc, call), [NOT_FOUND])
+    if requested_id <= 0:
+        assert error is not None and error.code == INVALID
+        assert "id" in error.violations
+
+
 async def first_message(call: Any) -> None:
     """Reads one streamed message (enough to see a rejection), then cancels."""
     async for _ in call:
@@ -470,16 +476,10 @@ async def test_create_order(target, admin_db, request_id, customer_id, currency,
 @HOSTILE
 @given(order_id=IDS)
 async def test_get_order(target, order_id):
-    error = await outcome(
-        "GetOrder",
-        target.orders.GetOrder(
-            order_service_pb2.GetOrderRequest(id=order_id), timeout=CALL_TIMEOUT
-        ),
+    request = order_service_pb2.GetOrderRequest(id=order_id)
+    await looked_up_by_id(
+        "GetOrder", target.orders.GetOrder(request, timeout=CALL_TIMEOUT), order_id
     )
-    check("GetOrder", error, [NOT_FOUND])
-    if order_id <= 0:
-        assert error is not None and error.code == INVALID
-        assert "id" in error.violations
 
 
 def forged_tokens(target_token: str) -> st.SearchStrategy[str]:
@@ -585,16 +585,10 @@ async def test_publish_events(target, admin_db, events):
 @HOSTILE
 @given(event_id=IDS)
 async def test_get_event(target, event_id):
-    error = await outcome(
-        "GetEvent",
-        target.events.GetEvent(
-            event_service_pb2.GetEventRequest(id=event_id), timeout=CALL_TIMEOUT
-        ),
+    request = event_service_pb2.GetEventRequest(id=event_id)
+    await looked_up_by_id(
+        "GetEvent", target.events.GetEvent(request, timeout=CALL_TIMEOUT), event_id
     )
-    check("GetEvent", error, [NOT_FOUND])
-    if event_id <= 0:
-        assert error is not None and error.code == INVALID
-        assert "id" in error.violations
 
 
 @HOSTILE

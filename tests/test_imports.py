@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2
-from tests.support.apps import pool_is_full, running_app
+from tests.support.apps import app_with_channel, pool_is_full
 from tests.support.loaders import IMPORT, Item, in_messages
 from tests.support.polling import eventually
 from tests.support.requests import order, unique
@@ -115,12 +115,9 @@ async def test_imported_event_matches_create_order_event(channel, orders, admin_
 
 async def test_sequential_imports_on_one_connection(service_env, admin_db):
     """The staging table is dropped at each commit and created anew."""
-    async with (
-        running_app(
-            service_env, ORDERSTREAM_POOL_MIN_SIZE="1", ORDERSTREAM_POOL_MAX_SIZE="1"
-        ) as small,
-        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
-    ):
+    async with app_with_channel(
+        service_env, ORDERSTREAM_POOL_MIN_SIZE="1", ORDERSTREAM_POOL_MAX_SIZE="1"
+    ) as (_, channel):
         for size in (3, 1, 2):
             response = await IMPORT.load(
                 channel, IMPORT.messages(unique("import"), [[order()] * size])

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.settings import Settings, SettingsError
-from tests.support.apps import running_app
+from tests.support.apps import app_with_channel
 from tests.support.database import backends_running, row_locked, table_counts
 from tests.support.polling import eventually
 from tests.support.requests import create_request, unique
@@ -46,8 +46,7 @@ async def requests(messages: list[object]):
 @pytest.fixture(scope="module")
 async def small_messages(service_env):
     async with (
-        running_app(service_env, ORDERSTREAM_MAX_MESSAGE_BYTES=str(LIMIT)) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+        app_with_channel(service_env, ORDERSTREAM_MAX_MESSAGE_BYTES=str(LIMIT)) as (_, channel),
     ):
         yield channel
 
@@ -112,10 +111,7 @@ async def test_calls_over_the_concurrency_limit_are_resource_exhausted(
     """Two calls held on a row lock fill ORDERSTREAM_MAX_CONCURRENT_RPCS=2;
     a third is refused at once; once they finish, calls are served again."""
     order = await orders.CreateOrder(create_request())
-    async with (
-        running_app(service_env, ORDERSTREAM_MAX_CONCURRENT_RPCS="2") as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
-    ):
+    async with app_with_channel(service_env, ORDERSTREAM_MAX_CONCURRENT_RPCS="2") as (_, channel):
         stub = order_service_pb2_grpc.OrderServiceStub(channel)
         get = order_service_pb2.GetOrderRequest(id=order.id)
         async with row_locked(admin_db, order.id):
@@ -148,10 +144,7 @@ async def list_services(channel: grpc.aio.Channel) -> set[str]:
 
 
 async def test_reflection_can_be_turned_off(service_env):
-    async with (
-        running_app(service_env, ORDERSTREAM_REFLECTION="false") as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
-    ):
+    async with app_with_channel(service_env, ORDERSTREAM_REFLECTION="false") as (_, channel):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await list_services(channel)
         assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED

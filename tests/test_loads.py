@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from service.app import App
-from tests.support.apps import pool_is_full, running_app
+from tests.support.apps import app_with_channel, pool_is_full
 from tests.support.database import (
     copy_running,
     nothing_left_running,
@@ -212,10 +212,7 @@ async def _held_load(
 ) -> AsyncIterator[HeldLoad]:
     """A service of its own with `settings`, running one load of one item
     that waits for the client's next message."""
-    async with (
-        running_app(service_env, **settings) as small,
-        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
-    ):
+    async with app_with_channel(service_env, **settings) as (small, channel):
         key = unique(loader.key_name)
         call = loader.method(channel)()
         await call.write(loader.request(key, [loader.item()]))

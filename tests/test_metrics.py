@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from tests.support.apps import running_app
+from tests.support.apps import app_with_channel, running_app
 from tests.support.database import row_locked
 from tests.support.polling import eventually
 from tests.support.requests import create_request, unique
@@ -117,15 +117,12 @@ async def test_no_metrics_port_unless_configured(app):
 
 async def test_pool_figures_under_contention(service_env, admin_db):
     """Two connections busy on a locked row, a third call waiting for one."""
-    async with (
-        running_app(
-            service_env,
-            ORDERSTREAM_METRICS_PORT="0",
-            ORDERSTREAM_POOL_MIN_SIZE="2",
-            ORDERSTREAM_POOL_MAX_SIZE="2",
-        ) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
-    ):
+    async with app_with_channel(
+        service_env,
+        ORDERSTREAM_METRICS_PORT="0",
+        ORDERSTREAM_POOL_MIN_SIZE="2",
+        ORDERSTREAM_POOL_MAX_SIZE="2",
+    ) as (app, channel):
         orders = order_service_pb2_grpc.OrderServiceStub(channel)
         order = await orders.CreateOrder(create_request())
         paying = order_service_pb2.UpdateOrderStatusRequest(

@@ -14,10 +14,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devcluster.process import service_process
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from tests.support.polling import eventually
-from tests.support.processes import new_call_is_refused, pool_closed, serve_env
+from tests.support.processes import new_call_is_refused, pool_closed, serve_env, serving_process
 from tests.support.requests import create_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -51,47 +50,43 @@ async def test_sigterm_drains_in_flight_write_then_exits(
     event_loop, service_env, login, admin, pg_cluster
 ):
     env = serve_env(service_env, login, grace=10, event_loop=event_loop)
-    async with service_process(env, "serve") as child:
-        port = (await child.record("serving"))["port"]
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            orders = order_service_pb2_grpc.OrderServiceStub(channel)
-            order = await orders.CreateOrder(create_request(), timeout=5)
+    async with serving_process(env) as (child, port, channel):
+        orders = order_service_pb2_grpc.OrderServiceStub(channel)
+        order = await orders.CreateOrder(create_request(), timeout=5)
 
-            async with admin.acquire() as holder:
-                lock = holder.transaction()
-                await lock.start()
-                try:
-                    await holder.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", order.id)
-                    in_flight = asyncio.ensure_future(orders.UpdateOrderStatus(pay(order.id)))
-                    await eventually(
-                        lambda: blocked_behind(admin, login.role, holder.get_server_pid()),
-                        what="the update to wait on the row lock",
-                    )
-                    watch = health_pb2_grpc.HealthStub(channel).Watch(
-                        health_pb2.HealthCheckRequest()
-                    )
-                    assert (await watch.read()).status == SERVING
+        async with admin.acquire() as holder:
+            lock = holder.transaction()
+            await lock.start()
+            try:
+                await holder.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", order.id)
+                in_flight = asyncio.ensure_future(orders.UpdateOrderStatus(pay(order.id)))
+                await eventually(
+                    lambda: blocked_behind(admin, login.role, holder.get_server_pid()),
+                    what="the update to wait on the row lock",
+                )
+                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+                assert (await watch.read()).status == SERVING
 
-                    child.process.send_signal(signal.SIGTERM)
-                    signalled = time.monotonic()
-                    update = await asyncio.wait_for(watch.read(), PROMPTLY)
-                    assert update.status == NOT_SERVING
-                    await new_call_is_refused(port, order.id)
-                    # Still draining: the update waits, the process lives.
-                    assert not in_flight.done()
-                    assert child.process.returncode is None
-                    assert await blocked_behind(admin, login.role, holder.get_server_pid())
-                finally:
-                    await lock.rollback()
+                child.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                update = await asyncio.wait_for(watch.read(), PROMPTLY)
+                assert update.status == NOT_SERVING
+                await new_call_is_refused(port, order.id)
+                # Still draining: the update waits, the process lives.
+                assert not in_flight.done()
+                assert child.process.returncode is None
+                assert await blocked_behind(admin, login.role, holder.get_server_pid())
+            finally:
+                await lock.rollback()
 
-            paid = await asyncio.wait_for(in_flight, 5)
-            assert paid.status == order_pb2.ORDER_STATUS_PAID
-            assert paid.version == 2
-            # The Watch stays open, as a client's health checking keeps it:
-            # it must not hold the process for the rest of the grace.
-            assert await child.exit_code(timeout=10) == 0, child.output
-            exited_after = time.monotonic() - signalled
-            assert await watch.code() == grpc.StatusCode.OK
+        paid = await asyncio.wait_for(in_flight, 5)
+        assert paid.status == order_pb2.ORDER_STATUS_PAID
+        assert paid.version == 2
+        # The Watch stays open, as a client's health checking keeps it:
+        # it must not hold the process for the rest of the grace.
+        assert await child.exit_code(timeout=10) == 0, child.output
+        exited_after = time.monotonic() - signalled
+        assert await watch.code() == grpc.StatusCode.OK
     assert exited_after < 5, "the drain waited for more than the in-flight call"
     assert (await child.record("stopped"))["level"] == "INFO"
 
@@ -104,32 +99,30 @@ async def test_call_still_blocked_after_the_grace_is_cancelled(
     service_env, login, admin, pg_cluster
 ):
     env = serve_env(service_env, login, grace=1, event_loop=None)
-    async with service_process(env, "serve") as child:
-        port = (await child.record("serving"))["port"]
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            orders = order_service_pb2_grpc.OrderServiceStub(channel)
-            order = await orders.CreateOrder(create_request(), timeout=5)
+    async with serving_process(env) as (child, _, channel):
+        orders = order_service_pb2_grpc.OrderServiceStub(channel)
+        order = await orders.CreateOrder(create_request(), timeout=5)
 
-            async with admin.acquire() as holder, holder.transaction():
-                await holder.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", order.id)
-                in_flight = orders.UpdateOrderStatus(pay(order.id))
-                await eventually(
-                    lambda: blocked_behind(admin, login.role, holder.get_server_pid()),
-                    what="the update to wait on the row lock",
-                )
-                child.process.send_signal(signal.SIGTERM)
-                signalled = time.monotonic()
-                # The lock is never released while the process runs.
-                assert await child.exit_code(timeout=5) == 0, child.output
-                exited_after = time.monotonic() - signalled
-                # Retryable elsewhere: another replica can take it.
-                assert (await in_flight.code()) == grpc.StatusCode.UNAVAILABLE
-                # Nothing of the process is left in the database while the
-                # lock is still held, so the update cannot go through later.
-                await eventually(
-                    lambda: pool_closed(admin, login.role),
-                    what="the process's backends to go",
-                )
+        async with admin.acquire() as holder, holder.transaction():
+            await holder.execute("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE", order.id)
+            in_flight = orders.UpdateOrderStatus(pay(order.id))
+            await eventually(
+                lambda: blocked_behind(admin, login.role, holder.get_server_pid()),
+                what="the update to wait on the row lock",
+            )
+            child.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            # The lock is never released while the process runs.
+            assert await child.exit_code(timeout=5) == 0, child.output
+            exited_after = time.monotonic() - signalled
+            # Retryable elsewhere: another replica can take it.
+            assert (await in_flight.code()) == grpc.StatusCode.UNAVAILABLE
+            # Nothing of the process is left in the database while the
+            # lock is still held, so the update cannot go through later.
+            await eventually(
+                lambda: pool_closed(admin, login.role),
+                what="the process's backends to go",
+            )
     assert 1 <= exited_after < 5
     row = await admin.fetchrow("SELECT status, version FROM orders WHERE id = $1", order.id)
     assert (row["status"], row["version"]) == ("PENDING", 1)

@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orderstream.events.v1 import event_service_pb2
-from tests.support.apps import pool_is_full, running_app
+from tests.support.apps import app_with_channel, pool_is_full
 from tests.support.database import (
     copy_running,
     nothing_left_running,
@@ -141,8 +141,7 @@ async def test_struct_payloads_and_long_payloads_are_accepted(channel, admin_db)
 
 async def test_more_events_than_the_limit_is_resource_exhausted(service_env, admin_db):
     async with (
-        running_app(service_env, ORDERSTREAM_MAX_UPLOAD_EVENTS="10") as small,
-        grpc.aio.insecure_channel(f"127.0.0.1:{small.port}") as channel,
+        app_with_channel(service_env, ORDERSTREAM_MAX_UPLOAD_EVENTS="10") as (small, channel),
     ):
         at_limit = await UPLOAD.load(
             channel, UPLOAD.messages(unique("upload"), [[event()] * 6, [event()] * 4])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import asyncpg
@@ -108,6 +109,15 @@ class Database:
             return await conn.fetchrow(query, *args, timeout=self.query_timeout(context))
         finally:
             await self.release(conn)
+
+    async def fetch_by_id(
+        self, context: Call, query: str, ident: int, not_found: Callable[[int], Exception]
+    ) -> asyncpg.Record:
+        """The row `query` finds for `ident`; `not_found(ident)` raised if none."""
+        row = await self.fetchrow(context, query, ident)
+        if row is None:
+            raise not_found(ident)
+        return row
 
     async def fetch(self, context: Call, query: str, *args: Any) -> list[asyncpg.Record]:
         conn = await self.acquire(context)

@@ -138,9 +138,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         self, request: event_service_pb2.GetEventRequest, context: grpc.aio.ServicerContext
     ) -> event_pb2.Event:
         require_positive_id("id", request.id)
-        row = await self._db.fetchrow(context, sql.GET_EVENT, request.id)
-        if row is None:
-            raise event_not_found(request.id)
+        row = await self._db.fetch_by_id(context, sql.GET_EVENT, request.id, event_not_found)
         return event_from_row(row)
 
     @rpc

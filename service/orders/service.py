@@ -124,9 +124,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         self, request: order_service_pb2.GetOrderRequest, context: grpc.aio.ServicerContext
     ) -> order_pb2.Order:
         require_positive_id("id", request.id)
-        row = await self._db.fetchrow(context, sql.GET_ORDER, request.id)
-        if row is None:
-            raise order_not_found(request.id)
+        row = await self._db.fetch_by_id(context, sql.GET_ORDER, request.id, order_not_found)
         return order_from_row(row)
 
     @rpc

@@ -10,13 +10,10 @@ from dataclasses import dataclass, field
 import asyncpg
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2_grpc
 
 from devcluster.cluster import Cluster
 from devcluster.process import json_records
 from devcluster.throwaway import scratch_directory
-from orderstream.events.v1 import event_service_pb2_grpc
-from orderstream.orders.v1 import order_service_pb2_grpc
 from service.db.migrate import migrate
 from tests.faults.cluster import GATE_SQL, Admin, FaultCluster
 from tests.faults.history import (
@@ -32,6 +29,7 @@ from tests.faults.ledger import Ledger
 from tests.faults.service import RunningProcess, channel_to, running_process, service_env
 from tests.faults.tally import TALLY
 from tests.support.database import admin_ssl_context, through_proxy
+from tests.support.stubs import stub_fixtures
 from tests.support.tcp_proxy import TcpProxy
 
 
@@ -98,19 +96,7 @@ async def channel(service: RunningProcess) -> AsyncIterator[grpc.aio.Channel]:
 
 # The stubs again, rather than tests/fixtures/fix_service.py's: those are
 # session fixtures, cached on whichever channel the first test gave them.
-@pytest.fixture(scope="session")
-def orders(channel: grpc.aio.Channel) -> order_service_pb2_grpc.OrderServiceStub:
-    return order_service_pb2_grpc.OrderServiceStub(channel)
-
-
-@pytest.fixture(scope="session")
-def events(channel: grpc.aio.Channel) -> event_service_pb2_grpc.EventServiceStub:
-    return event_service_pb2_grpc.EventServiceStub(channel)
-
-
-@pytest.fixture(scope="session")
-def health(channel: grpc.aio.Channel) -> health_pb2_grpc.HealthStub:
-    return health_pb2_grpc.HealthStub(channel)
+orders, events, health = stub_fixtures()
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,34 @@ async def _retry(
             await asyncio.sleep(0.2)  # the service is still recovering; back off like a client
 
 
+@dataclass(frozen=True)
+class _Load:
+    """Where a load's rows and its key record are found, the request field
+    that carries the rows, and the response's (count, first id, last id)."""
+
+    rows_sql: str
+    key_sql: str
+    items: str
+    told: tuple[str, str, str]
+
+
+_LOADS = {
+    "upload": _Load(
+        "SELECT count(*) AS n, min(id) AS first, max(id) AS last FROM events WHERE subject = $1",
+        "SELECT event_count, first_event_id, last_event_id FROM uploads WHERE upload_id = $1",
+        "events",
+        ("event_count", "first_event_id", "last_event_id"),
+    ),
+    "import": _Load(
+        "SELECT count(*) AS n, min(id) AS first, max(id) AS last FROM orders "
+        "WHERE customer_id = $1",
+        "SELECT order_count, first_order_id, last_order_id FROM imports WHERE import_id = $1",
+        "orders",
+        ("order_count", "first_order_id", "last_order_id"),
+    ),
+}
+
+
 async def _check(write: Write, admin: Admin) -> str | None:
     present = write.outcome != FAILED
     if write.kind == "order":
@@ -290,38 +318,11 @@ async def _check(write: Write, admin: Admin) -> str | None:
         if rows[0]["id"] != write.answer.id or rows[0]["items"] != len(write.requests[0].items):
             return f"stored order {dict(rows[0])} is not the acknowledged order {write.answer.id}"
         return None
-    if write.kind == "upload":
-        found = await admin.fetch(
-            "SELECT count(*) AS n, min(id) AS first, max(id) AS last FROM events "
-            "WHERE subject = $1",
-            write.marker,
-        )
-        key_rows = await admin.fetch(
-            "SELECT event_count, first_event_id, last_event_id FROM uploads WHERE upload_id = $1",
-            write.key,
-        )
-        sent = sum(len(r.events) for r in write.requests)
-        expected = (
-            (write.answer.event_count, write.answer.first_event_id, write.answer.last_event_id)
-            if present
-            else None
-        )
-    else:
-        found = await admin.fetch(
-            "SELECT count(*) AS n, min(id) AS first, max(id) AS last FROM orders "
-            "WHERE customer_id = $1",
-            write.marker,
-        )
-        key_rows = await admin.fetch(
-            "SELECT order_count, first_order_id, last_order_id FROM imports WHERE import_id = $1",
-            write.key,
-        )
-        sent = sum(len(r.orders) for r in write.requests)
-        expected = (
-            (write.answer.order_count, write.answer.first_order_id, write.answer.last_order_id)
-            if present
-            else None
-        )
+    load = _LOADS[write.kind]
+    found = await admin.fetch(load.rows_sql, write.marker)
+    key_rows = await admin.fetch(load.key_sql, write.key)
+    sent = sum(len(getattr(r, load.items)) for r in write.requests)
+    expected = tuple(getattr(write.answer, name) for name in load.told) if present else None
     n, first, last = found[0]["n"], found[0]["first"], found[0]["last"]
     if expected is None:
         return (

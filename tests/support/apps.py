@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import grpc
+
 from service.app import App
 from service.settings import Settings
 
@@ -17,6 +19,18 @@ async def running_app(env: dict[str, str], **overrides: str) -> AsyncIterator[Ap
         yield app
     finally:
         await app.stop(grace=5)
+
+
+@contextlib.asynccontextmanager
+async def app_with_channel(
+    env: dict[str, str], **overrides: str
+) -> AsyncIterator[tuple[App, grpc.aio.Channel]]:
+    """`running_app`, and a channel to it."""
+    async with (
+        running_app(env, **overrides) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        yield app, channel
 
 
 async def pool_is_full(app: App) -> bool:

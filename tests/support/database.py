@@ -27,6 +27,23 @@ def through_proxy(cluster: Cluster, port: int) -> Cluster:
     return dataclasses.replace(cluster, host="127.0.0.1", port=port)
 
 
+@contextlib.asynccontextmanager
+async def admin_pool(
+    cluster: Cluster, *, min_size: int, max_size: int
+) -> AsyncIterator[asyncpg.Pool]:
+    """A superuser pool on `cluster`, over TLS, closed on the way out."""
+    pool = await asyncpg.create_pool(
+        cluster.dsn(admin=True),
+        ssl=admin_ssl_context(cluster),
+        min_size=min_size,
+        max_size=max_size,
+    )
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
 async def table_counts(db: asyncpg.Pool) -> dict[str, int]:
     """Row counts of every table the service writes (tests run one at a time)."""
     return {

@@ -6,12 +6,14 @@ tests/fixtures/fix_processes.py."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
 import grpc
 
-from devcluster.process import process_env
+from devcluster.process import ServiceProcess, process_env, service_process
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from tests.support.status import rpc_error
 
@@ -52,6 +54,18 @@ def serve_env(
         ORDERSTREAM_SHUTDOWN_GRACE=str(grace),
         ORDERSTREAM_EVENT_LOOP=event_loop,  # None: the default (uvloop)
     )
+
+
+@contextlib.asynccontextmanager
+async def serving_process(
+    env: dict[str, str],
+) -> AsyncIterator[tuple[ServiceProcess, int, grpc.aio.Channel]]:
+    """`python -m service serve` once it serves: the process, its port and
+    a channel to it (closed before the process is ended)."""
+    async with service_process(env, "serve") as child:
+        port = (await child.record("serving"))["port"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield child, port, channel
 
 
 async def new_call_is_refused(port: int, order_id: int) -> None:
