@@ -74,7 +74,7 @@ from service.errors import FieldViolation, Reason, ServiceError, invalid_argumen
 from service.events.payload import InvalidPayload, json_object_text, written_out_too_large
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from service.streams.limits import StreamSlots, StreamTimeouts
-from service.streams.loads import NO_STATEMENT_TIMEOUT, LoadSpec, MessagePositions, run_load
+from service.streams.loads import LoadSpec, MessagePositions, run_load
 
 _COLUMNS = ("type", "source", "subject", "time", "payload")
 
@@ -239,21 +239,6 @@ def _explain(exc: asyncpg.PostgresError, positions: MessagePositions) -> Service
     return invalid_argument([FieldViolation(field, description)])
 
 
-async def _create_staging(conn: asyncpg.Connection, timeout: Callable[[], float]) -> None:
-    await conn.execute(_CREATE_STAGING, timeout=timeout())
-
-
-async def _move(
-    conn: asyncpg.Connection,
-    upload_id: str,
-    _claimed: asyncpg.Record,
-    _count: int,
-    _timeout: Callable[[], float],
-) -> asyncpg.Record:
-    # Bulk work that grows with the stream, bounded like the COPY.
-    return await conn.fetchrow(_MOVE, upload_id, timeout=NO_STATEMENT_TIMEOUT)
-
-
 _UPLOAD: LoadSpec[event_service_pb2.UploadEventsRequest, event_service_pb2.UploadEventsResponse] = (
     LoadSpec(
         key_name="upload_id",
@@ -262,12 +247,11 @@ _UPLOAD: LoadSpec[event_service_pb2.UploadEventsRequest, event_service_pb2.Uploa
         items="events",
         claim=_CLAIM,
         stored=_STORED,
-        setup=_create_staging,
-        table=_STAGING_TABLE,
-        schema="pg_temp",
+        create_staging=_CREATE_STAGING,
+        staging=_STAGING_TABLE,
         columns=_COLUMNS,
         rows=_event_rows,
-        finish=_move,
+        move=_MOVE,
         response=event_service_pb2.UploadEventsResponse,
         explain=_explain,
     )

@@ -33,7 +33,7 @@ from service.errors import Reason
 from service.orders.rules import item_columns, order_total
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots, StreamTimeouts
-from service.streams.loads import NO_STATEMENT_TIMEOUT, LoadSpec, run_load
+from service.streams.loads import LoadSpec, run_load
 
 _CLAIM = """
 INSERT INTO imports (import_id, order_count, first_order_id, last_order_id)
@@ -115,21 +115,6 @@ def _order_rows(
     return rows
 
 
-async def _create_staging(conn: asyncpg.Connection, timeout: Callable[[], float]) -> None:
-    await conn.execute(_CREATE_STAGING, timeout=timeout())
-
-
-async def _move(
-    conn: asyncpg.Connection,
-    import_id: str,
-    _claimed: asyncpg.Record,
-    _count: int,
-    _timeout: Callable[[], float],
-) -> asyncpg.Record:
-    # Bulk work that grows with the stream, bounded like the COPY.
-    return await conn.fetchrow(_MOVE, import_id, timeout=NO_STATEMENT_TIMEOUT)
-
-
 _IMPORT: LoadSpec[order_service_pb2.ImportOrdersRequest, order_service_pb2.ImportOrdersResponse] = (
     LoadSpec(
         key_name="import_id",
@@ -137,12 +122,11 @@ _IMPORT: LoadSpec[order_service_pb2.ImportOrdersRequest, order_service_pb2.Impor
         items="orders",
         claim=_CLAIM,
         stored=_STORED,
-        setup=_create_staging,
-        table=_STAGING_TABLE,
-        schema="pg_temp",
+        create_staging=_CREATE_STAGING,
+        staging=_STAGING_TABLE,
         columns=_COLUMNS,
         rows=_order_rows,
-        finish=_move,
+        move=_MOVE,
         response=order_service_pb2.ImportOrdersResponse,
     )
 )

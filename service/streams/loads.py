@@ -1,16 +1,23 @@
 """The frame of the client-streamed loads (UploadEvents, ImportOrders): one
 request stream, read here from its first message to its confirmed end, COPYed
-into a table all or nothing under the idempotency key the stream carries.
+into a temporary staging table and moved into the real tables by one
+statement, all or nothing under the idempotency key the stream carries.
 
-What a load does on its own, a `LoadSpec` names: its SQL, how one message's
-items become rows, its explanation of a PostgreSQL error, and the steps
-before and after the COPY. The rest is the frame's, in `run_load`: a stream
-slot, the key (required in the first message, the same or empty in every
-later one), a caller that goes quiet (no first message, or none for a while
-after), telling a finished stream from a dead call, one connection and a
-transaction that cancellation cannot leave half-done, the claim of the key,
-the COPY, the map from a COPY row back to the message that carried it, the
-empty load, and `on_commit` once rows are committed.
+Staging keeps the writes to the real tables short and paced by the server,
+not by the client: the event feed's writer lock (migrations 0002, 0004) is
+taken only by the move, at the end, so a client that streams slowly or
+stalls holds no reader of the feed back.
+
+What a load does on its own, a `LoadSpec` names: its SQL (the claim, the
+stored response, the staging table, the move), how one message's items
+become rows, and its explanation of a PostgreSQL error. The rest is the
+frame's, in `run_load`: a stream slot, the key (required in the first
+message, the same or empty in every later one), a caller that goes quiet
+(no first message, or none for a while after), telling a finished stream
+from a dead call, one connection and a transaction that cancellation
+cannot leave half-done, the claim of the key, the staging table, the COPY,
+the map from a COPY row back to the message that carried it, the empty
+load, the move, and `on_commit` once rows are committed.
 """
 
 from __future__ import annotations
@@ -46,8 +53,7 @@ class LoadSpec(Generic[Request, Response]):
     `rows` turns one message's items into COPY rows (a whole message per
     call, so the frame's own work is per message, not per row), raising a
     ServiceError that names `messages[i].<items>[j]...` for a bad item. The
-    callbacks take a `timeout` to call for each statement they run; `claimed`
-    is the row `claim` returned.
+    row `claim` returned is `claimed`.
     """
 
     key_name: str  # the request field with the idempotency key: "upload_id"
@@ -58,20 +64,18 @@ class LoadSpec(Generic[Request, Response]):
     claim: str
     # The committed load's response columns, by key ($1).
     stored: str
-    table: str
+    # CREATE TEMP TABLE <staging> ... ON COMMIT DROP, and its name: the COPY's
+    # target, in pg_temp.
+    create_staging: str
+    staging: str
     columns: tuple[str, ...]
     rows: Callable[[Any, int, asyncpg.Record], Sequence[Row]]  # (items, message index, claimed)
-    # Once rows were copied: the response columns (as `stored` has them).
-    finish: Callable[
-        [asyncpg.Connection, str, asyncpg.Record, int, Callable[[], float]],
-        Awaitable[asyncpg.Record],
-    ]  # (conn, key, claimed, row count, timeout)
+    # Once rows were copied: one statement that moves them out of the staging
+    # table and returns the response columns (as `stored` has them), by key ($1).
+    move: str
     response: type[Response]
-    schema: str | None = None
     # Sent when a load holds more rows than `run_load`'s max_rows.
     too_large: Reason | None = None
-    # Before the COPY, in the transaction.
-    setup: Callable[[asyncpg.Connection, Callable[[], float]], Awaitable[None]] | None = None
     # The item behind a PostgreSQL error during the COPY, if it is about one
     # item's data (None: the error goes on to service/rpc/status_map.py).
     explain: Callable[[asyncpg.PostgresError, MessagePositions], ServiceError | None] | None = None
@@ -156,8 +160,7 @@ async def _load(
     if not fresh:
         return spec.response(**claimed), False
 
-    if spec.setup is not None:
-        await spec.setup(conn, timeout)
+    await conn.execute(spec.create_staging, timeout=timeout())
     positions = MessagePositions()
     state = LoadState()
     records = _records(
@@ -166,8 +169,8 @@ async def _load(
     try:
         async with contextlib.aclosing(records):
             await conn.copy_records_to_table(
-                spec.table,
-                schema_name=spec.schema,
+                spec.staging,
+                schema_name="pg_temp",
                 columns=spec.columns,
                 records=records,
                 timeout=NO_STATEMENT_TIMEOUT,
@@ -182,8 +185,9 @@ async def _load(
         raise error from None
     if positions.rows == 0:
         return spec.response(), False
-    finished = await spec.finish(conn, key, claimed, positions.rows, timeout)
-    return spec.response(**finished), True
+    # Bulk work that grows with the stream, bounded like the COPY.
+    moved = await conn.fetchrow(spec.move, key, timeout=NO_STATEMENT_TIMEOUT)
+    return spec.response(**moved), True
 
 
 async def _records(
