@@ -51,11 +51,16 @@ async def check_invariants(
     target: Target, admin: Admin, ledger: Ledger, channel: grpc.aio.Channel
 ) -> Totals:
     totals = await ledger.settle(channel, admin)
-    await eventually(
-        lambda: pool_at_baseline(target),
-        timeout=_SETTLE_SECONDS,
-        what="the service's pool to return to its baseline",
-    )
+    try:
+        await eventually(
+            lambda: pool_at_baseline(target),
+            timeout=_SETTLE_SECONDS,
+            what="the service's pool to return to its baseline",
+        )
+    except AssertionError as error:
+        samples = await target.metrics()
+        seen = {k: v for k, v in samples.items() if "pool_" in k or "active_streams" in k}
+        raise AssertionError(f"{error}: {seen}") from None
 
     async def no_leftovers() -> bool:
         return not await leftover_backends(admin)

@@ -81,10 +81,15 @@ async def test_postgres_restart_mid_calls(
     assert upload_code == grpc.StatusCode.UNAVAILABLE
     # The create waited inside its commit when the server went down.
     assert await creating == grpc.StatusCode.UNAVAILABLE
-    for stream, expected in ((event_stream, history.event_ids), (export, history.order_ids)):
-        code = await stream.finish()
-        ended_honestly(code, stream.ids, expected)
-        assert code == grpc.StatusCode.UNAVAILABLE
+    code = await export.finish()
+    ended_honestly(code, export.ids, history.order_ids)
+    assert code == grpc.StatusCode.UNAVAILABLE  # its snapshot died with the server
+    # The event stream holds a connection only while it reads a page: it
+    # goes on after the restart, or fails a page it was reading; never OK
+    # short of its rows.
+    code = await event_stream.finish()
+    ended_honestly(code, event_stream.ids, history.event_ids)
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)
 
     await watch.saw(SERVING, NOT_SERVING, SERVING)
     await watch.close()
