@@ -129,7 +129,7 @@ SELECT id, customer_id, currency, status, total_cents, version,
        create_time, update_time, skus, quantities, prices, own
 FROM (
     SELECT {_ORDER_COLUMNS},
-           sum(size.own) OVER (ORDER BY o.id) AS running, size.own
+           sum(size.own) OVER (ORDER BY o.id ROWS UNBOUNDED PRECEDING) AS running, size.own
     FROM orders o {_ITEMS_OF_O}
     CROSS JOIN LATERAL (
         SELECT 4 * char_length(o.customer_id) + 96
