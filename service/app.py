@@ -140,7 +140,6 @@ class App:
             pool,
             acquire_timeout=settings.pool_acquire_timeout,
             command_timeout=settings.command_timeout,
-            transaction_pooling=settings.transaction_pooling,
         )
         reads, monitor = await _read_router(settings, db, pool, replica_pool, metrics)
         feed = EventFeed(
@@ -352,8 +351,6 @@ async def _read_router(
         replica_pool,
         acquire_timeout=settings.pool_acquire_timeout,
         command_timeout=settings.command_timeout,
-        # The standby may sit behind a transaction-pooling PgBouncer too.
-        transaction_pooling=settings.transaction_pooling,
     )
     return ReadRouter(db, replica_db, monitor, on_served=metrics.count_read), monitor
 

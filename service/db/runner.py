@@ -35,12 +35,10 @@ class Database:
         *,
         acquire_timeout: float,
         command_timeout: float,
-        transaction_pooling: bool = False,
     ):
         self.pool = pool
         self._acquire_timeout = acquire_timeout
         self._command_timeout = command_timeout
-        self._transaction_pooling = transaction_pooling
 
     def query_timeout(self, context: Call) -> float:
         remaining = context.time_remaining()
@@ -82,26 +80,6 @@ class Database:
             await self.pool.release(conn)
         except Exception as exc:
             log.warning("a connection failed its release and was closed", exc_info=exc)
-
-    async def cursor(
-        self, conn: asyncpg.Connection, context: Call, query: str, *args: Any
-    ) -> asyncpg.cursor.Cursor:
-        """Opens a cursor in the transaction open on `conn`.
-
-        `conn.cursor` prepares the query as a *named* statement even with the
-        statement cache off, and closes it only later, on whatever server
-        connection a transaction-pooling PgBouncer then hands out: the name
-        stays behind on this one, where another process's asyncpg (whose
-        names count from the same start) may prepare it again and fail.
-        Behind such a PgBouncer (the cache is then off) `conn.prepare` makes
-        the *unnamed* statement instead, parsed again with the portal's Bind:
-        the portal lives until the transaction ends and nothing outlives it,
-        so no other client's statements need dropping either."""
-        timeout = self.query_timeout(context)
-        if self._transaction_pooling:
-            statement = await conn.prepare(query, timeout=timeout)
-            return await statement.cursor(*args, timeout=self.query_timeout(context))
-        return await conn.cursor(query, *args, timeout=timeout)
 
     async def fetchrow(self, context: Call, query: str, *args: Any) -> asyncpg.Record | None:
         conn = await self.acquire(context)
