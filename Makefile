@@ -137,10 +137,12 @@ run: install
 devdb-down: $(STAMPS)/python
 	$(PY) -m devcluster down $(DEVDB)
 
-# h2load (Debian's nghttp2-client) drives the unary benchmark.
+# h2load (Debian's nghttp2-client) drives the unary benchmark; the fan-out
+# benchmark's followers are a Go program built with Debian's Go and grpc-go.
 $(STAMPS)/bench:
 	@mkdir -p $(STAMPS)
 	$(call apt_install,! command -v h2load >/dev/null,nghttp2-client,h2load)
+	$(call apt_install,! command -v go >/dev/null || [ ! -d /usr/share/gocode/src/google.golang.org/grpc ],golang-go golang-google-grpc-dev golang-google-protobuf-dev,Go and grpc-go (bench/followers))
 	@touch $@
 
 bench: install $(STAMPS)/bench

@@ -37,7 +37,7 @@ from service.events.wire import encode_events
 from service.rpc.encoded import Encoded
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
-from service.streams.writes import write_within
+from service.streams.writes import StallBound, stall_bound
 
 MAX_TYPES = 100
 
@@ -98,11 +98,11 @@ class _Stream:
         request: event_service_pb2.StreamEventsRequest,
         context: grpc.aio.ServicerContext,
         batch_bytes: int,
-        stall_timeout: float,
+        writes: StallBound,
     ) -> None:
         self._db = db
         self._context = context
-        self._stall_timeout = stall_timeout
+        self._writes = writes
         self.filter = Filter(frozenset(request.types), request.subject)
         self._query = sql.events_page(
             with_types=bool(request.types), with_subject=bool(request.subject)
@@ -120,7 +120,7 @@ class _Stream:
         """Writes `message`, whose last event is at `position`; a reader
         that takes nothing within the stall timeout ends the stream
         (READER_STALLED, docs/streams.md#quiet-callers)."""
-        await write_within(self._context, message, self._stall_timeout, position=position)
+        await self._writes.write(message, position=position)
 
     async def horizon(self) -> int:
         """The safe horizon now: every event with a lower id is final."""
@@ -178,13 +178,14 @@ async def stream_events(
     write_stall_timeout: float,
 ) -> None:
     _checked(request)
-    stream = _Stream(db, request, context, batch_bytes, write_stall_timeout)
-    if not request.follow:
-        with streams.hold():
-            await stream.read_table(await stream.horizon())
-        return
-    with followers.hold():
-        await _follow(stream, feed, streams)
+    with stall_bound(context, write_stall_timeout) as writes:
+        stream = _Stream(db, request, context, batch_bytes, writes)
+        if not request.follow:
+            with streams.hold():
+                await stream.read_table(await stream.horizon())
+            return
+        with followers.hold():
+            await _follow(stream, feed, streams)
 
 
 async def _follow(stream: _Stream, feed: EventFeed, streams: StreamSlots) -> None:

@@ -179,6 +179,9 @@ class Tail:
         connection lost or regained, shutdown), or after `timeout`."""
         if self.generation != seen:
             return
+        if timeout is None:  # a follower at the live end: every round
+            await self._changed.wait()
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
 

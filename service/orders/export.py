@@ -19,7 +19,7 @@ from service.orders.convert import order_from_row
 from service.orders.filters import order_filters
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
-from service.streams.writes import write_within
+from service.streams.writes import stall_bound
 
 
 async def export_orders(
@@ -35,7 +35,7 @@ async def export_orders(
     v = Violations()
     filters = order_filters(request, v)
     v.raise_if_any()
-    with streams.hold():
+    with streams.hold(), stall_bound(context, write_stall_timeout) as writes:
         conn = await db.acquire(context)
         try:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -60,9 +60,7 @@ async def export_orders(
                             # holds the export where it is, a stalled one
                             # ends it (READER_STALLED).
                             sent.anything = True
-                            await write_within(
-                                context, response, write_stall_timeout, position=order.id
-                            )
+                            await writes.write(response, position=order.id)
                             response = order_service_pb2.ExportOrdersResponse()
                             size = 0
                     if (
@@ -76,8 +74,6 @@ async def export_orders(
                     limit = min(sql.EXPORT_PAGE_ROWS, max(64, 2 * len(rows)))
                 if response.orders:
                     sent.anything = True
-                    await write_within(
-                        context, response, write_stall_timeout, position=response.orders[-1].id
-                    )
+                    await writes.write(response, position=response.orders[-1].id)
         finally:
             await db.release(conn)
