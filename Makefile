@@ -127,12 +127,15 @@ SOAK_SECONDS ?= 300
 soak: install
 	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest tests/faults/test_soak.py -s --timeout=0 $(PYTEST_ARGS)
 
+# No tokens on a developer's machine: ORDERSTREAM_INSECURE_DEV lets the
+# service serve without caller authentication (it says so loudly at startup);
+# ORDERSTREAM_INSECURE_DEV=0 in the environment turns it off.
 run: install
 	@if [ -z "$${DATABASE_URL:-}" ]; then \
 	  exports="$$($(PY) -m devcluster up $(DEVDB))" || exit 1; \
 	  eval "$$exports"; \
 	fi; \
-	exec $(PY) -m service serve
+	ORDERSTREAM_INSECURE_DEV="$${ORDERSTREAM_INSECURE_DEV:-1}" exec $(PY) -m service serve
 
 devdb-down: $(STAMPS)/python
 	$(PY) -m devcluster down $(DEVDB)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from devcluster.cluster import Cluster
-from devcluster.process import ServiceProcess, service_argv
+from devcluster.process import INSECURE_DEV, ServiceProcess, service_argv
 from devcluster.process import served as served_process
 from devcluster.throwaway import throwaway_cluster
 
@@ -49,6 +49,7 @@ def service_env(db: Cluster, **overrides: str) -> dict[str, str]:
     """The service's environment as deployed, on a free port (ORDERSTREAM_PORT=0)."""
     return {
         **db.service_env(),
+        **INSECURE_DEV,
         "ORDERSTREAM_HOST": "127.0.0.1",
         "ORDERSTREAM_PORT": "0",
         "ORDERSTREAM_LOG_LEVEL": "INFO",  # the "serving" line carries the port

@@ -22,6 +22,11 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+# What every service started here without caller authentication needs:
+# without it the service refuses to serve (service/rpc/exposure.py).
+INSECURE_DEV = {"ORDERSTREAM_INSECURE_DEV": "1"}
+
+
 def service_argv(*args: str) -> list[str]:
     """The command line of `python -m service ARGS` in this interpreter."""
     return [sys.executable, "-m", "service", *args]

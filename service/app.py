@@ -45,7 +45,9 @@ from service.ops.tracing import Tracing
 from service.orders.page_token import PageTokens
 from service.orders.service import OrderService
 from service.rpc import registry
-from service.rpc.auth import TokenAuth, Tokens
+from service.rpc.auth import SCOPES, TokenAuth, Tokens
+from service.rpc.cert_identities import CertificateIdentities
+from service.rpc.exposure import check_exposure
 from service.rpc.health import DatabaseHealth, HealthServicer
 from service.rpc.listener import server_credentials
 from service.rpc.observing import Observer
@@ -103,6 +105,7 @@ class App:
         cls, settings: Settings, *, reuse_port: bool = False, tracing: Tracing | None = None
     ) -> App:
         """`reuse_port`: share the ports with sibling workers (--workers)."""
+        check_exposure(settings)
         pool = await open_pool(settings)
         replica_pool = None
         try:
@@ -182,7 +185,7 @@ class App:
                 descriptor,
                 max_message_bytes=settings.max_message_bytes,
             )
-        health_servicer = HealthServicer()
+        health_servicer = HealthServicer(settings.max_health_watches)
         # For liveness probes: SERVING while the process answers at all, so
         # a database outage makes pods unready instead of restarting them.
         await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -280,6 +283,10 @@ def _server_options(settings: Settings, reuse_port: bool) -> list[tuple[str, int
         # grace is unlimited, so follow streams are not cut), new calls
         # open a new connection (see ORDERSTREAM_MAX_CONNECTION_AGE).
         ("grpc.max_connection_age_ms", round(settings.max_connection_age * 1000)),
+        # Streams one connection may hold (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS):
+        # gRPC's default is unlimited, so a single connection could open any
+        # number of open-ended calls.
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         *_keepalive_options(settings),
     ]
 
@@ -356,12 +363,21 @@ async def _read_router(
 
 
 def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor] | None:
-    """None unless caller authentication is on: even a no-op interceptor
-    costs every call about 26 µs (269 -> 295 µs of server CPU per call), so
-    the default path has none (the observing is done without one too)."""
-    if settings.auth_tokens_file is None:
+    """None unless caller authentication is on (only with
+    ORDERSTREAM_INSECURE_DEV may it be off): even a no-op interceptor costs
+    every call about 26 µs (269 -> 295 µs of server CPU per call), so that
+    path has none (the observing is done without one too)."""
+    tokens_file, identities_file = settings.auth_tokens_file, settings.auth_cert_identities_file
+    if tokens_file is None and identities_file is None:
         return None
-    return [TokenAuth(Tokens.load(settings.auth_tokens_file))]
+    return [
+        TokenAuth(
+            Tokens.load(tokens_file) if tokens_file is not None else Tokens(()),
+            CertificateIdentities.load(identities_file, SCOPES)
+            if identities_file is not None
+            else None,
+        )
+    ]
 
 
 def _listen(server: grpc.aio.Server, host: str, port: int, settings: Settings | None) -> int:

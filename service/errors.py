@@ -38,6 +38,7 @@ class Reason(enum.StrEnum):
     MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"  # a request message over ORDERSTREAM_MAX_MESSAGE_BYTES
     POOL_EXHAUSTED = "POOL_EXHAUSTED"  # no pooled connection became free within the acquire timeout
     TOO_MANY_STREAMS = "TOO_MANY_STREAMS"  # all stream slots of this server are busy
+    TOO_MANY_HEALTH_WATCHES = "TOO_MANY_HEALTH_WATCHES"  # ORDERSTREAM_MAX_HEALTH_WATCHES are open
     UPLOAD_TOO_LARGE = "UPLOAD_TOO_LARGE"  # an upload over ORDERSTREAM_MAX_UPLOAD_EVENTS
     DATABASE_RESOURCES_EXHAUSTED = "DATABASE_RESOURCES_EXHAUSTED"  # SQLSTATE class 53
     # NOT_FOUND
@@ -72,6 +73,8 @@ class Reason(enum.StrEnum):
     TOKEN_MISSING = "TOKEN_MISSING"  # no authorization metadata
     TOKEN_MALFORMED = "TOKEN_MALFORMED"  # authorization metadata not one `Bearer <token>`
     TOKEN_UNKNOWN = "TOKEN_UNKNOWN"  # a token that is not in the tokens file
+    # no token, and a client certificate that is not in the identities file
+    CERTIFICATE_UNKNOWN = "CERTIFICATE_UNKNOWN"
     # PERMISSION_DENIED
     SCOPE_MISSING = "SCOPE_MISSING"  # the token lacks the scope the method needs
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"  # a method with no scope in METHOD_SCOPES

@@ -113,9 +113,18 @@ class Settings:
     health_port: int | None
     tls: ListenerTls | None
     auth_tokens_file: Path | None  # set: every call needs a token (service/rpc/auth.py)
+    # Set: a call without a token is served by its client certificate's
+    # identity and scopes (service/rpc/cert_identities.py); needs mTLS.
+    auth_cert_identities_file: Path | None
+    # The development switch: without it the service refuses to serve
+    # callers it cannot authenticate (service/rpc/exposure.py).
+    insecure_dev: bool
     reflection: bool
     max_message_bytes: int
-    max_concurrent_rpcs: int | None
+    max_concurrent_rpcs: int
+    # HTTP/2 streams one client connection may hold open at once.
+    max_concurrent_streams: int
+    max_health_watches: int
     max_connection_age: float
     # A streaming standby for reads that tolerate lag (service/db/routing.py).
     replica: DatabaseTarget | None
@@ -140,6 +149,13 @@ class Settings:
         pool_max_size = env.integer("ORDERSTREAM_POOL_MAX_SIZE", 10, low=1, high=1000)
         database = _database_target(env, "DATABASE_URL")
         transaction_pooling = env.boolean("ORDERSTREAM_TRANSACTION_POOLING", False)
+        max_followers = env.integer("ORDERSTREAM_MAX_FOLLOWERS", 2000, low=0, high=100_000)
+        # gRPC client-side health checking keeps one Watch per channel; each
+        # costs memory for as long as it is open (about 27 KiB measured).
+        max_health_watches = env.integer(
+            "ORDERSTREAM_MAX_HEALTH_WATCHES", 1000, low=0, high=100_000
+        )
+        tls = _listener_tls(env)
         settings = cls(
             database=database,
             direct_database=_direct_database_target(env, database, transaction_pooling),
@@ -165,7 +181,7 @@ class Settings:
             # Followers near the live end read only the shared tail, so they
             # cost memory (bounded per follower by the stream batch) and no
             # connection.
-            max_followers=env.integer("ORDERSTREAM_MAX_FOLLOWERS", 2000, low=0, high=100_000),
+            max_followers=max_followers,
             feed_buffer_bytes=env.integer(
                 "ORDERSTREAM_FEED_BUFFER_BYTES", 64 << 20, low=4 << 20, high=16 << 30
             ),
@@ -184,16 +200,29 @@ class Settings:
             workers=env.integer("ORDERSTREAM_WORKERS", 1, low=1, high=256),
             metrics_port=env.optional_integer("ORDERSTREAM_METRICS_PORT", low=0, high=65535),
             health_port=env.optional_integer("ORDERSTREAM_HEALTH_PORT", low=0, high=65535),
-            tls=_listener_tls(env),
+            tls=tls,
             auth_tokens_file=_optional_path(env, "ORDERSTREAM_AUTH_TOKENS_FILE"),
+            auth_cert_identities_file=_cert_identities_file(env, tls),
+            insecure_dev=env.boolean("ORDERSTREAM_INSECURE_DEV", False),
             reflection=env.boolean("ORDERSTREAM_REFLECTION", True),
             # gRPC's own default (4 MiB); uploads are packed in 1 MiB messages.
             max_message_bytes=env.integer(
                 "ORDERSTREAM_MAX_MESSAGE_BYTES", 4 << 20, low=1024, high=256 << 20
             ),
-            max_concurrent_rpcs=env.optional_integer(
-                "ORDERSTREAM_MAX_CONCURRENT_RPCS", low=1, high=1_000_000
+            # Every follower and health watch is a call for its whole life:
+            # room for all of them, and a thousand calls more.
+            max_concurrent_rpcs=env.integer(
+                "ORDERSTREAM_MAX_CONCURRENT_RPCS",
+                max_followers + max_health_watches + 1000,
+                low=1,
+                high=1_000_000,
             ),
+            # A client's channel carries all its calls on one connection,
+            # follow streams included; a compliant client queues past this.
+            max_concurrent_streams=env.integer(
+                "ORDERSTREAM_MAX_CONCURRENT_STREAMS", 1000, low=1, high=100_000
+            ),
+            max_health_watches=max_health_watches,
             # kube-proxy balances connections, not calls: an aged-out client
             # connection reconnects and lands anywhere, new pods included.
             max_connection_age=env.seconds("ORDERSTREAM_MAX_CONNECTION_AGE", 300.0),
@@ -325,6 +354,16 @@ def _listener_tls(env: _Reader) -> ListenerTls | None:
     if cert is None or key is None:
         raise SettingsError("ORDERSTREAM_TLS_CERT and ORDERSTREAM_TLS_KEY must be set together")
     return ListenerTls(Path(cert), Path(key), Path(client_ca) if client_ca else None)
+
+
+def _cert_identities_file(env: _Reader, tls: ListenerTls | None) -> Path | None:
+    path = _optional_path(env, "ORDERSTREAM_AUTH_CERT_IDENTITIES_FILE")
+    if path is not None and (tls is None or tls.client_ca is None):
+        raise SettingsError(
+            "ORDERSTREAM_AUTH_CERT_IDENTITIES_FILE needs mTLS (ORDERSTREAM_TLS_CLIENT_CA): "
+            "without it callers present no certificate"
+        )
+    return path
 
 
 def _statement_cache_size(env: _Reader, transaction_pooling: bool) -> int:

@@ -16,6 +16,12 @@ listed is refused, so a new RPC stays closed until someone decides its scope.
 Health is open (kubelet's gRPC probes send no metadata); reflection needs a
 valid token of any scope (it shows the contract, not data).
 
+A call without `authorization` metadata may instead be served by its
+client certificate when ORDERSTREAM_AUTH_CERT_IDENTITIES_FILE maps
+certificate identities to scopes (service/rpc/cert_identities.py): the same
+table decides, checked when the call starts, since only the call's context
+shows the certificate.
+
 Without the setting no interceptor is installed at all: the grpc.aio
 interceptor pipeline alone cost about 26 µs of a 270 µs call (269 -> 295 µs
 of server CPU per call with a no-op interceptor), so deployments without
@@ -36,6 +42,7 @@ from typing import Any
 import grpc
 
 from service.errors import Reason, ServiceError, StartupError
+from service.rpc.cert_identities import CertificateIdentities, checked_at_call
 from service.rpc.registry import HANDLER_KINDS
 from service.rpc.status_map import abort
 
@@ -159,8 +166,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     """Refuses calls without a valid token (UNAUTHENTICATED) and calls whose
     token lacks the method's scope (PERMISSION_DENIED)."""
 
-    def __init__(self, tokens: Tokens) -> None:
+    def __init__(self, tokens: Tokens, certificates: CertificateIdentities | None = None) -> None:
         self._tokens = tokens
+        self._certificates = certificates
 
     async def intercept_service(
         self,
@@ -174,11 +182,12 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # UNIMPLEMENTED: not a method of this server
             return handler
-        error = self._refusal(
-            method,
-            service,
-            handler_call_details.invocation_metadata,  # type: ignore[attr-defined]
-        )
+        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        if self._certificates is not None and not any(
+            key == "authorization" for key, _ in metadata or ()
+        ):
+            return checked_at_call(handler, self._certificate_check(method, service))
+        error = self._refusal(method, service, metadata)
         if error is None:
             return handler
         return _refusing(handler, method, error)
@@ -193,24 +202,75 @@ class TokenAuth(grpc.aio.ServerInterceptor):
             return ServiceError(
                 grpc.StatusCode.UNAUTHENTICATED, reason, _UNAUTHENTICATED_MESSAGES[reason]
             )
-        if service in AUTHENTICATED_SERVICES:
-            return None
-        scope = METHOD_SCOPES.get(method)
-        if scope is None:
-            return ServiceError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                Reason.METHOD_NOT_ALLOWED,
-                f"{method} is not open to any token",
-                metadata={"method": method, "caller": caller.name},
-            )
-        if scope not in caller.scopes:
-            return ServiceError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                Reason.SCOPE_MISSING,
-                f"{method} needs the {scope!r} scope, which this token does not have",
-                metadata={"method": method, "scope": scope, "caller": caller.name},
-            )
+        return _scope_refusal(method, service, caller.name, caller.scopes, "token")
+
+    def _certificate_check(
+        self, method: str, service: str
+    ) -> Callable[[grpc.aio.ServicerContext], Awaitable[None]]:
+        """Ends the call unless its client certificate names a caller with
+        the method's scope."""
+        assert self._certificates is not None
+        certificates = self._certificates
+
+        async def check(context: grpc.aio.ServicerContext) -> None:
+            auth_context = context.auth_context()
+            caller = certificates.find(auth_context)
+            if caller is None:
+                subject = b"".join(auth_context.get("x509_subject", ())).decode(errors="replace")
+                error = ServiceError(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    Reason.CERTIFICATE_UNKNOWN,
+                    "this call carries no token and its client certificate is not a known "
+                    f"caller: {_HOW_TO_SEND}, or use a certificate the service knows",
+                    metadata={"subject": subject},
+                )
+            else:
+                refusal = _scope_refusal(method, service, caller.name, caller.scopes, "certificate")
+                if refusal is None:
+                    return
+                error = refusal
+            _log_refusal(method, error, context)
+            await abort(context, error)
+
+        return check
+
+
+def _scope_refusal(
+    method: str, service: str, name: str, scopes: frozenset[str], credential: str
+) -> ServiceError | None:
+    """Whether the caller `name`, authenticated by `credential` with
+    `scopes`, may call `method`."""
+    if service in AUTHENTICATED_SERVICES:
         return None
+    scope = METHOD_SCOPES.get(method)
+    if scope is None:
+        return ServiceError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            Reason.METHOD_NOT_ALLOWED,
+            f"{method} is not open to any {credential}",
+            metadata={"method": method, "caller": name},
+        )
+    if scope not in scopes:
+        return ServiceError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            Reason.SCOPE_MISSING,
+            f"{method} needs the {scope!r} scope, which this {credential} does not have",
+            metadata={"method": method, "scope": scope, "caller": name},
+        )
+    return None
+
+
+def _log_refusal(method: str, error: ServiceError, context: grpc.aio.ServicerContext) -> None:
+    log.warning(
+        "call refused",
+        extra={
+            "method": method,
+            "code": error.code.name,
+            "reason": error.reason,
+            "caller": error.metadata.get("caller"),
+            "peer": context.peer(),
+        },
+    )
 
 
 def _refusing(
@@ -220,16 +280,7 @@ def _refusing(
     without reading the request (no deserializer: it stays bytes)."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        log.warning(
-            "call refused",
-            extra={
-                "method": method,
-                "code": error.code.name,
-                "reason": error.reason,
-                "caller": error.metadata.get("caller"),
-                "peer": context.peer(),
-            },
-        )
+        _log_refusal(method, error, context)
         await abort(context, error)
 
     return HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](refuse)

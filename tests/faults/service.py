@@ -23,7 +23,13 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from devcluster.cluster import Cluster
-from devcluster.process import ServiceProcess, proc_status_kib, served, service_argv
+from devcluster.process import (
+    INSECURE_DEV,
+    ServiceProcess,
+    proc_status_kib,
+    served,
+    service_argv,
+)
 
 # Client channels: no BDP probing, so the flow-control window stays at its
 # 64 KiB start and a paused reader really holds a stream's server back.
@@ -34,6 +40,7 @@ def service_env(cluster: Cluster, **overrides: str) -> dict[str, str]:
     """Settings of a service whose pool reaches `cluster` (through the proxy)."""
     return {
         **cluster.service_env(),
+        **INSECURE_DEV,
         "ORDERSTREAM_HOST": "127.0.0.1",
         "ORDERSTREAM_PORT": "0",
         "ORDERSTREAM_METRICS_PORT": "0",
