@@ -13,14 +13,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 T = TypeVar("T")
 
 SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
 # Modes that would fall back to plain text without telling anyone.
 _SILENT_FALLBACK_MODES = ("allow", "prefer")
-_SSL_URL_PARAMETERS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+# URL parameter -> the libpq variable it wins over. Every other ssl*
+# parameter or PGSSL* variable is refused rather than silently ignored.
+_SSL_PARAMETERS = {
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
+}
+# libpq also knows TLSv1 and TLSv1.1; neither is offered here.
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 
 class SettingsError(ValueError):
@@ -61,6 +73,12 @@ class DatabaseTarget:
     ssl_root_cert: Path | None
     ssl_cert: Path | None
     ssl_key: Path | None
+    ssl_crl: Path | None = None
+    ssl_min_protocol_version: str = "TLSv1.2"
+    ssl_max_protocol_version: str | None = None
+    # Unix-socket directories among the hosts (or the default sockets, when
+    # the URL names no host): libpq and asyncpg use no TLS over them.
+    unix_sockets: tuple[str, ...] = ()
 
     @property
     def verifies_server(self) -> bool:
@@ -269,6 +287,10 @@ class _Reader:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
+    def names(self) -> list[str]:
+        """The variables that are set (not empty)."""
+        return [name for name in self._environ if self.raw(name) is not None]
+
     def raw(self, name: str) -> str | None:
         value = self._environ.get(name)
         return value if value not in (None, "") else None
@@ -404,10 +426,14 @@ def _database_target(env: _Reader, name: str = "DATABASE_URL") -> DatabaseTarget
     if parts.scheme not in ("postgres", "postgresql"):
         raise SettingsError(f"{name} must start with postgresql://")
     query = parse_qsl(parts.query, keep_blank_values=True)
-    from_url = {k: v for k, v in query if k in _SSL_URL_PARAMETERS}
-    remaining = [(k, v) for k, v in query if k not in _SSL_URL_PARAMETERS]
+    _refuse_unsupported_ssl(env, name, [k for k, _ in query])
+    from_url = {k: v for k, v in query if k in _SSL_PARAMETERS}
+    remaining = [(k, v) for k, v in query if k not in _SSL_PARAMETERS]
 
-    ssl_mode = from_url.get("sslmode") or env.text("PGSSLMODE", "verify-full")
+    def ssl_parameter(key: str) -> str | None:
+        return from_url.get(key) or env.raw(_SSL_PARAMETERS[key])
+
+    ssl_mode = ssl_parameter("sslmode") or "verify-full"
     if ssl_mode in _SILENT_FALLBACK_MODES:
         raise SettingsError(
             f"sslmode={ssl_mode} may fall back to plain text silently and is not supported; "
@@ -417,21 +443,85 @@ def _database_target(env: _Reader, name: str = "DATABASE_URL") -> DatabaseTarget
     if ssl_mode not in SSL_MODES:
         raise SettingsError(f"sslmode must be one of: {', '.join(SSL_MODES)}, got {ssl_mode!r}")
 
-    def path(url_key: str, env_name: str) -> Path | None:
-        value = from_url.get(url_key) or env.raw(env_name)
+    def path(key: str) -> Path | None:
+        value = ssl_parameter(key)
         return Path(value) if value else None
 
+    minimum = (
+        _tls_version(ssl_parameter("ssl_min_protocol_version"), "ssl_min_protocol_version")
+        or "TLSv1.2"
+    )
+    maximum = _tls_version(ssl_parameter("ssl_max_protocol_version"), "ssl_max_protocol_version")
+    if maximum is not None and TLS_VERSIONS.index(maximum) < TLS_VERSIONS.index(minimum):
+        raise SettingsError(
+            f"{name}: ssl_max_protocol_version={maximum} is below "
+            f"ssl_min_protocol_version={minimum}"
+        )
     try:
-        host = parts.hostname or "localhost"
         port = parts.port or 5432
     except ValueError:
         raise SettingsError(f"{name} has an invalid port") from None
+    hosts = _hosts(parts, dict(query).get("host") or None, env.raw("PGHOST"))
     return DatabaseTarget(
         dsn=Secret(urlunsplit(parts._replace(query=urlencode(remaining)))),
-        host=host,
+        host=hosts[0] if hosts else "localhost",
         port=port,
         ssl_mode=ssl_mode,
-        ssl_root_cert=path("sslrootcert", "PGSSLROOTCERT"),
-        ssl_cert=path("sslcert", "PGSSLCERT"),
-        ssl_key=path("sslkey", "PGSSLKEY"),
+        ssl_root_cert=path("sslrootcert"),
+        ssl_cert=path("sslcert"),
+        ssl_key=path("sslkey"),
+        ssl_crl=path("sslcrl"),
+        ssl_min_protocol_version=minimum,
+        ssl_max_protocol_version=maximum,
+        unix_sockets=tuple(h for h in hosts if h.startswith(("/", "@"))) if hosts else ("",),
     )
+
+
+def _refuse_unsupported_ssl(env: _Reader, name: str, url_keys: list[str]) -> None:
+    """libpq's other TLS settings (sslpassword, sslcrldir, sslsni, ...) would
+    be ignored by this service: refused, so nobody relies on one in vain."""
+    unsupported = sorted(
+        {k for k in url_keys if k.startswith("ssl") or k == "requiressl"} - set(_SSL_PARAMETERS)
+    )
+    if unsupported:
+        raise SettingsError(
+            f"{name} has TLS parameters this service does not support: "
+            f"{', '.join(unsupported)} (supported: {', '.join(_SSL_PARAMETERS)})"
+        )
+    variables = sorted(
+        {v for v in env.names() if v.startswith("PGSSL") or v == "PGREQUIRESSL"}
+        - set(_SSL_PARAMETERS.values())
+    )
+    if variables:
+        raise SettingsError(
+            f"TLS variables this service does not support are set: {', '.join(variables)} "
+            f"(supported: {', '.join(_SSL_PARAMETERS.values())})"
+        )
+
+
+def _tls_version(value: str | None, parameter: str) -> str | None:
+    if value is None:
+        return None
+    if value not in TLS_VERSIONS:
+        raise SettingsError(
+            f"{parameter} (or {_SSL_PARAMETERS[parameter]}) must be one of: "
+            f"{', '.join(TLS_VERSIONS)}, got {value!r}"
+        )
+    return value
+
+
+def _hosts(parts: SplitResult, query_host: str | None, pg_host: str | None) -> list[str]:
+    """The hosts asyncpg will try, as libpq reads them: the URL's `host`
+    parameter, else its host part (percent-decoded, as a socket directory
+    must be), else PGHOST. Empty: none named, and asyncpg tries the default
+    Unix sockets first."""
+    netloc_hosts = parts.netloc.rpartition("@")[2]
+    spec = query_host or unquote(netloc_hosts) or pg_host or ""
+    hosts = []
+    for host in filter(None, spec.split(",")):
+        if host.startswith("["):
+            host = host[1 : host.index("]")] if "]" in host else host
+        elif not host.startswith(("/", "@")) and host.rpartition(":")[2].isdigit():
+            host = host.rpartition(":")[0]
+        hosts.append(host)
+    return hosts

@@ -34,8 +34,13 @@ DATABASE_FAILURES = (
 )
 
 
+_TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
 def ssl_context_for(target: DatabaseTarget, *, allow_insecure: bool) -> ssl.SSLContext | bool:
     """Builds the TLS settings for `target`, refusing anything unverified unless allowed."""
+    if target.unix_sockets:
+        _check_unix_sockets(target, allow_insecure)
     if not target.verifies_server:
         if not allow_insecure:
             raise StartupError(
@@ -50,11 +55,13 @@ def ssl_context_for(target: DatabaseTarget, *, allow_insecure: bool) -> ssl.SSLC
         )
     if target.ssl_mode == "disable":
         return False
-    for path in (target.ssl_root_cert, target.ssl_cert, target.ssl_key):
+    for path in (target.ssl_root_cert, target.ssl_cert, target.ssl_key, target.ssl_crl):
         if path is not None and not path.is_file():
             raise StartupError(f"database TLS file {path} does not exist or is not a file")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = _TLS_VERSIONS[target.ssl_min_protocol_version]
+    if target.ssl_max_protocol_version is not None:
+        context.maximum_version = _TLS_VERSIONS[target.ssl_max_protocol_version]
     if target.ssl_mode == "require":
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -66,9 +73,48 @@ def ssl_context_for(target: DatabaseTarget, *, allow_insecure: bool) -> ssl.SSLC
             # libpq would demand ~/.postgresql/root.crt; a service in a container
             # is better served by the system trust store (managed databases).
             context.load_default_certs()
+    if target.ssl_crl is not None:
+        _load_crl(context, target)
     if target.ssl_cert is not None:
         context.load_cert_chain(target.ssl_cert, target.ssl_key)
     return context
+
+
+def _check_unix_sockets(target: DatabaseTarget, allow_insecure: bool) -> None:
+    """Neither libpq nor asyncpg speaks TLS over a Unix socket, whatever the
+    sslmode: a socket host is a connection without TLS."""
+    where = ", ".join(target.unix_sockets) if target.unix_sockets != ("",) else None
+    what = (
+        f"the Unix socket {where}"
+        if where
+        else "no host, so the default Unix sockets would be tried first"
+    )
+    if not allow_insecure:
+        raise StartupError(
+            f"refusing a database URL with {what}: it connects without TLS "
+            f"(sslmode={target.ssl_mode} would not apply); name the server's TCP host, "
+            "or set ORDERSTREAM_ALLOW_INSECURE_DATABASE=1 for local development only"
+        )
+    log.warning(
+        "INSECURE DATABASE CONNECTION: %s, without TLS; never use this outside local development",
+        what,
+    )
+
+
+def _load_crl(context: ssl.SSLContext, target: DatabaseTarget) -> None:
+    """The server's certificate is checked against the CRL (libpq's
+    sslcrl); a CRL only means something when the certificate is verified."""
+    if context.verify_mode != ssl.CERT_REQUIRED:
+        raise StartupError(
+            f"sslcrl needs sslmode=verify-full or verify-ca, not sslmode={target.ssl_mode}"
+        )
+    try:
+        context.load_verify_locations(cafile=target.ssl_crl)
+    except ssl.SSLError as exc:
+        raise StartupError(
+            f"cannot load the database CRL {target.ssl_crl}: {exc.reason or exc}"
+        ) from None
+    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
