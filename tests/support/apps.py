@@ -36,3 +36,9 @@ async def app_with_channel(
 async def pool_is_full(app: App) -> bool:
     """Every connection of the app's pool is back in it (idle)."""
     return app.pool.get_idle_size() == app.pool.get_size()
+
+
+def closed(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the development switch the test fixtures set: the
+    service as deployed, which must authenticate its callers."""
+    return {name: value for name, value in env.items() if name != "ORDERSTREAM_INSECURE_DEV"}

@@ -5,6 +5,7 @@ certificates, which a server refuses as a client's)."""
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -24,8 +25,9 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def client_identity(common_name: str) -> ClientIdentity:
-    """A fresh CA and a client certificate (clientAuth) signed by it, in PEM."""
+def client_identity(common_name: str, uris: Sequence[str] = ()) -> ClientIdentity:
+    """A fresh CA and a client certificate (clientAuth) signed by it, in PEM,
+    with `uris` as its subject alternative names (e.g. a SPIFFE id)."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
@@ -40,7 +42,7 @@ def client_identity(common_name: str) -> ClientIdentity:
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca.subject)
@@ -50,8 +52,13 @@ def client_identity(common_name: str) -> ClientIdentity:
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
+    if uris:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+            critical=False,
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
     return ClientIdentity(
         ca.public_bytes(serialization.Encoding.PEM),
         cert.public_bytes(serialization.Encoding.PEM),
