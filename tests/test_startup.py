@@ -100,6 +100,55 @@ REFUSALS = [
         ("sslmode=allow", "plain text"),
     ),
     Refusal(
+        # Neither libpq nor asyncpg speaks TLS over a Unix socket.
+        "unix-socket-host",
+        lambda c, tmp: {"DATABASE_URL": _url(c, host="%2Fvar%2Frun%2Fpostgresql")},
+        StartupError,
+        ("the Unix socket /var/run/postgresql", "ORDERSTREAM_ALLOW_INSECURE_DATABASE"),
+    ),
+    Refusal(
+        "unix-socket-host-parameter",
+        lambda c, tmp: {"DATABASE_URL": _url(c, "host=/tmp")},
+        StartupError,
+        ("the Unix socket /tmp", "ORDERSTREAM_ALLOW_INSECURE_DATABASE"),
+    ),
+    Refusal(
+        "no-host-tries-the-unix-socket",
+        lambda c, tmp: {"DATABASE_URL": f"postgresql://{c.app_user}:{c.app_password}@/db"},
+        StartupError,
+        ("no host", "Unix socket", "ORDERSTREAM_ALLOW_INSECURE_DATABASE"),
+    ),
+    Refusal(
+        "unsupported-ssl-parameters",
+        lambda c, tmp: {"DATABASE_URL": _url(c, "sslcrldir=/etc/crl&sslpassword=x")},
+        SettingsError,
+        ("DATABASE_URL", "not support", "sslcrldir, sslpassword"),
+    ),
+    Refusal(
+        "unsupported-pgssl-variable",
+        lambda c, tmp: {"PGSSLCOMPRESSION": "1"},
+        SettingsError,
+        ("not support", "PGSSLCOMPRESSION"),
+    ),
+    Refusal(
+        "tls-version-that-does-not-exist",
+        lambda c, tmp: {"DATABASE_URL": _url(c, "ssl_min_protocol_version=TLSv9.9")},
+        SettingsError,
+        ("ssl_min_protocol_version", "'TLSv9.9'", "TLSv1.2, TLSv1.3"),
+    ),
+    Refusal(
+        "tls-maximum-below-minimum",
+        lambda c, tmp: {"PGSSLMINPROTOCOLVERSION": "TLSv1.3", "PGSSLMAXPROTOCOLVERSION": "TLSv1.2"},
+        SettingsError,
+        ("ssl_max_protocol_version=TLSv1.2", "below", "ssl_min_protocol_version=TLSv1.3"),
+    ),
+    Refusal(
+        "missing-crl-file",
+        lambda c, tmp: {"DATABASE_URL": _url(c, f"sslcrl={tmp / 'no-such.crl'}")},
+        StartupError,
+        ("no-such.crl", "does not exist"),
+    ),
+    Refusal(
         "malformed-port",
         lambda c, tmp: {"ORDERSTREAM_PORT": "abc"},
         SettingsError,
