@@ -9,6 +9,7 @@ nor a log line can show them.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ _SSL_PARAMETERS = {
     "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
     "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
 }
+_LIBPQ_TLS_VARIABLE = re.compile(r"PGSSL[A-Z]*|PGREQUIRESSL")
 # libpq also knows TLSv1 and TLSv1.1; neither is offered here.
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
@@ -489,8 +491,7 @@ def _refuse_unsupported_ssl(env: _Reader, name: str, url_keys: list[str]) -> Non
             f"{', '.join(unsupported)} (supported: {', '.join(_SSL_PARAMETERS)})"
         )
     variables = sorted(
-        {v for v in env.names() if v.startswith("PGSSL") or v == "PGREQUIRESSL"}
-        - set(_SSL_PARAMETERS.values())
+        {v for v in env.names() if _LIBPQ_TLS_VARIABLE.fullmatch(v)} - set(_SSL_PARAMETERS.values())
     )
     if variables:
         raise SettingsError(

@@ -122,10 +122,44 @@ def test_deployment_matches_the_server(rendered):
         "orderstream-database",
         "orderstream-page-token",
         "orderstream-tls",
+        "orderstream-auth",
         "orderstream-database-ca",
     }
     # Every setting the ConfigMap sets is one docs/configuration.md documents.
     assert set(config) <= documented_settings()
+
+
+def test_callers_are_authenticated_from_the_auth_secret(rendered):
+    """Closed by default: the tokens file (and, with mTLS, the certificate
+    identities) come from the mounted auth Secret; no development switch."""
+    config = one(rendered, "ConfigMap")["data"]
+    pod = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert "ORDERSTREAM_INSECURE_DEV" not in config
+    files = ["ORDERSTREAM_AUTH_TOKENS_FILE"]
+    if "ORDERSTREAM_TLS_CLIENT_CA" in config:
+        files.append("ORDERSTREAM_AUTH_CERT_IDENTITIES_FILE")
+    for setting in files:
+        directory, _, key = config[setting].rpartition("/")
+        assert mounts[directory]["secret"]["secretName"] == "orderstream-auth", setting
+        assert key in ("tokens", "identities"), setting
+
+
+def named_namespaces(selector: dict[str, Any]) -> set[str]:
+    """The namespaces a namespaceSelector admits when it admits them by
+    name only (empty otherwise, e.g. for `{}` or a selector on other labels)."""
+    name = "kubernetes.io/metadata.name"
+    labels, expressions = selector.get("matchLabels", {}), selector.get("matchExpressions", [])
+    if set(labels) - {name} or any(e["key"] != name for e in expressions):
+        return set()
+    if any(e["operator"] != "In" for e in expressions):
+        return set()
+    names = {labels[name]} if name in labels else set()
+    for expression in expressions:
+        names |= set(expression["values"])
+    return names
 
 
 def test_services_policy_and_migration(rendered):
@@ -136,6 +170,11 @@ def test_services_policy_and_migration(rendered):
     assert policy["policyTypes"] == ["Ingress"]
     allowed = [rule["from"][0]["podSelector"]["matchLabels"] for rule in policy["ingress"]]
     assert allowed == [{"orderstream-client": "true"}, {"app.kubernetes.io/name": "prometheus"}]
+    # Every peer names its namespaces: a pod label alone can be set by
+    # anyone who can create a pod, in any namespace.
+    for rule in policy["ingress"]:
+        for peer in rule["from"]:
+            assert named_namespaces(peer["namespaceSelector"]), peer
     # Migrating first selects exactly the settings and the Job.
     components = {
         d["metadata"].get("labels", {}).get("app.kubernetes.io/component") for d in rendered
