@@ -18,6 +18,7 @@ from service.db.pool import direct_session
 from service.errors import StartupError
 from service.ops import logs, workers
 from service.ops.tracing import Tracing
+from service.rpc.exposure import refuse_unauthenticated
 from service.settings import Settings, SettingsError
 
 log = logging.getLogger("service")
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_checked(settings, _migrate(settings))
     if settings.workers > 1:
         try:
+            # Once, before forking: one error rather than one per worker.
+            refuse_unauthenticated(settings)
             return workers.run(
                 settings, settings.workers, lambda own: _run_checked(own, _serve(own, True))
             )

@@ -60,9 +60,11 @@ async def test_mtls_alone_is_not_caller_authentication(service_env, tmp_path):
         assert fragment in str(raised.value)
 
 
-async def test_the_refusal_as_a_process_is_one_clear_error_and_exit_2(service_env):
+@pytest.mark.parametrize("args", [("serve",), ("serve", "--workers", "2")], ids=" ".join)
+async def test_the_refusal_as_a_process_is_one_clear_error_and_exit_2(service_env, args):
+    """With workers too: refused once, before forking."""
     env = process_env(service_env, ORDERSTREAM_INSECURE_DEV=None)
-    async with service_process(env, "serve") as child:
+    async with service_process(env, *args) as child:
         code = await child.exit_code()
     assert code == EXIT_CONFIG, child.output
     errors = [r for r in child.records if r.get("level") == "ERROR"]

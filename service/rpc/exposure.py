@@ -43,16 +43,25 @@ def what_is_open(settings: Settings) -> list[str]:
 def check_exposure(settings: Settings) -> None:
     """Raises StartupError when callers would go unauthenticated without
     the switch; with it, logs a WARNING naming what is open."""
-    exposed = what_is_open(settings)
     if settings.insecure_dev:
         log.warning(
             "INSECURE DEVELOPMENT MODE (%s=1), never use it outside local development; "
             "open to anyone who reaches the port: %s",
             SWITCH,
-            "; ".join(exposed) or "nothing (the switch is set but unused)",
+            "; ".join(what_is_open(settings)) or "nothing (the switch is set but unused)",
         )
         return
-    if not authenticates_callers(settings):
+    refuse_unauthenticated(settings)
+    if settings.tls is None:
+        log.warning(
+            "the listener is plain text (ORDERSTREAM_TLS_CERT unset): bearer tokens "
+            "travel unencrypted unless something in front of the service adds TLS"
+        )
+
+
+def refuse_unauthenticated(settings: Settings) -> None:
+    """StartupError unless callers are authenticated or the switch is set."""
+    if not settings.insecure_dev and not authenticates_callers(settings):
         mtls_alone = settings.tls is not None and settings.tls.client_ca is not None
         raise StartupError(
             "refusing to serve without caller authentication: set "
@@ -66,9 +75,4 @@ def check_exposure(settings: Settings) -> None:
                 else ""
             )
             + f"; for local development only, {SWITCH}=1 serves anyone"
-        )
-    if settings.tls is None:
-        log.warning(
-            "the listener is plain text (ORDERSTREAM_TLS_CERT unset): bearer tokens "
-            "travel unencrypted unless something in front of the service adds TLS"
         )
