@@ -124,6 +124,9 @@ async def test_a_certificate_with_the_scope_is_served(mtls_app, server_certs, re
         orders = order_service_pb2_grpc.OrderServiceStub(channel)
         got = await orders.GetOrder(order_service_pb2.GetOrderRequest(id=order.id), timeout=5)
         assert got.id == order.id
+        events = event_service_pb2_grpc.EventServiceStub(channel)
+        page = await _first(events.StreamEvents(event_service_pb2.StreamEventsRequest(), timeout=5))
+        assert page is not None and len(page.events) > 0  # type: ignore[attr-defined]
 
 
 async def test_a_certificate_without_the_scope_is_denied_and_writes_nothing(
