@@ -6,10 +6,11 @@ Spreads, so that the planner sees what production would show it:
 
 - customers: one per ten orders, skewed (the square of a uniform number
   picks the customer, so a few customers hold many orders and most a few);
-- statuses by age: old orders mostly DELIVERED, the newest mostly PENDING;
-- creation times rising with the id at a steady 10,000 a day, ending now,
-  with an hour's jitter (a larger table holds a longer history, not a
-  busier day);
+- statuses by age: orders of the last two days still moving (PENDING 40%,
+  PAID, SHIPPED, some CANCELLED), older ones 93% DELIVERED;
+- creation times rising with the id at a steady 10,000 a day from
+  2020-01-01 (`created_time`), with an hour's jitter (a larger table holds
+  a longer history, not a busier day);
 - one to three items per order;
 - event types: two common ones (order.created, order.status_changed) and a
   long tail of twenty rarer ones down to about 0.1%;
@@ -24,11 +25,18 @@ from __future__ import annotations
 
 import asyncpg
 
-# Seconds between two rows' creation times: 10,000 a day.
-_STEP_SECONDS = 86400 / 10_000
+# Rows created a day, and so the seconds between two rows' creation times,
+# from a fixed start: rows appended by a later fill come after the others.
+PER_DAY = 10_000
+_STEP_SECONDS = 86400 / PER_DAY
+_START = 1577836800  # 2020-01-01T00:00:00Z, in Unix seconds
 
-EVENT_TYPES = ["order.created", "order.status_changed"] + [f"com.example.t{k}" for k in range(20)]
-STATUSES = ("PENDING", "PAID", "SHIPPED", "DELIVERED", "CANCELLED")
+
+def created_time(row: int) -> float:
+    """When the `row`th order or event was created (Unix seconds, before
+    the orders' jitter)."""
+    return _START + row * _STEP_SECONDS
+
 
 # $1 first row number, $2 last row number, $3 total rows planned (for the
 # time spread and the customer count).
@@ -37,7 +45,7 @@ INSERT INTO orders (customer_id, currency, status, total_cents, create_time, upd
 SELECT 'c-' || floor(power(random(), 2) * greatest($3 / 10, 1))::bigint,
        (ARRAY['EUR', 'USD', 'GBP'])[1 + (g % 3)],
        CASE
-           WHEN age < 0.98 THEN
+           WHEN age > 2 THEN
                CASE WHEN r < 0.93 THEN 'DELIVERED' WHEN r < 0.98 THEN 'CANCELLED' ELSE 'SHIPPED' END
            ELSE
                CASE WHEN r < 0.4 THEN 'PENDING' WHEN r < 0.7 THEN 'PAID'
@@ -46,8 +54,8 @@ SELECT 'c-' || floor(power(random(), 2) * greatest($3 / 10, 1))::bigint,
        (random() * 100000)::bigint,
        t, t
 FROM (
-    SELECT g, g::float8 / $3 AS age, random() AS r,
-           now() - make_interval(secs => {_STEP_SECONDS} * ($3 - g) + random() * 3600) AS t
+    SELECT g, ($3 - g)::float8 / {PER_DAY} AS age, random() AS r,
+           to_timestamp({_START} + {_STEP_SECONDS} * g + random() * 3600) AS t
     FROM generate_series($1::bigint, $2::bigint) AS g
 ) AS o
 ORDER BY g
@@ -73,7 +81,7 @@ SELECT CASE
        'orderstream',
        CASE WHEN s < 0.05 THEN ''
             ELSE 'orders/' || floor(power(random(), 2) * greatest($3 / 10, 1))::bigint END,
-       now() - make_interval(secs => {_STEP_SECONDS} * ($3 - g)),
+       to_timestamp({_START} + {_STEP_SECONDS} * g),
        jsonb_build_object('n', g, 'amount', (random() * 10000)::integer)
 FROM (SELECT g, random() AS r, random() AS s FROM generate_series($1::bigint, $2::bigint) AS g) e
 ORDER BY g
