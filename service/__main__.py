@@ -41,6 +41,8 @@ async def _serve(settings: Settings, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    # Rotated tokens or certificate: take them now, not at the next poll.
+    loop.add_signal_handler(signal.SIGHUP, app.reload_now)
     await stopping.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace})
     await app.stop()
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level)
     if args.command == "migrate":
         return _run_checked(settings, _migrate(settings))
+    # Until the server can act on it, a SIGHUP (a reload request) must not
+    # end the process, as its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.workers > 1:
         try:
             return workers.run(
