@@ -27,6 +27,10 @@ EXIT_CONFIG = 2
 
 async def _serve(settings: Settings, reuse_port: bool = False) -> None:
     app = await App.start(settings, reuse_port=reuse_port, tracing=Tracing.from_env(os.environ))
+    loop = asyncio.get_running_loop()
+    # Rotated tokens or certificate: take them now, not at the next poll.
+    # Taken before "serving" is logged, so a SIGHUP after it always counts.
+    loop.add_signal_handler(signal.SIGHUP, app.reload_now)
     log.info(
         "serving",
         extra={
@@ -38,11 +42,8 @@ async def _serve(settings: Settings, reuse_port: bool = False) -> None:
         },
     )
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    # Rotated tokens or certificate: take them now, not at the next poll.
-    loop.add_signal_handler(signal.SIGHUP, app.reload_now)
     await stopping.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace})
     await app.stop()

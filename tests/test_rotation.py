@@ -341,3 +341,20 @@ async def test_certificate_rotates_under_calls_in_flight(
         callers = {line["caller"] for line in access_lines(child, PUBLISH)}
         assert callers == {"CN=rotation-caller"}
         assert {line["caller"] for line in access_lines(child, UPLOAD)} == {"CN=rotation-caller"}
+
+
+async def test_sighup_reaches_every_worker(service_env, login, tmp_path):
+    """With --workers the parent passes SIGHUP on: each worker reloads."""
+    first, second = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    tokens = tmp_path / "tokens"
+    tokens.write_bytes(tokens_file(first=(first, "read")))
+    env = serve_env(service_env, login, grace=5, event_loop=None)
+    env.update(ORDERSTREAM_AUTH_TOKENS_FILE=str(tokens), ORDERSTREAM_RELOAD_INTERVAL="3600")
+    async with service_process(env, "serve", "--workers", "2") as child:
+        one = await child.record("serving")
+        other = await child.record("serving", after=child.records.index(one) + 1)
+        tokens.write_bytes(tokens_file(second=(second, "read")))
+        reloaded = await reload_by_sighup(child, "reloaded")
+        also = await child.record("reloaded", after=child.records.index(reloaded) + 1)
+        assert {reloaded["pid"], also["pid"]} == {one["pid"], other["pid"]}
+        assert await child.stop(15) == 0
