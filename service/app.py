@@ -141,7 +141,7 @@ class App:
         metrics = Metrics()
         metrics.watch_pool(pool)
         tokens = _watched_tokens(settings)
-        certificate = watched_certificate(settings.tls) if settings.tls is not None else None
+        certificate, credentials = _listener_credentials(settings)
         options = _server_options(settings, reuse_port)
         server = grpc.aio.server(
             options=options,
@@ -207,11 +207,6 @@ class App:
             reflection.enable_server_reflection(
                 (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-        credentials = (
-            server_credentials(settings.tls, certificate)
-            if settings.tls is not None and certificate is not None
-            else None
-        )
         port = _listen(server, settings.host, settings.port, credentials)
         health_server = health_port = None
         if settings.health_port is not None:
@@ -398,6 +393,17 @@ def _watched_tokens(settings: Settings) -> WatchedFiles[Tokens] | None:
         lambda: [read_tokens_file(path)],
         lambda contents: Tokens.parse(contents[0], path),
     )
+
+
+def _listener_credentials(
+    settings: Settings,
+) -> tuple[WatchedFiles[grpc.ServerCertificateConfiguration] | None, grpc.ServerCredentials | None]:
+    """The listener's certificate, read now and again when it changes, and
+    the credentials that serve it; neither in plain text."""
+    if settings.tls is None:
+        return None, None
+    certificate = watched_certificate(settings.tls)
+    return certificate, server_credentials(settings.tls, certificate)
 
 
 def _interceptors(
