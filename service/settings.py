@@ -113,6 +113,9 @@ class Settings:
     health_port: int | None
     tls: ListenerTls | None
     auth_tokens_file: Path | None  # set: every call needs a token (service/rpc/auth.py)
+    # How often the tokens file and the listener's certificate are checked
+    # for changes (service/ops/reloading.py); SIGHUP checks at once.
+    reload_interval: float
     reflection: bool
     max_message_bytes: int
     max_concurrent_rpcs: int | None
@@ -186,6 +189,7 @@ class Settings:
             health_port=env.optional_integer("ORDERSTREAM_HEALTH_PORT", low=0, high=65535),
             tls=_listener_tls(env),
             auth_tokens_file=_optional_path(env, "ORDERSTREAM_AUTH_TOKENS_FILE"),
+            reload_interval=env.seconds("ORDERSTREAM_RELOAD_INTERVAL", 5.0),
             reflection=env.boolean("ORDERSTREAM_REFLECTION", True),
             # gRPC's own default (4 MiB); uploads are packed in 1 MiB messages.
             max_message_bytes=env.integer(

@@ -13,6 +13,9 @@ digest in constant time. Every method of OrderService and EventService
 needs exactly one scope, listed in `METHOD_SCOPES`; a method that is not
 listed is refused, so a new RPC stays closed until someone decides its scope.
 
+A changed tokens file takes effect without a restart, one that does not
+parse keeps the table in force (service/ops/reloading.py).
+
 Health is open (kubelet's gRPC probes send no metadata); reflection needs a
 valid token of any scope (it shows the contract, not data).
 
@@ -36,6 +39,7 @@ from typing import Any
 import grpc
 
 from service.errors import Reason, ServiceError, StartupError
+from service.ops import logs
 from service.rpc.registry import HANDLER_KINDS
 from service.rpc.status_map import abort
 
@@ -82,20 +86,24 @@ class Caller:
 
 
 class Tokens:
-    """The tokens file, read once at startup."""
+    """The tokens file's table, immutable: a changed file is a new table
+    (service/ops/reloading.py swaps it whole)."""
 
     def __init__(self, callers: Sequence[Caller]) -> None:
         self._callers = tuple(callers)
 
     @classmethod
     def load(cls, path: Path) -> Tokens:
-        """Reads the file; errors name the file and line, never its content."""
+        return cls.parse(read_tokens_file(path), path)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> Tokens:
+        """Errors name the file and line, never its content."""
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
             raise StartupError(
-                f"cannot read ORDERSTREAM_AUTH_TOKENS_FILE {path}: {reason}"
+                f"cannot read ORDERSTREAM_AUTH_TOKENS_FILE {path}: not UTF-8"
             ) from None
         callers: list[Caller] = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -118,6 +126,15 @@ class Tokens:
             if hmac.compare_digest(caller.digest, digest):
                 found = caller
         return found
+
+
+def read_tokens_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot read ORDERSTREAM_AUTH_TOKENS_FILE {path}: {exc.strerror}"
+        ) from None
 
 
 def _caller(fields: list[str], path: Path, number: int) -> Caller:
@@ -157,10 +174,17 @@ _UNAUTHENTICATED_MESSAGES = {
 
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Refuses calls without a valid token (UNAUTHENTICATED) and calls whose
-    token lacks the method's scope (PERMISSION_DENIED)."""
+    token lacks the method's scope (PERMISSION_DENIED).
 
-    def __init__(self, tokens: Tokens) -> None:
+    `tokens` returns the table in force, looked up once per call: a call
+    admitted runs on whatever the file says later, the next call meets the
+    new table. `refused` counts each refusal by reason (a metric)."""
+
+    def __init__(
+        self, tokens: Callable[[], Tokens], refused: Callable[[Reason], None] | None = None
+    ) -> None:
         self._tokens = tokens
+        self._refused = refused
 
     async def intercept_service(
         self,
@@ -181,18 +205,23 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         )
         if error is None:
             return handler
+        if self._refused is not None:
+            self._refused(error.reason)
         return _refusing(handler, method, error)
 
     def _refusal(
         self, method: str, service: str, metadata: Sequence[tuple[str, Any]] | None
     ) -> ServiceError | None:
         token, reason = _bearer_token(metadata)
-        caller = self._tokens.find(token) if token is not None else None
+        caller = self._tokens().find(token) if token is not None else None
         if caller is None:
             reason = reason or Reason.TOKEN_UNKNOWN
             return ServiceError(
                 grpc.StatusCode.UNAUTHENTICATED, reason, _UNAUTHENTICATED_MESSAGES[reason]
             )
+        # The interceptor runs in the call's own task: the access log line
+        # (service/rpc/observing.py) names the caller from it.
+        logs.caller.set(caller.name)
         if service in AUTHENTICATED_SERVICES:
             return None
         scope = METHOD_SCOPES.get(method)
