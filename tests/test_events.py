@@ -244,7 +244,9 @@ async def test_publishes_without_request_id_each_write(events, admin_db):
 async def test_a_bad_publish_request_id_is_invalid_argument(events, admin_db, key):
     before = await table_counts(admin_db)
     error = await rpc_error(
-        events.PublishEvents(event_service_pb2.PublishEventsRequest(request_id=key, events=[event()]))
+        events.PublishEvents(
+            event_service_pb2.PublishEventsRequest(request_id=key, events=[event()])
+        )
     )
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "request_id" in error.violations
