@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_service_pb2
+from service.db.expiry import forget_expired_forever
 from service.db.migrate import migrate
 from service.db.pool import (
     close_pool,
@@ -83,6 +84,7 @@ class App:
     health: DatabaseHealth
     health_task: asyncio.Task[None]
     trim_task: asyncio.Task[None]
+    expiry_task: asyncio.Task[None]
     feed: EventFeed
     streams: StreamSlots
     followers: StreamSlots
@@ -237,6 +239,14 @@ class App:
             health=database_health,
             health_task=asyncio.create_task(database_health.run(), name="database-health"),
             trim_task=asyncio.create_task(trim_memory_forever(), name="memory-trim"),
+            expiry_task=asyncio.create_task(
+                forget_expired_forever(
+                    pool,
+                    window=settings.idempotency_window,
+                    interval=settings.idempotency_cleanup_interval,
+                ),
+                name="idempotency-expiry",
+            ),
             feed=feed,
             streams=streams,
             followers=followers,
@@ -273,13 +283,13 @@ class App:
         await self.feed.close()
         await stopping
         await self.health_task
-        self.trim_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.trim_task
+        tasks = [self.trim_task, self.expiry_task]
         if self.reload_task is not None:
-            self.reload_task.cancel()
+            tasks.append(self.reload_task)
+        for task in tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self.reload_task
+                await task
         # Probes keep seeing NOT_SERVING until the main listener is gone.
         if self.health_server is not None:
             await self.health_server.stop(None)
