@@ -23,7 +23,7 @@ help:
 	@echo "make test   install what is missing and run the whole suite"
 	@echo "make gen    regenerate the Python and TypeScript stubs from protos/"
 	@echo "make soak   the fault suite's soak for five minutes (SOAK_SECONDS=300)"
-	@echo "make bench  measure bulk streaming against psql COPY, unary calls against their limits and the change feed's fan-out (several minutes)"
+	@echo "make bench  measure bulk streaming against psql COPY, unary calls against their limits, the change feed's fan-out and reads as the tables grow (several minutes)"
 
 # $(call apt_install,MISSING,PACKAGES,WHAT): when the shell test MISSING
 # holds, apt-installs the Debian PACKAGES as root, else fails naming them.
@@ -152,3 +152,4 @@ bench: install $(STAMPS)/bench
 	$(PY) -m bench.streaming
 	$(PY) -m bench.unary
 	$(PY) -m bench.fanout
+	$(PY) -m bench.scale

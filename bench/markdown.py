@@ -11,16 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import RESULTS
-from bench.unary import HEADLINE, METHODS, SERVERS, at, verdict
-
-RATIO_LABELS = {
-    "get_vs_ceiling": f"`GetOrder` / ceiling, {HEADLINE} concurrent",
-    "get_p99_ms": f"`GetOrder` p99 at {HEADLINE} (ms)",
-    "get_vs_peer": f"`GetOrder` / peer, {HEADLINE} concurrent",
-    "create_vs_peer": f"`CreateOrder` / peer, {HEADLINE} concurrent",
-    "upload_vs_publish": "`UploadEvents` / one `PublishEvents` per event",
-    "workers2_vs_1": f"`--workers 2` / one worker, `GetOrder` at {HEADLINE}",
-}
+from bench.unary import HEADLINE, LABELS, METHODS, SERVERS, UNTARGETED, at, verdict
 
 
 def figures(results: dict[str, Any]) -> list[str]:
@@ -43,14 +34,12 @@ def figures(results: dict[str, Any]) -> list[str]:
 
 def ratios(results: dict[str, Any]) -> list[str]:
     lines = ["| ratio | measured | target | |", "|---|---:|---:|---|"]
-    for key, label in RATIO_LABELS.items():
+    for key, label in LABELS.items():
         value = results["ratios"][key]
         bound, met = verdict(key, value)
         lines.append(f"| {label} | {value:.2f} | {bound} | {'met' if met else '**not met**'} |")
-    lines.append(
-        f"| `GetOrder` / the ceiling plus one `SELECT 1`, {HEADLINE} concurrent "
-        f"| {results['ratios']['get_vs_round_trip']:.2f} | (no target) | |"
-    )
+    for key, label in UNTARGETED.items():
+        lines.append(f"| {label} | {results['ratios'][key]:.2f} | (no target) | |")
     return lines
 
 

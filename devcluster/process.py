@@ -108,12 +108,16 @@ class ServiceProcess:
     def records(self) -> list[dict[str, Any]]:
         return json_records(self.lines)
 
-    async def record(self, message: str, timeout: float = 15.0) -> dict[str, Any]:
-        """Waits for the log record with this message."""
+    async def record(
+        self, message: str, timeout: float = 15.0, *, after: int = 0
+    ) -> dict[str, Any]:
+        """Waits for the log record with this message, the first after the
+        first `after` records (`len(records)` before an action: the record
+        the action causes, not an earlier one like it)."""
         async with asyncio.timeout(timeout):
             while True:
                 self._changed.clear()
-                for entry in self.records:
+                for entry in self.records[after:]:
                     if entry.get("message") == message:
                         return entry
                 if all(reader.done() for reader in self._readers):

@@ -28,6 +28,10 @@ EXIT_CONFIG = 2
 
 async def _serve(settings: Settings, reuse_port: bool = False) -> None:
     app = await App.start(settings, reuse_port=reuse_port, tracing=Tracing.from_env(os.environ))
+    loop = asyncio.get_running_loop()
+    # Rotated tokens or certificate: take them now, not at the next poll.
+    # Taken before "serving" is logged, so a SIGHUP after it always counts.
+    loop.add_signal_handler(signal.SIGHUP, app.reload_now)
     log.info(
         "serving",
         extra={
@@ -39,7 +43,6 @@ async def _serve(settings: Settings, reuse_port: bool = False) -> None:
         },
     )
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level)
     if args.command == "migrate":
         return _run_checked(settings, _migrate(settings))
+    # Until the server can act on it, a SIGHUP (a reload request) must not
+    # end the process, as its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.workers > 1:
         try:
             # Once, before forking: one error rather than one per worker.

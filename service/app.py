@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_service_pb2
+from service.db.expiry import forget_expired_forever
 from service.db.migrate import migrate
 from service.db.pool import (
     close_pool,
@@ -41,15 +42,16 @@ from service.events.service import EventService
 from service.events.tail import Tail
 from service.ops.memory import trim_memory_forever
 from service.ops.metrics import Metrics, MetricsEndpoint
+from service.ops.reloading import Reloader, WatchedFiles
 from service.ops.tracing import Tracing
 from service.orders.page_token import PageTokens
 from service.orders.service import OrderService
 from service.rpc import registry
-from service.rpc.auth import SCOPES, TokenAuth, Tokens
-from service.rpc.cert_identities import CertificateIdentities
+from service.rpc.auth import SCOPES, TokenAuth, Tokens, read_tokens_file
+from service.rpc.cert_identities import CertificateIdentities, read_identities_file
 from service.rpc.exposure import check_exposure
 from service.rpc.health import DatabaseHealth, HealthServicer
-from service.rpc.listener import server_credentials
+from service.rpc.listener import server_credentials, watched_certificate
 from service.rpc.observing import Observer
 from service.settings import Settings
 from service.streams.limits import StreamSlots, StreamTimeouts
@@ -84,6 +86,7 @@ class App:
     health: DatabaseHealth
     health_task: asyncio.Task[None]
     trim_task: asyncio.Task[None]
+    expiry_task: asyncio.Task[None]
     feed: EventFeed
     streams: StreamSlots
     followers: StreamSlots
@@ -95,10 +98,19 @@ class App:
     tracing: Tracing | None = None
     replica: ReplicaMonitor | None = None
     replica_task: asyncio.Task[None] | None = None
+    # Re-reads the tokens file and the listener's certificate when they change.
+    reloader: Reloader | None = None
+    reload_task: asyncio.Task[None] | None = None
 
     @property
     def metrics_port(self) -> int | None:
         return self.metrics_endpoint.port if self.metrics_endpoint else None
+
+    def reload_now(self) -> None:
+        """Checks the tokens file and the listener's certificate for changes
+        now, not at the next poll (SIGHUP)."""
+        if self.reloader is not None:
+            self.reloader.reload_now()
 
     @classmethod
     async def start(
@@ -133,10 +145,13 @@ class App:
     ) -> App:
         metrics = Metrics()
         metrics.watch_pool(pool)
+        tokens = _watched_tokens(settings)
+        identities = _watched_identities(settings)
+        certificate, credentials = _listener_credentials(settings)
         options = _server_options(settings, reuse_port)
         server = grpc.aio.server(
             options=options,
-            interceptors=_interceptors(settings),
+            interceptors=_interceptors(tokens, identities, metrics),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         db = Database(
@@ -150,8 +165,8 @@ class App:
             Tail(settings.feed_buffer_bytes),
             poll_interval=settings.follow_poll_interval,
         )
-        streams = StreamSlots(settings.max_streams, "stream")
-        followers = StreamSlots(settings.max_followers, "follower")
+        streams = StreamSlots(settings.max_streams, "stream", metrics.count_refusal)
+        followers = StreamSlots(settings.max_followers, "follower", metrics.count_refusal)
         timeouts = StreamTimeouts(
             first_message=settings.first_message_timeout,
             client_idle=settings.client_idle_timeout,
@@ -175,7 +190,11 @@ class App:
             batch_bytes=settings.stream_batch_bytes,
             max_upload_events=settings.max_upload_events,
         )
-        observer = Observer(metrics, tracing)
+        observer = Observer(
+            metrics,
+            tracing,
+            client_certificates=settings.tls is not None and settings.tls.client_ca is not None,
+        )
         # Not the generated add_*Servicer_to_server: a request that does not
         # parse must be INVALID_ARGUMENT, not UNKNOWN (service/rpc/registry.py).
         for servicer, descriptor in ((orders, ORDER_SERVICE), (events, EVENT_SERVICE)):
@@ -194,12 +213,14 @@ class App:
             reflection.enable_server_reflection(
                 (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-        port = _listen(server, settings.host, settings.port, settings)
+        port = _listen(server, settings.host, settings.port, credentials)
         health_server = health_port = None
         if settings.health_port is not None:
             health_server = grpc.aio.server(options=options)
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
             health_port = _listen(health_server, settings.host, settings.health_port, None)
+        watched = [files for files in (tokens, identities, certificate) if files is not None]
+        reloader = Reloader(watched, settings.reload_interval) if watched else None
         database_health = DatabaseHealth(
             health_servicer,
             pool,
@@ -222,6 +243,14 @@ class App:
             health=database_health,
             health_task=asyncio.create_task(database_health.run(), name="database-health"),
             trim_task=asyncio.create_task(trim_memory_forever(), name="memory-trim"),
+            expiry_task=asyncio.create_task(
+                forget_expired_forever(
+                    pool,
+                    window=settings.idempotency_window,
+                    interval=settings.idempotency_cleanup_interval,
+                ),
+                name="idempotency-expiry",
+            ),
             feed=feed,
             streams=streams,
             followers=followers,
@@ -235,6 +264,12 @@ class App:
                 None
                 if monitor is None
                 else asyncio.create_task(monitor.run(), name="replica-monitor")
+            ),
+            reloader=reloader,
+            reload_task=(
+                None
+                if reloader is None
+                else asyncio.create_task(reloader.run(), name="reload-on-change")
             ),
         )
 
@@ -252,9 +287,13 @@ class App:
         await self.feed.close()
         await stopping
         await self.health_task
-        self.trim_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.trim_task
+        tasks = [self.trim_task, self.expiry_task]
+        if self.reload_task is not None:
+            tasks.append(self.reload_task)
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         # Probes keep seeing NOT_SERVING until the main listener is gone.
         if self.health_server is not None:
             await self.health_server.stop(None)
@@ -362,33 +401,75 @@ async def _read_router(
     return ReadRouter(db, replica_db, monitor, on_served=metrics.count_read), monitor
 
 
-def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor] | None:
+def _watched_tokens(settings: Settings) -> WatchedFiles[Tokens] | None:
+    """The tokens file, read now (a bad one stops startup) and again when it changes."""
+    path = settings.auth_tokens_file
+    if path is None:
+        return None
+    return WatchedFiles(
+        "tokens file",
+        lambda: [read_tokens_file(path)],
+        lambda contents: Tokens.parse(contents[0], path),
+    )
+
+
+def _watched_identities(settings: Settings) -> WatchedFiles[CertificateIdentities] | None:
+    """The certificate identities file, read now and again when it changes."""
+    path = settings.auth_cert_identities_file
+    if path is None:
+        return None
+    return WatchedFiles(
+        "certificate identities file",
+        lambda: [read_identities_file(path)],
+        lambda contents: CertificateIdentities.parse(contents[0], path, SCOPES),
+    )
+
+
+def _listener_credentials(
+    settings: Settings,
+) -> tuple[WatchedFiles[grpc.ServerCertificateConfiguration] | None, grpc.ServerCredentials | None]:
+    """The listener's certificate, read now and again when it changes, and
+    the credentials that serve it; neither in plain text."""
+    if settings.tls is None:
+        return None, None
+    certificate = watched_certificate(settings.tls)
+    return certificate, server_credentials(settings.tls, certificate)
+
+
+# Callers by certificate only: a token is never valid.
+NO_TOKENS = Tokens(())
+
+
+def _interceptors(
+    tokens: WatchedFiles[Tokens] | None,
+    identities: WatchedFiles[CertificateIdentities] | None,
+    metrics: Metrics,
+) -> list[grpc.aio.ServerInterceptor] | None:
     """None unless caller authentication is on (only with
     ORDERSTREAM_INSECURE_DEV may it be off): even a no-op interceptor costs
     every call about 26 µs (269 -> 295 µs of server CPU per call), so that
     path has none (the observing is done without one too)."""
-    tokens_file, identities_file = settings.auth_tokens_file, settings.auth_cert_identities_file
-    if tokens_file is None and identities_file is None:
+    if tokens is None and identities is None:
         return None
     return [
         TokenAuth(
-            Tokens.load(tokens_file) if tokens_file is not None else Tokens(()),
-            CertificateIdentities.load(identities_file, SCOPES)
-            if identities_file is not None
-            else None,
+            (lambda: tokens.current) if tokens is not None else (lambda: NO_TOKENS),
+            metrics.count_refusal,
+            (lambda: identities.current) if identities is not None else None,
         )
     ]
 
 
-def _listen(server: grpc.aio.Server, host: str, port: int, settings: Settings | None) -> int:
-    """Binds `port` (0: any free one), with TLS when `settings` asks for it."""
+def _listen(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Binds `port` (0: any free one), with TLS when given `credentials`."""
     address = f"{host}:{port}"
-    tls = settings.tls if settings is not None else None
     try:
-        if tls is None:
+        if credentials is None:
             bound = server.add_insecure_port(address)
         else:
-            bound = server.add_secure_port(address, server_credentials(tls))
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError:
         bound = 0
     if bound == 0:

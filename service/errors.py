@@ -46,7 +46,7 @@ class Reason(enum.StrEnum):
     EVENT_NOT_FOUND = "EVENT_NOT_FOUND"  # GetEvent of an id that does not exist
     # ALREADY_EXISTS
     ALREADY_EXISTS = "ALREADY_EXISTS"  # a unique constraint refused the row (23505)
-    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"  # CreateOrder's request_id came with another body
+    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"  # a write's request_id came with another body
     # FAILED_PRECONDITION
     ILLEGAL_TRANSITION = "ILLEGAL_TRANSITION"  # the order's status may not move to the one asked
     REFERENCE_MISSING = "REFERENCE_MISSING"  # a foreign key found no row (23503)
@@ -55,7 +55,7 @@ class Reason(enum.StrEnum):
     VERSION_MISMATCH = "VERSION_MISMATCH"  # UpdateOrderStatus's expected_version is not current
     SERIALIZATION_FAILURE = "SERIALIZATION_FAILURE"  # 40001, also a standby's replication conflict
     DEADLOCK = "DEADLOCK"  # 40P01
-    CONCURRENT_REQUEST = "CONCURRENT_REQUEST"  # CreateOrder's request_id row vanished meanwhile
+    CONCURRENT_REQUEST = "CONCURRENT_REQUEST"  # a request_id's record vanished meanwhile
     CONCURRENT_UPDATE = "CONCURRENT_UPDATE"  # the order changed between UpdateOrderStatus's steps
     UPLOAD_IN_PROGRESS = "UPLOAD_IN_PROGRESS"  # an UploadEvents with this upload_id still runs
     IMPORT_IN_PROGRESS = "IMPORT_IN_PROGRESS"  # an ImportOrders with this import_id still runs

@@ -18,6 +18,10 @@ from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, u
 
 T = TypeVar("T")
 
+# The longest idempotency window, 90 days: records beyond that are a
+# history, not a retry's key, and their tables would grow without need.
+IDEMPOTENCY_WINDOW_LIMIT = 90 * 86_400.0
+
 SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
 # Modes that would fall back to plain text without telling anyone.
 _SILENT_FALLBACK_MODES = ("allow", "prefer")
@@ -139,6 +143,9 @@ class Settings:
     # The development switch: without it the service refuses to serve
     # callers it cannot authenticate (service/rpc/exposure.py).
     insecure_dev: bool
+    # How often the tokens file and the listener's certificate are checked
+    # for changes (service/ops/reloading.py); SIGHUP checks at once.
+    reload_interval: float
     reflection: bool
     max_message_bytes: int
     max_concurrent_rpcs: int
@@ -162,6 +169,10 @@ class Settings:
     # PostgreSQL's idle_in_transaction_session_timeout: the backstop that
     # ends a transaction the service itself failed to end.
     idle_in_transaction_timeout: float
+    # How long request ids, upload ids and import ids are remembered, and how
+    # often the records past that are forgotten (service/db/expiry.py).
+    idempotency_window: float
+    idempotency_cleanup_interval: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -224,6 +235,7 @@ class Settings:
             auth_tokens_file=_optional_path(env, "ORDERSTREAM_AUTH_TOKENS_FILE"),
             auth_cert_identities_file=_cert_identities_file(env, tls),
             insecure_dev=env.boolean("ORDERSTREAM_INSECURE_DEV", False),
+            reload_interval=env.seconds("ORDERSTREAM_RELOAD_INTERVAL", 5.0),
             reflection=env.boolean("ORDERSTREAM_REFLECTION", True),
             # gRPC's own default (4 MiB); uploads are packed in 1 MiB messages.
             max_message_bytes=env.integer(
@@ -263,6 +275,18 @@ class Settings:
             # PostgreSQL counts it in milliseconds; under a second is no backstop.
             idle_in_transaction_timeout=env.seconds(
                 "ORDERSTREAM_IDLE_IN_TRANSACTION_TIMEOUT", 60.0, at_least=1.0
+            ),
+            # A day covers a client's retries (seconds) and a batch job re-run
+            # the next morning, the longest retry callers are told to expect;
+            # an hour is the least, so a slow outage cannot outlast a key.
+            idempotency_window=env.seconds(
+                "ORDERSTREAM_IDEMPOTENCY_WINDOW",
+                86_400.0,
+                at_least=3_600.0,
+                below=IDEMPOTENCY_WINDOW_LIMIT,
+            ),
+            idempotency_cleanup_interval=env.seconds(
+                "ORDERSTREAM_IDEMPOTENCY_CLEANUP_INTERVAL", 60.0
             ),
         )
         if settings.pool_min_size > settings.pool_max_size:
@@ -330,17 +354,24 @@ class _Reader:
             return None
         return self.integer(name, 0, low=low, high=high)
 
-    def seconds(self, name: str, default: float, *, at_least: float | None = None) -> float:
-        """Above 0 (or `at_least` and more) and below a day."""
+    def seconds(
+        self,
+        name: str,
+        default: float,
+        *,
+        at_least: float | None = None,
+        below: float = 86_400.0,
+    ) -> float:
+        """Above 0 (or `at_least` and more) and below a day (or `below`)."""
 
         def parse(value: str) -> float:
             number = float(value)
-            if not 0 < number < 86_400 or (at_least is not None and number < at_least):
+            if not 0 < number < below or (at_least is not None and number < at_least):
                 raise ValueError
             return number
 
         low = "above 0" if at_least is None else f"from {at_least:g}"
-        return self._parsed(name, default, parse, f"a number of seconds {low} and below 86400")
+        return self._parsed(name, default, parse, f"a number of seconds {low} and below {below:g}")
 
     def boolean(self, name: str, default: bool) -> bool:
         words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}

@@ -22,8 +22,9 @@ from devcluster.cluster import make_certificates
 from orderstream.client import create_channel
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from service.app import EVENT_SERVICE, ORDER_SERVICE, App, _interceptors
+from service.app import EVENT_SERVICE, ORDER_SERVICE, App, _interceptors, _watched_tokens
 from service.errors import StartupError
+from service.ops.metrics import Metrics
 from service.rpc import auth
 from service.rpc.auth import METHOD_SCOPES, SCOPES, TokenAuth, Tokens
 from service.settings import Settings
@@ -154,7 +155,8 @@ def test_every_method_of_both_services_has_exactly_one_known_scope():
 def test_the_default_path_has_no_interceptor(service_env):
     """Auth off: no interceptor at all, not a pass-through one (its cost is
     paid by every call)."""
-    assert _interceptors(Settings.from_env(service_env)) is None
+    settings = Settings.from_env(service_env)
+    assert _interceptors(_watched_tokens(settings), Metrics()) is None
 
 
 async def test_calls_need_no_token_when_auth_is_off(orders):
@@ -280,7 +282,8 @@ async def test_a_method_missing_from_the_table_is_denied(tokens):
         reached.append(request)
         return b""
 
-    server = grpc.aio.server(interceptors=[TokenAuth(Tokens.load(tokens.file))])
+    table = Tokens.load(tokens.file)
+    server = grpc.aio.server(interceptors=[TokenAuth(lambda: table)])
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(

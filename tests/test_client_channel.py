@@ -14,7 +14,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from devcluster.cluster import Certificates, make_ca_only, make_certificates
-from orderstream.client import create_channel
+from orderstream.client import DEFAULT_SERVICE_CONFIG, create_channel, publish_events
+from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from tests.support.client_identity import client_identity
 
@@ -180,3 +181,100 @@ async def test_retry_policy_does_not_repeat_a_conditional_update():
             await stub.UpdateOrderStatus(order_service_pb2.UpdateOrderStatusRequest())
     assert raised.value.code() == grpc.StatusCode.ABORTED
     assert orders.attempts == {"UpdateOrderStatus": 1}
+
+
+# Every method of both services -> the status codes the default service
+# config retries. Only methods idempotent by contract are retried: a retry
+# after a lost response repeats a call that may have taken effect.
+RETRIED = {
+    "orderstream.orders.v1.OrderService/GetOrder": {"UNAVAILABLE", "ABORTED"},
+    "orderstream.orders.v1.OrderService/ListOrders": {"UNAVAILABLE", "ABORTED"},
+    # request_id is required: a repeat returns the first order.
+    "orderstream.orders.v1.OrderService/CreateOrder": {"UNAVAILABLE", "ABORTED"},
+    # No status is entered twice; ABORTED (a stale expected_version) needs a re-read.
+    "orderstream.orders.v1.OrderService/UpdateOrderStatus": {"UNAVAILABLE"},
+    "orderstream.orders.v1.OrderService/ExportOrders": {"UNAVAILABLE"},
+    "orderstream.orders.v1.OrderService/ImportOrders": {"UNAVAILABLE"},  # import_id required
+    "orderstream.events.v1.EventService/GetEvent": {"UNAVAILABLE", "ABORTED"},
+    # request_id is optional: without one a repeat writes twice (publish_events retries).
+    "orderstream.events.v1.EventService/PublishEvents": set(),
+    "orderstream.events.v1.EventService/UploadEvents": {"UNAVAILABLE"},  # upload_id required
+    "orderstream.events.v1.EventService/StreamEvents": {"UNAVAILABLE"},
+}
+
+
+def test_the_retry_table_retries_only_methods_idempotent_by_contract():
+    configured: dict[str, set[str]] = {}
+    for method_config in DEFAULT_SERVICE_CONFIG["methodConfig"]:
+        codes = set(method_config.get("retryPolicy", {}).get("retryableStatusCodes", ()))
+        for name in method_config["name"]:
+            path = f"{name['service']}/{name['method']}"
+            assert path not in configured, f"{path} is configured twice"
+            configured[path] = codes
+    every_method = {
+        f"{service.full_name}/{method.name}"
+        for module in (order_service_pb2, event_service_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert set(RETRIED) == every_method, "classify every method of the contract"
+    assert configured == RETRIED
+
+
+class FlakyPublish:
+    """PublishEvents that fails UNAVAILABLE a given number of times, then
+    answers; records the request_id of every attempt."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.request_ids: list[str] = []
+
+    async def publish(
+        self, request: event_service_pb2.PublishEventsRequest, context: grpc.aio.ServicerContext
+    ) -> event_service_pb2.PublishEventsResponse:
+        self.request_ids.append(request.request_id)
+        if len(self.request_ids) <= self.failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+        return event_service_pb2.PublishEventsResponse(ids=[41, 42])
+
+
+@contextlib.asynccontextmanager
+async def flaky_publish_server(flaky: FlakyPublish) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(
+        flaky.publish,
+        request_deserializer=event_service_pb2.PublishEventsRequest.FromString,
+        response_serializer=event_service_pb2.PublishEventsResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "orderstream.events.v1.EventService", {"PublishEvents": handler}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+async def test_a_raw_publish_is_not_retried_by_the_channel():
+    flaky = FlakyPublish(failures=1)
+    async with flaky_publish_server(flaky) as target, create_channel(target, insecure=True) as ch:
+        stub = event_service_pb2_grpc.EventServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.PublishEvents(event_service_pb2.PublishEventsRequest())
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert flaky.request_ids == [""]
+
+
+async def test_publish_events_retries_with_one_request_id():
+    flaky = FlakyPublish(failures=2)
+    async with flaky_publish_server(flaky) as target, create_channel(target, insecure=True) as ch:
+        assert await publish_events(ch, [event_pb2.Event(type="t", source="/s")]) == [41, 42]
+    assert len(flaky.request_ids) == 3
+    assert len(set(flaky.request_ids)) == 1
+    assert flaky.request_ids[0]

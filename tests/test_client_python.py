@@ -10,9 +10,17 @@ import json
 import grpc
 import pytest
 
-from orderstream.client import create_channel, stream_events, upload_events, upload_requests
+from orderstream.client import (
+    create_channel,
+    create_order,
+    publish_events,
+    stream_events,
+    update_order_status,
+    upload_events,
+    upload_requests,
+)
 from orderstream.events.v1 import event_pb2, event_service_pb2
-from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
+from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from tests.support.requests import create_request, unique
 from tests.support.tcp_proxy import TcpProxy
 
@@ -164,3 +172,30 @@ async def test_stream_events_raises_what_a_reconnect_cannot_fix(events):
             async for _ in stream:
                 pass
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_publish_events_with_the_same_request_id_writes_once(app, admin_db):
+    subject = unique("client-publish/")
+    key = unique("client-publish-")
+    batch = [new_event(subject, n) for n in range(3)]
+    async with create_channel(f"127.0.0.1:{app.port}", insecure=True) as channel:
+        first = await publish_events(channel, batch, request_id=key)
+        again = await publish_events(channel, batch, request_id=key)
+        fresh = await publish_events(channel, batch)
+    assert again == first
+    assert set(fresh).isdisjoint(first)
+    assert await stored_ns(admin_db, subject) == [0, 1, 2, 0, 1, 2]
+
+
+async def test_write_helpers_set_request_ids(app, admin_db):
+    async with create_channel(f"127.0.0.1:{app.port}", insecure=True) as channel:
+        order = await create_order(channel, create_request(request_id=""))
+        paid = await update_order_status(channel, order.id, order_pb2.ORDER_STATUS_PAID)
+    assert await admin_db.fetchval("SELECT request_id FROM orders WHERE id = $1", order.id)
+    assert (
+        await admin_db.fetchval(
+            "SELECT count(*) FROM status_requests WHERE order_id = $1", order.id
+        )
+        == 1
+    )
+    assert paid.status == order_pb2.ORDER_STATUS_PAID

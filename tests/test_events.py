@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -185,3 +186,68 @@ async def test_order_changes_appear_in_the_event_feed(orders, events, admin_db):
         "previous_status": "PENDING",
         "version": 2,
     }
+
+
+# --- PublishEvents' request_id ---------------------------------------------------
+
+
+async def test_a_retried_publish_returns_the_first_ids_and_writes_nothing(events, admin_db):
+    subject = unique("retried/")
+    request = event_service_pb2.PublishEventsRequest(
+        request_id=unique("publish-"), events=[event(subject=subject) for _ in range(3)]
+    )
+    first = await events.PublishEvents(request)
+    again = await events.PublishEvents(request)
+    assert list(again.ids) == list(first.ids)
+    stored = await admin_db.fetch("SELECT id FROM events WHERE subject = $1 ORDER BY id", subject)
+    assert [r["id"] for r in stored] == list(first.ids)
+
+
+async def test_concurrent_identical_publishes_write_once(events, admin_db):
+    subject = unique("concurrent/")
+    request = event_service_pb2.PublishEventsRequest(
+        request_id=unique("publish-"), events=[event(subject=subject), event(subject=subject)]
+    )
+    answers = await asyncio.gather(*(events.PublishEvents(request) for _ in range(6)))
+    assert len({tuple(a.ids) for a in answers}) == 1
+    assert await admin_db.fetchval("SELECT count(*) FROM events WHERE subject = $1", subject) == 2
+
+
+async def test_a_publish_request_id_with_another_body_is_already_exists(events, admin_db):
+    key = unique("publish-")
+    subject = unique("reused/")
+    await events.PublishEvents(
+        event_service_pb2.PublishEventsRequest(request_id=key, events=[event(subject=subject)])
+    )
+    before = await table_counts(admin_db)
+    error = await rpc_error(
+        events.PublishEvents(
+            event_service_pb2.PublishEventsRequest(
+                request_id=key, events=[event(subject=subject, json_payload='{"n": 2}')]
+            )
+        )
+    )
+    assert error.code == grpc.StatusCode.ALREADY_EXISTS
+    assert error.error_info.reason == "REQUEST_ID_REUSED"
+    assert await table_counts(admin_db) == before
+
+
+async def test_publishes_without_request_id_each_write(events, admin_db):
+    subject = unique("unkeyed/")
+    request = event_service_pb2.PublishEventsRequest(events=[event(subject=subject)])
+    first, second = [await events.PublishEvents(request) for _ in range(2)]
+    assert first.ids != second.ids
+    assert await admin_db.fetchval("SELECT count(*) FROM events WHERE subject = $1", subject) == 2
+
+
+@pytest.mark.parametrize("key", ["x" * 129, "nul\x00"], ids=["too-long", "nul"])
+async def test_a_bad_publish_request_id_is_invalid_argument(events, admin_db, key):
+    before = await table_counts(admin_db)
+    error = await rpc_error(
+        events.PublishEvents(
+            event_service_pb2.PublishEventsRequest(request_id=key, events=[event()])
+        )
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id" in error.violations
+    assert await table_counts(admin_db) == before

@@ -463,3 +463,90 @@ async def test_list_rejects_invalid_fields(orders, fields, field):
     error = await rpc_error(orders.ListOrders(order_service_pb2.ListOrdersRequest(**fields)))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.violations
+
+
+# --- UpdateOrderStatus' request_id -------------------------------------------------
+
+
+async def status_changes(admin_db, order_id: int) -> int:
+    return await admin_db.fetchval(
+        "SELECT count(*) FROM events WHERE subject = $1 AND type = 'order.status_changed'",
+        f"orders/{order_id}",
+    )
+
+
+@pytest.mark.parametrize("expected_version", [0, 1], ids=["unconditional", "conditional"])
+async def test_a_retried_status_change_answers_the_order_as_it_stands(
+    orders, admin_db, expected_version
+):
+    order = await orders.CreateOrder(create_request())
+    paying = order_service_pb2.UpdateOrderStatusRequest(
+        id=order.id, status=PAID, expected_version=expected_version, request_id=unique("pay-")
+    )
+    paid = await orders.UpdateOrderStatus(paying)
+    assert await orders.UpdateOrderStatus(paying) == paid
+    shipped = await orders.UpdateOrderStatus(
+        order_service_pb2.UpdateOrderStatusRequest(id=order.id, status=SHIPPED)
+    )
+    # Later changes by others show in the answer: the order as it now stands.
+    assert await orders.UpdateOrderStatus(paying) == shipped
+    assert await status_changes(admin_db, order.id) == 2
+
+
+async def test_concurrent_keyed_conditional_updates_still_let_one_caller_win(orders, admin_db):
+    order = await orders.CreateOrder(create_request())
+    requests = [
+        order_service_pb2.UpdateOrderStatusRequest(
+            id=order.id, status=PAID, expected_version=1, request_id=unique("racer-")
+        )
+        for _ in range(6)
+    ]
+    results = await asyncio.gather(
+        *(orders.UpdateOrderStatus(r) for r in requests), return_exceptions=True
+    )
+    winners = [r for r in results if isinstance(r, order_pb2.Order)]
+    assert len(winners) == 1
+    assert {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)} == {
+        grpc.StatusCode.ABORTED
+    }
+    assert await status_changes(admin_db, order.id) == 1
+
+
+async def test_a_status_request_id_with_another_body_is_already_exists(orders, admin_db):
+    first = await orders.CreateOrder(create_request())
+    second = await orders.CreateOrder(create_request())
+    key = unique("pay-")
+    await orders.UpdateOrderStatus(
+        order_service_pb2.UpdateOrderStatusRequest(id=first.id, status=PAID, request_id=key)
+    )
+    before = await table_counts(admin_db)
+    for reused in (
+        order_service_pb2.UpdateOrderStatusRequest(id=second.id, status=PAID, request_id=key),
+        order_service_pb2.UpdateOrderStatusRequest(id=first.id, status=SHIPPED, request_id=key),
+    ):
+        error = await rpc_error(orders.UpdateOrderStatus(reused))
+        assert error.code == grpc.StatusCode.ALREADY_EXISTS
+        assert error.error_info.reason == "REQUEST_ID_REUSED"
+        assert error.error_info.metadata["order_id"] == str(first.id)
+    assert await table_counts(admin_db) == before
+
+
+async def test_an_unkeyed_repeat_of_a_change_is_still_failed_precondition(orders):
+    order = await orders.CreateOrder(create_request())
+    paying = order_service_pb2.UpdateOrderStatusRequest(id=order.id, status=PAID)
+    await orders.UpdateOrderStatus(paying)
+    error = await rpc_error(orders.UpdateOrderStatus(paying))
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_refused_keyed_change_records_nothing(orders, admin_db):
+    order = await orders.CreateOrder(create_request())
+    key = unique("ship-")
+    shipping = order_service_pb2.UpdateOrderStatusRequest(
+        id=order.id, status=SHIPPED, request_id=key
+    )
+    error = await rpc_error(orders.UpdateOrderStatus(shipping))
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert not await admin_db.fetchval(
+        "SELECT count(*) FROM status_requests WHERE request_id = $1", key
+    )

@@ -113,3 +113,11 @@ async def test_unreadable_key_stops_startup(service_env, server_certs, tmp_path)
     with pytest.raises(StartupError, match="cannot read the listener's private key"):
         async with running_app(service_env, **env):
             pass
+
+
+async def test_a_key_of_another_certificate_stops_startup(service_env, server_certs, tmp_path):
+    other = make_certificates(tmp_path / "other", hosts=("127.0.0.1",))
+    env = {**tls_env(server_certs), "ORDERSTREAM_TLS_KEY": str(other.server_key)}
+    with pytest.raises(StartupError, match="do not load together"):
+        async with running_app(service_env, **env):
+            pass

@@ -18,7 +18,8 @@ from service.events.payload import InvalidPayload, json_object_text, written_out
 from service.events.stream import stream_events
 from service.events.uploads import upload_events
 from service.rpc.boundary import rpc
-from service.rpc.validation import Violations, require_positive_id
+from service.rpc.request_keys import body_digest, concurrent_request, request_id_reused
+from service.rpc.validation import MAX_ID_LENGTH, Violations, require_positive_id
 from service.streams.limits import StreamSlots, StreamTimeouts
 
 MAX_PUBLISH_EVENTS = 1000
@@ -85,6 +86,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         self, request: event_service_pb2.PublishEventsRequest, context: grpc.aio.ServicerContext
     ) -> event_service_pb2.PublishEventsResponse:
         v = Violations()
+        v.text("request_id", request.request_id, max_length=MAX_ID_LENGTH, required=False)
         if not 1 <= len(request.events) <= MAX_PUBLISH_EVENTS:
             v.add(
                 "events", f"must hold 1 to {MAX_PUBLISH_EVENTS} events, got {len(request.events)}"
@@ -94,22 +96,36 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         for n, event in enumerate(request.events):
             rows.add(f"events[{n}]", event, v)
         v.raise_if_any()
+        columns = (rows.types, rows.sources, rows.subjects, rows.times, rows.payloads)
+        digest = body_digest(request) if request.request_id else b""
         try:
-            records = await self._db.fetch(
-                context,
-                sql.PUBLISH_EVENTS,
-                rows.types,
-                rows.sources,
-                rows.subjects,
-                rows.times,
-                rows.payloads,
-            )
+            if request.request_id:
+                records = await self._db.fetch(
+                    context, sql.PUBLISH_KEYED_EVENTS, *columns, request.request_id, digest
+                )
+            else:
+                records = await self._db.fetch(context, sql.PUBLISH_EVENTS, *columns)
         except asyncpg.CheckViolationError as exc:
             if exc.constraint_name != "events_payload_size":
                 raise
             raise await self._oversized(request, rows.payloads, context) or exc from None
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "publish_requests_pkey":
+                raise
+            return await self._replay(request.request_id, digest, context)
         self._feed.announce()
         return event_service_pb2.PublishEventsResponse(ids=sorted(r["id"] for r in records))
+
+    async def _replay(
+        self, request_id: str, digest: bytes, context: grpc.aio.ServicerContext
+    ) -> event_service_pb2.PublishEventsResponse:
+        """Answers a repeated request_id: the first call's ids, or ALREADY_EXISTS."""
+        row = await self._db.fetchrow(context, sql.PUBLISH_REQUEST, request_id)
+        if row is None:
+            raise concurrent_request()
+        if row["request_hash"] != digest:
+            raise request_id_reused(f"{len(row['event_ids'])} published events")
+        return event_service_pb2.PublishEventsResponse(ids=row["event_ids"])
 
     async def _oversized(
         self,

@@ -14,8 +14,24 @@ SELECT e.type, e.source, e.subject, coalesce(e.time, now()), e.payload::jsonb
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])
          WITH ORDINALITY AS e (type, source, subject, time, payload, n)
 ORDER BY e.n
-RETURNING id
+RETURNING id"""
+
+# PUBLISH_EVENTS with a request_id ($6) and the body's digest ($7): the
+# events and the record of the ids they were given, one statement, hence one
+# transaction. The record is a plain INSERT, not ON CONFLICT: a key already
+# committed fails the statement on publish_requests_pkey (after waiting for
+# a concurrent insert of the same key to commit or roll back), so nothing
+# of a retry is written, and the caller reads the record instead.
+PUBLISH_KEYED_EVENTS = f"""
+WITH new_events AS ({PUBLISH_EVENTS}), record AS (
+    INSERT INTO publish_requests (request_id, request_hash, event_ids)
+    SELECT $6, $7, array_agg(id ORDER BY id) FROM new_events
+    RETURNING event_ids
+)
+SELECT unnest(event_ids) AS id FROM record
 """
+
+PUBLISH_REQUEST = "SELECT request_hash, event_ids FROM publish_requests WHERE request_id = $1"
 
 # Run only once PUBLISH_EVENTS failed on the table's events_payload_size
 # CHECK: the payloads ($1, as PUBLISH_EVENTS got them) that jsonb writes out

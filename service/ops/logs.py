@@ -17,6 +17,9 @@ from contextvars import ContextVar
 
 # Set by the interceptor for the task that runs one call.
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# Who the call's credentials say it is (a token's name), set by
+# authentication in the call's task; never a secret.
+caller: ContextVar[str | None] = ContextVar("caller", default=None)
 
 # Attributes every LogRecord has; anything else came in through `extra`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -76,14 +79,24 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
 
-    def rpc(self, method: str, code: str, seconds: float, request: str | None) -> None:
+    def rpc(
+        self, method: str, code: str, seconds: float, request: str | None, caller: str | None
+    ) -> None:
+        """`caller`: the token's name or the client certificate's subject,
+        None for an anonymous call."""
         if not self._logger.isEnabledFor(logging.INFO):
             return
         duration_ms = round(seconds * 1000, 3)
         handler = _json_handler
         if handler is None:
             self._logger.info(
-                "rpc", extra={"method": method, "code": code, "duration_ms": duration_ms}
+                "rpc",
+                extra={
+                    "method": method,
+                    "code": code,
+                    "duration_ms": duration_ms,
+                    "caller": caller,
+                },
             )
             return
         entry = {
@@ -96,6 +109,7 @@ class AccessLog:
             "method": method,
             "code": code,
             "duration_ms": duration_ms,
+            "caller": caller,
         }
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush, handler)

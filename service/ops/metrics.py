@@ -106,7 +106,13 @@ class Metrics:
             ("method",),
             registry=self.registry,
         )
-
+        self.refused = Counter(
+            "orderstream_refused_calls",
+            "Calls refused by policy, by ErrorInfo reason: authentication (TOKEN_*), "
+            "scope (SCOPE_MISSING, METHOD_NOT_ALLOWED), slot limits (TOO_MANY_STREAMS).",
+            ("reason",),
+            registry=self.registry,
+        )
         self.reads = Counter(
             "orderstream_routed_reads",
             "Reads that may use the replica, by method and the database that served them.",
@@ -122,6 +128,9 @@ class Metrics:
 
     def count_read(self, method: str, database: str) -> None:
         self.reads.labels(method, database).inc()
+
+    def count_refusal(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
 
 
 class MetricsEndpoint:

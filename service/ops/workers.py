@@ -5,7 +5,7 @@ object, event loop or pool exists (gRPC's core does not survive a fork once
 it has started threads), each worker then builds its own loop, pool and
 server and binds the same ports with `grpc.so_reuseport`, and the kernel
 spreads new connections over them. The parent only forwards SIGTERM/SIGINT
-and reaps; if a worker dies on its own, the parent stops the others and
+(and SIGHUP, a reload) and reaps; if a worker dies on its own, the parent stops the others and
 exits non-zero, so the pod restarts whole.
 """
 
@@ -76,14 +76,21 @@ def run(settings: Settings, count: int, serve: Callable[[Settings], int]) -> int
         for pid in children:
             os.kill(pid, signum)
 
+    def forward_reload(signum: int, _frame: FrameType | None) -> None:
+        for pid in children:
+            os.kill(pid, signum)
+
     for signum in _FORWARDED:
         signal.signal(signum, forward)
+    signal.signal(signal.SIGHUP, forward_reload)
     parent = os.getpid()
     for index in range(count):
         pid = os.fork()
         if pid == 0:
             for signum in _FORWARDED:
                 signal.signal(signum, signal.SIG_DFL)
+            # Ignored until the worker's server takes it (a reload).
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             _term_when_parent_dies(parent)
             for sock in reserved:
                 sock.close()

@@ -26,7 +26,9 @@ from service.orders.imports import import_orders
 from service.orders.page_token import InvalidPageToken, PageTokens
 from service.orders.rules import body_digest, checked_create, item_columns
 from service.rpc.boundary import rpc
-from service.rpc.validation import Violations, require_positive_id
+from service.rpc.request_keys import body_digest as request_digest
+from service.rpc.request_keys import request_id_reused
+from service.rpc.validation import MAX_ID_LENGTH, Violations, require_positive_id
 from service.streams.limits import StreamSlots, StreamTimeouts
 
 DEFAULT_PAGE_SIZE = 50
@@ -176,21 +178,52 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             )
         if request.expected_version < 0:
             v.add("expected_version", "must be 0 (unconditional) or a version >= 1")
+        v.text("request_id", request.request_id, max_length=MAX_ID_LENGTH, required=False)
         v.raise_if_any()
 
         allowed_from = ALLOWED_FROM[request.status]
-        row = await self._db.fetchrow(
-            context,
-            sql.UPDATE_ORDER_STATUS,
-            request.id,
-            STATUS_NAMES[request.status],
-            list(allowed_from),
-            request.expected_version,
-        )
+        digest = request_digest(request) if request.request_id else b""
+        try:
+            row = await self._db.fetchrow(
+                context,
+                sql.UPDATE_ORDER_STATUS,
+                request.id,
+                STATUS_NAMES[request.status],
+                list(allowed_from),
+                request.expected_version,
+                request.request_id,
+                digest,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "status_requests_pkey":
+                raise
+            row = None
         if row is not None:
             self._announce()
             return order_from_row(row)
+        if request.request_id:
+            replayed = await self._replayed_update(request, digest, context)
+            if replayed is not None:
+                return replayed
         raise await self._explain_refused_update(request, allowed_from, context)
+
+    async def _replayed_update(
+        self,
+        request: order_service_pb2.UpdateOrderStatusRequest,
+        digest: bytes,
+        context: grpc.aio.ServicerContext,
+    ) -> order_pb2.Order | None:
+        """For a request_id that already made a change: the order as it now
+        stands (a retry after a lost response), or ALREADY_EXISTS when the
+        key came with another body. None for a key not seen (or forgotten)."""
+        record = await self._db.fetchrow(context, sql.STATUS_REQUEST, request.request_id)
+        if record is None:
+            return None
+        if record["request_hash"] != digest:
+            order_id = str(record["order_id"])
+            raise request_id_reused(f"a status change of order {order_id}", {"order_id": order_id})
+        row = await self._db.fetch_by_id(context, sql.GET_ORDER, request.id, order_not_found)
+        return order_from_row(row)
 
     async def _explain_refused_update(
         self,

@@ -58,7 +58,10 @@ WHERE o.id = $1
 """
 
 # $1 id, $2 new status, $3 statuses it may come from, $4 expected version (0:
-# any). Locks the row first so the event records the status it left.
+# any), $5 the caller's request_id ('' for none) and $6 the body's digest.
+# Locks the row first so the event records the status it left. A change
+# that took effect records its request_id with a plain INSERT: a key used
+# before fails the statement on status_requests_pkey, so nothing is written.
 UPDATE_ORDER_STATUS = f"""
 WITH previous AS (
     SELECT id, status FROM orders WHERE id = $1 FOR UPDATE
@@ -76,12 +79,17 @@ WITH previous AS (
            jsonb_build_object('order_id', id, 'status', status,
                               'previous_status', previous_status, 'version', version)
     FROM updated
+), record AS (
+    INSERT INTO status_requests (request_id, request_hash, order_id)
+    SELECT $5, $6, id FROM updated WHERE $5::text <> ''
 )
 SELECT {_ORDER_COLUMNS}
 FROM updated o {_ITEMS_OF_O}
 """
 
 ORDER_STATE = "SELECT status, version FROM orders WHERE id = $1"
+
+STATUS_REQUEST = "SELECT request_hash, order_id FROM status_requests WHERE request_id = $1"
 
 # ListOrders: filter name -> fragment with a placeholder slot.
 LIST_FILTERS = {

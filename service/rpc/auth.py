@@ -13,6 +13,9 @@ digest in constant time. Every method of OrderService and EventService
 needs exactly one scope, listed in `METHOD_SCOPES`; a method that is not
 listed is refused, so a new RPC stays closed until someone decides its scope.
 
+A changed tokens file takes effect without a restart, one that does not
+parse keeps the table in force (service/ops/reloading.py).
+
 Health is open (kubelet's gRPC probes send no metadata); reflection needs a
 valid token of any scope (it shows the contract, not data).
 
@@ -22,10 +25,10 @@ certificate identities to scopes (service/rpc/cert_identities.py): the same
 table decides, checked when the call starts, since only the call's context
 shows the certificate.
 
-Without the setting no interceptor is installed at all: the grpc.aio
+Only without caller authentication (which needs ORDERSTREAM_INSECURE_DEV,
+service/rpc/exposure.py) is no interceptor installed at all: the grpc.aio
 interceptor pipeline alone cost about 26 µs of a 270 µs call (269 -> 295 µs
-of server CPU per call with a no-op interceptor), so deployments without
-caller authentication do not pay for it.
+of server CPU per call with a no-op interceptor).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Any
 import grpc
 
 from service.errors import Reason, ServiceError, StartupError
+from service.ops import logs
 from service.rpc.cert_identities import CertificateIdentities, checked_at_call
 from service.rpc.registry import HANDLER_KINDS
 from service.rpc.status_map import abort
@@ -89,20 +93,24 @@ class Caller:
 
 
 class Tokens:
-    """The tokens file, read once at startup."""
+    """The tokens file's table, immutable: a changed file is a new table
+    (service/ops/reloading.py swaps it whole)."""
 
     def __init__(self, callers: Sequence[Caller]) -> None:
         self._callers = tuple(callers)
 
     @classmethod
     def load(cls, path: Path) -> Tokens:
-        """Reads the file; errors name the file and line, never its content."""
+        return cls.parse(read_tokens_file(path), path)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> Tokens:
+        """Errors name the file and line, never its content."""
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
             raise StartupError(
-                f"cannot read ORDERSTREAM_AUTH_TOKENS_FILE {path}: {reason}"
+                f"cannot read ORDERSTREAM_AUTH_TOKENS_FILE {path}: not UTF-8"
             ) from None
         callers: list[Caller] = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -125,6 +133,15 @@ class Tokens:
             if hmac.compare_digest(caller.digest, digest):
                 found = caller
         return found
+
+
+def read_tokens_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot read ORDERSTREAM_AUTH_TOKENS_FILE {path}: {exc.strerror}"
+        ) from None
 
 
 def _caller(fields: list[str], path: Path, number: int) -> Caller:
@@ -164,10 +181,22 @@ _UNAUTHENTICATED_MESSAGES = {
 
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Refuses calls without a valid token (UNAUTHENTICATED) and calls whose
-    token lacks the method's scope (PERMISSION_DENIED)."""
+    token lacks the method's scope (PERMISSION_DENIED).
 
-    def __init__(self, tokens: Tokens, certificates: CertificateIdentities | None = None) -> None:
+    `tokens` returns the table in force, looked up once per call: a call
+    admitted runs on whatever the file says later, the next call meets the
+    new table; `certificates` likewise returns the certificate identities in
+    force (None: a call without a token is refused). `refused` counts each
+    refusal by reason (a metric)."""
+
+    def __init__(
+        self,
+        tokens: Callable[[], Tokens],
+        refused: Callable[[Reason], None] | None = None,
+        certificates: Callable[[], CertificateIdentities] | None = None,
+    ) -> None:
         self._tokens = tokens
+        self._refused = refused
         self._certificates = certificates
 
     async def intercept_service(
@@ -190,18 +219,23 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         error = self._refusal(method, service, metadata)
         if error is None:
             return handler
+        if self._refused is not None:
+            self._refused(error.reason)
         return _refusing(handler, method, error)
 
     def _refusal(
         self, method: str, service: str, metadata: Sequence[tuple[str, Any]] | None
     ) -> ServiceError | None:
         token, reason = _bearer_token(metadata)
-        caller = self._tokens.find(token) if token is not None else None
+        caller = self._tokens().find(token) if token is not None else None
         if caller is None:
             reason = reason or Reason.TOKEN_UNKNOWN
             return ServiceError(
                 grpc.StatusCode.UNAUTHENTICATED, reason, _UNAUTHENTICATED_MESSAGES[reason]
             )
+        # The interceptor runs in the call's own task: the access log line
+        # (service/rpc/observing.py) names the caller from it.
+        logs.caller.set(caller.name)
         return _scope_refusal(method, service, caller.name, caller.scopes, "token")
 
     def _certificate_check(
@@ -210,7 +244,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         """Ends the call unless its client certificate names a caller with
         the method's scope."""
         assert self._certificates is not None
-        certificates = self._certificates
+        certificates = self._certificates()
 
         async def check(context: grpc.aio.ServicerContext) -> None:
             auth_context = context.auth_context()
@@ -225,10 +259,15 @@ class TokenAuth(grpc.aio.ServerInterceptor):
                     metadata={"subject": subject},
                 )
             else:
+                # Runs in the call's task, before the handler: the access
+                # log line names the caller from it.
+                logs.caller.set(caller.name)
                 refusal = _scope_refusal(method, service, caller.name, caller.scopes, "certificate")
                 if refusal is None:
                     return
                 error = refusal
+            if self._refused is not None:
+                self._refused(error.reason)
             _log_refusal(method, error, context)
             await abort(context, error)
 

@@ -54,19 +54,19 @@ class CertificateCaller:
 
 
 class CertificateIdentities:
-    """The identities file, read once at startup."""
+    """The identities file's table, immutable: a changed file is a new table
+    (service/ops/reloading.py swaps it whole)."""
 
     def __init__(self, callers: Sequence[CertificateCaller]) -> None:
         self._callers = tuple(callers)
 
     @classmethod
-    def load(cls, path: Path, known_scopes: Sequence[str]) -> CertificateIdentities:
-        """Reads the file; errors name the file and line."""
+    def parse(cls, data: bytes, path: Path, known_scopes: Sequence[str]) -> CertificateIdentities:
+        """Errors name the file and line."""
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
-            raise StartupError(f"cannot read {SETTING} {path}: {reason}") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise StartupError(f"cannot read {SETTING} {path}: not UTF-8") from None
         callers = []
         for number, line in enumerate(text.splitlines(), start=1):
             content = line.split("#", 1)[0].strip()
@@ -86,6 +86,13 @@ class CertificateIdentities:
             if any(value.decode(errors="replace") == caller.identity for value in values):
                 return caller
         return None
+
+
+def read_identities_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read {SETTING} {path}: {exc.strerror}") from None
 
 
 def _caller(content: str, known_scopes: Sequence[str], where: str) -> CertificateCaller:

@@ -28,6 +28,8 @@ from service.ops.tracing import Tracing
 from service.rpc.encoded import Encoded
 
 REQUEST_ID_KEY = "x-request-id"
+# The auth context's property with the peer certificate's subject (RFC 2253).
+_SUBJECT = "x509_subject"
 _MAX_REQUEST_ID = 128
 # Repeated fields whose length is the rows a streamed message carries, and
 # count fields of a load's response (the rows it committed).
@@ -114,9 +116,14 @@ class Observer:
     orderstream's own services are observed, not health or reflection.
     """
 
-    def __init__(self, metrics: Metrics, tracing: Tracing | None) -> None:
+    def __init__(
+        self, metrics: Metrics, tracing: Tracing | None, *, client_certificates: bool = False
+    ) -> None:
+        """`client_certificates`: the listener demands them (mTLS), so a call
+        that no token named is named by its certificate's subject."""
         self._metrics = metrics
         self._tracing = tracing
+        self._client_certificates = client_certificates
         # Made-up request ids: a random prefix per server (so per worker,
         # as servers are built after the fork) and a counter, cheaper than
         # a uuid4 per call.
@@ -198,4 +205,15 @@ class Observer:
         method.finished(code).inc()
         if span is not None and self._tracing is not None:
             self._tracing.end_rpc(span, code)
-        self._access_log.rpc(method.name, code, duration, request_id)
+        self._access_log.rpc(method.name, code, duration, request_id, self._caller(context))
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The token's name, else the client certificate's subject. Asked of
+        the context only with mTLS on: the auth context is a dict built per
+        call."""
+        caller = logs.caller.get()
+        if caller is None and self._client_certificates:
+            subject = context.auth_context().get(_SUBJECT)
+            if subject:
+                caller = subject[0].decode(errors="replace")
+        return caller

@@ -3,7 +3,7 @@ database agrees.
 
 Each write is recorded with its idempotency key, the marker that finds its
 rows (the customer id of an order or of imported orders, the subject of
-uploaded events) and what the caller learnt:
+published or uploaded events) and what the caller learnt:
 
 - acknowledged (OK): present exactly once, as the response said;
 - failed (a status that says nothing was written, or an upload whose
@@ -51,7 +51,7 @@ _RETRY_FOR = 90.0  # seconds a settling retry keeps trying while the service rec
 
 @dataclass
 class Write:
-    kind: str  # "order", "upload" or "import"
+    kind: str  # "order", "publish", "upload" or "import"
     key: str
     marker: str
     requests: Sequence[Any]
@@ -93,6 +93,13 @@ def order_request(key: str, customer_id: str = "", **overrides: Any) -> Any:
         **overrides,
     }
     return order_service_pb2.CreateOrderRequest(**fields)
+
+
+def publish_request(key: str, events: int, subject: str = "") -> Any:
+    """A PublishEvents request keyed `key`: `events` events of one subject."""
+    return event_service_pb2.PublishEventsRequest(
+        request_id=key, events=upload_messages(key, events, events, subject)[0].events
+    )
 
 
 def upload_messages(key: str, events: int, per_message: int, subject: str = "") -> list[Any]:
@@ -140,7 +147,7 @@ def import_messages(key: str, orders: int, per_message: int) -> list[Any]:
 def marker_of(kind: str, key: str, requests: Sequence[Any]) -> str:
     if kind == "order":
         return str(requests[0].customer_id)
-    if kind == "upload":
+    if kind in ("publish", "upload"):
         return str(requests[0].events[0].subject) if requests[0].events else f"ledger/{key}"
     return f"ledger/{key}"
 
@@ -188,6 +195,17 @@ class Ledger:
             self.record("order", request.request_id, [request], error.code())
             return error.code()
         self.record("order", request.request_id, [request], grpc.StatusCode.OK, answer)
+        return grpc.StatusCode.OK
+
+    async def publish(
+        self, stub: event_service_pb2_grpc.EventServiceStub, request: Any, *, timeout: float
+    ) -> grpc.StatusCode:
+        try:
+            answer = await stub.PublishEvents(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            self.record("publish", request.request_id, [request], error.code())
+            return error.code()
+        self.record("publish", request.request_id, [request], grpc.StatusCode.OK, answer)
         return grpc.StatusCode.OK
 
     async def upload(
@@ -263,6 +281,8 @@ async def _retry(
         try:
             if write.kind == "order":
                 return await orders.CreateOrder(write.requests[0], timeout=20)
+            if write.kind == "publish":
+                return await events.PublishEvents(write.requests[0], timeout=20)
             if write.kind == "upload":
                 return await events.UploadEvents(iter(write.requests), timeout=30)
             return await orders.ImportOrders(iter(write.requests), timeout=30)
@@ -318,6 +338,8 @@ async def _check(write: Write, admin: Admin) -> str | None:
         if rows[0]["id"] != write.answer.id or rows[0]["items"] != len(write.requests[0].items):
             return f"stored order {dict(rows[0])} is not the acknowledged order {write.answer.id}"
         return None
+    if write.kind == "publish":
+        return await _check_publish(write, admin, present)
     load = _LOADS[write.kind]
     found = await admin.fetch(load.rows_sql, write.marker)
     key_rows = await admin.fetch(load.key_sql, write.key)
@@ -336,4 +358,25 @@ async def _check(write: Write, admin: Admin) -> str | None:
         return (
             f"found {n} rows ids {first}..{last} and {len(key_rows)} key records; told {expected}"
         )
+    return None
+
+
+async def _check_publish(write: Write, admin: Admin, present: bool) -> str | None:
+    """Every event of the call stored once, with the ids the caller was
+    told, and one record of its key holding them."""
+    rows = await admin.fetch("SELECT id FROM events WHERE subject = $1 ORDER BY id", write.marker)
+    stored = [r["id"] for r in rows]
+    records = await admin.fetch(
+        "SELECT event_ids FROM publish_requests WHERE request_id = $1", write.key
+    )
+    if not present:
+        return (
+            f"{len(stored)} events and {len(records)} key records found, expected none"
+            if (stored or records)
+            else None
+        )
+    told = list(write.answer.ids)
+    recorded = [list(r["event_ids"]) for r in records]
+    if stored != told or recorded != [told]:
+        return f"found events {stored} and key records {recorded}; told {told}"
     return None

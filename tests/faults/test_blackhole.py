@@ -13,7 +13,7 @@ from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from tests.faults.calls import NOT_SERVING, SERVING, FedStream, HealthWatch, PausedStream
 from tests.faults.history import EVENTS_SUBJECT, ORDERS_CUSTOMER
-from tests.faults.ledger import import_messages, order_request, upload_messages
+from tests.faults.ledger import import_messages, order_request, publish_request, upload_messages
 from tests.faults.service import channel_to, running_process
 from tests.support.requests import unique
 
@@ -88,12 +88,8 @@ async def test_blackhole(scenario, proxy, fault_env, orders, events, health, his
             "GetEvent": events.GetEvent(
                 event_service_pb2.GetEventRequest(id=history.event_ids[0]), timeout=DEADLINE
             ),
-            # Outside the ledger: PublishEvents has no key to settle it by.
-            "PublishEvents": events.PublishEvents(
-                event_service_pb2.PublishEventsRequest(
-                    events=upload_messages(unique("blackholed-publish"), 3, 3)[0].events
-                ),
-                timeout=DEADLINE,
+            "PublishEvents": ledger.publish(
+                events, publish_request(unique("blackholed-publish"), 3), timeout=DEADLINE
             ),
             "StreamEvents": PausedStream(
                 events.StreamEvents(

@@ -1,5 +1,5 @@
-"""Scenario 9: a soak. Mixed load (creates, gets, streams, uploads,
-imports, some invalid writes) while faults are injected at random: resets,
+"""Scenario 9: a soak. Mixed load (creates, gets, streams, publishes,
+uploads, imports, some invalid writes) while faults are injected at random: resets,
 blackholes, terminated and killed backends, fast and immediate restarts.
 Seeded (the seed is printed; SOAK_SEED replays it), bounded in faults and
 time; ends with the ledger check (the `scenario` fixture) and flat RSS,
@@ -21,7 +21,7 @@ from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_service_pb2
 from tests.faults.calls import PausedStream, ended_honestly
 from tests.faults.history import SHORT_SUBJECT
-from tests.faults.ledger import import_messages, order_request, upload_messages
+from tests.faults.ledger import import_messages, order_request, publish_request, upload_messages
 from tests.support.requests import unique
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
@@ -44,7 +44,7 @@ INVALID_WRITE_ENDS = (DURING_FAULTS - {grpc.StatusCode.OK}) | {grpc.StatusCode.I
 
 async def _worker(rng, stop, orders, events, ledger, short_ids, seen) -> None:
     while not stop.is_set():
-        action = rng.choice(("create", "get", "stream", "upload", "import", "invalid"))
+        action = rng.choice(("create", "get", "stream", "publish", "upload", "import", "invalid"))
         if action == "create":
             code = await ledger.create_order(orders, order_request(unique("soak")), timeout=5)
         elif action == "invalid":
@@ -53,6 +53,9 @@ async def _worker(rng, stop, orders, events, ledger, short_ids, seen) -> None:
             # Never OK: an invalid order acknowledged would also pass the
             # ledger (it would be found exactly once).
             assert code in INVALID_WRITE_ENDS, f"an invalid create ended {code.name}"
+        elif action == "publish":
+            request = publish_request(unique("soak-pub"), rng.randint(1, 20))
+            code = await ledger.publish(events, request, timeout=5)
         elif action == "upload":
             requests = upload_messages(unique("soak-up"), rng.randint(1, 200), per_message=50)
             code = await ledger.upload(events, requests, timeout=10)

@@ -48,7 +48,7 @@ async def table_counts(db: asyncpg.Pool) -> dict[str, int]:
     """Row counts of every table the service writes (tests run one at a time)."""
     return {
         table: await db.fetchval(f"SELECT count(*) FROM {table}")
-        for table in ("orders", "order_items", "events")
+        for table in ("orders", "order_items", "events", "publish_requests", "status_requests")
     }
 
 

@@ -32,13 +32,20 @@ def _retry(*codes: str) -> dict[str, Any]:
 #:
 #: - round_robin: kube-proxy balances connections, not calls; with a headless
 #:   Service (a `dns:///` target resolving to every pod) this spreads calls.
-#: - UNAVAILABLE is retried everywhere: the call never reached a healthy
-#:   replica (connection refused, replica shutting down).
+#: - Only methods that are idempotent by contract are retried, since a retry
+#:   after a lost response repeats a call that may have taken effect:
+#:   reads; CreateOrder, ImportOrders and UploadEvents, whose required key
+#:   (`request_id`, `import_id`, `upload_id`) makes a repeat return the
+#:   first result; UpdateOrderStatus, which can never change an order twice
+#:   (no status is entered twice; with a `request_id` a repeat answers the
+#:   order). UNAVAILABLE is retried on all of them.
+#: - PublishEvents is not retried here: its `request_id` is optional, and a
+#:   repeat without one writes the events twice. `publish_events` sets one
+#:   and retries on its own.
 #: - ABORTED (serialization failure, deadlock) is retried only where a second
-#:   attempt cannot write twice: reads, and CreateOrder, whose `request_id`
-#:   makes a repeat return the first order. UpdateOrderStatus is not among
-#:   them: its ABORTED mostly means a stale `expected_version`, which a blind
-#:   repeat cannot fix.
+#:   attempt cannot write twice and can succeed: reads and CreateOrder.
+#:   UpdateOrderStatus is not among them: its ABORTED mostly means a stale
+#:   `expected_version`, which a blind repeat cannot fix.
 #: - Streams get no timeout (an export or a follow stream may run for hours);
 #:   pass one per call where a bound is wanted. They retry UNAVAILABLE only:
 #:   gRPC can replay a stream only before its first response, which for a
@@ -58,12 +65,13 @@ DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
             "retryPolicy": _retry("UNAVAILABLE", "ABORTED"),
         },
         {
-            "name": [
-                *_methods(_ORDERS, "UpdateOrderStatus"),
-                *_methods(_EVENTS, "PublishEvents"),
-            ],
+            "name": _methods(_ORDERS, "UpdateOrderStatus"),
             "timeout": "10s",
             "retryPolicy": _retry("UNAVAILABLE"),
+        },
+        {
+            "name": _methods(_EVENTS, "PublishEvents"),
+            "timeout": "10s",
         },
         {
             "name": [

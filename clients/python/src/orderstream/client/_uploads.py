@@ -4,12 +4,11 @@ budget and retried with the same upload_id."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 import grpc
 
-from orderstream.client._target import backoff, event_stub
+from orderstream.client._target import backoff, event_stub, new_request_id
 from orderstream.events.v1.event_pb2 import Event
 from orderstream.events.v1.event_service_pb2 import UploadEventsRequest, UploadEventsResponse
 from orderstream.events.v1.event_service_pb2_grpc import EventServiceStub
@@ -76,7 +75,7 @@ async def upload_events(
     if attempts < 1:
         raise ValueError("upload_events: attempts must be at least 1")
     stub = event_stub(target)
-    key = upload_id or f"upload-{uuid.uuid4().hex}"
+    key = upload_id or new_request_id("upload")
     sent: list[UploadEventsRequest] = []
     source = upload_requests(events, key, max_bytes=max_bytes)
     for attempt in range(1, attempts + 1):

@@ -23,6 +23,17 @@ export declare type PublishEventsRequest = Message<"orderstream.events.v1.Publis
    * @generated from field: repeated orderstream.events.v1.Event events = 1;
    */
   events: Event[];
+
+  /**
+   * The caller's idempotency key for this call, 1..128 characters; reuse it
+   * when retrying the same events. Optional (callers from before it existed
+   * send none), but a call without it cannot be retried safely: a retry
+   * after a lost response writes the events again. Remembered for the
+   * service's idempotency window (24 hours by default).
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
 };
 
 /**
@@ -209,7 +220,10 @@ export declare const EventService: GenService<{
   /**
    * Publishes 1..1000 events in one transaction and returns their ids in
    * request order. Returns INVALID_ARGUMENT, naming the event and field, if
-   * any event is invalid; then none is written.
+   * any event is invalid; then none is written. Idempotent on `request_id`
+   * when it is set: a retry with the same body returns the ids of the first
+   * call and writes nothing; the same `request_id` with a different body is
+   * ALREADY_EXISTS. Without `request_id` every call writes its events.
    *
    * @generated from rpc orderstream.events.v1.EventService.PublishEvents
    */

@@ -185,6 +185,15 @@ export declare type UpdateOrderStatusRequest = Message<"orderstream.orders.v1.Up
    * @generated from field: int64 expected_version = 3;
    */
   expectedVersion: bigint;
+
+  /**
+   * The caller's idempotency key for this change, 1..128 characters; reuse
+   * it when retrying the same change. Optional; remembered for the
+   * service's idempotency window (24 hours by default).
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
 };
 
 /**
@@ -370,7 +379,13 @@ export declare const OrderService: GenService<{
    * Moves an order to a new status and writes an `order.status_changed`
    * event, in one transaction. Returns NOT_FOUND if the order does not exist,
    * FAILED_PRECONDITION for an illegal transition, and ABORTED when
-   * `expected_version` is set and the order has moved on.
+   * `expected_version` is set and the order has moved on. No status can be
+   * entered twice, so a repeated call never changes an order twice. With
+   * `request_id`, a retry of a call that took effect answers the order as it
+   * now stands (not FAILED_PRECONDITION or ABORTED) and writes nothing; the
+   * same `request_id` with a different body is ALREADY_EXISTS. Without it, a
+   * retry after a lost response cannot be told from a second caller's
+   * conflicting update and is answered as one.
    *
    * @generated from rpc orderstream.orders.v1.OrderService.UpdateOrderStatus
    */

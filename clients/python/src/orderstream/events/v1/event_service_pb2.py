@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from orderstream.events.v1 import event_pb2 as orderstream_dot_events_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)orderstream/events/v1/event_service.proto\x12\x15orderstream.events.v1\x1a!orderstream/events/v1/event.proto\"D\n\x14PublishEventsRequest\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.orderstream.events.v1.Event\"$\n\x15PublishEventsResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x1d\n\x0fGetEventRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"V\n\x13UploadEventsRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.orderstream.events.v1.Event\"Z\n\x14UploadEventsResponse\x12\x13\n\x0b\x65vent_count\x18\x01 \x01(\x03\x12\x16\n\x0e\x66irst_event_id\x18\x02 \x01(\x03\x12\x15\n\rlast_event_id\x18\x03 \x01(\x03\"W\n\x13StreamEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x03\x12\r\n\x05types\x18\x02 \x03(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"D\n\x14StreamEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.orderstream.events.v1.Event2\xa2\x03\n\x0c\x45ventService\x12j\n\rPublishEvents\x12+.orderstream.events.v1.PublishEventsRequest\x1a,.orderstream.events.v1.PublishEventsResponse\x12P\n\x08GetEvent\x12&.orderstream.events.v1.GetEventRequest\x1a\x1c.orderstream.events.v1.Event\x12i\n\x0cUploadEvents\x12*.orderstream.events.v1.UploadEventsRequest\x1a+.orderstream.events.v1.UploadEventsResponse(\x01\x12i\n\x0cStreamEvents\x12*.orderstream.events.v1.StreamEventsRequest\x1a+.orderstream.events.v1.StreamEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)orderstream/events/v1/event_service.proto\x12\x15orderstream.events.v1\x1a!orderstream/events/v1/event.proto\"X\n\x14PublishEventsRequest\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.orderstream.events.v1.Event\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"$\n\x15PublishEventsResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x1d\n\x0fGetEventRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"V\n\x13UploadEventsRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.orderstream.events.v1.Event\"Z\n\x14UploadEventsResponse\x12\x13\n\x0b\x65vent_count\x18\x01 \x01(\x03\x12\x16\n\x0e\x66irst_event_id\x18\x02 \x01(\x03\x12\x15\n\rlast_event_id\x18\x03 \x01(\x03\"W\n\x13StreamEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x03\x12\r\n\x05types\x18\x02 \x03(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"D\n\x14StreamEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.orderstream.events.v1.Event2\xa2\x03\n\x0c\x45ventService\x12j\n\rPublishEvents\x12+.orderstream.events.v1.PublishEventsRequest\x1a,.orderstream.events.v1.PublishEventsResponse\x12P\n\x08GetEvent\x12&.orderstream.events.v1.GetEventRequest\x1a\x1c.orderstream.events.v1.Event\x12i\n\x0cUploadEvents\x12*.orderstream.events.v1.UploadEventsRequest\x1a+.orderstream.events.v1.UploadEventsResponse(\x01\x12i\n\x0cStreamEvents\x12*.orderstream.events.v1.StreamEventsRequest\x1a+.orderstream.events.v1.StreamEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orderstream.events.v1.event
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PUBLISHEVENTSREQUEST']._serialized_start=103
-  _globals['_PUBLISHEVENTSREQUEST']._serialized_end=171
-  _globals['_PUBLISHEVENTSRESPONSE']._serialized_start=173
-  _globals['_PUBLISHEVENTSRESPONSE']._serialized_end=209
-  _globals['_GETEVENTREQUEST']._serialized_start=211
-  _globals['_GETEVENTREQUEST']._serialized_end=240
-  _globals['_UPLOADEVENTSREQUEST']._serialized_start=242
-  _globals['_UPLOADEVENTSREQUEST']._serialized_end=328
-  _globals['_UPLOADEVENTSRESPONSE']._serialized_start=330
-  _globals['_UPLOADEVENTSRESPONSE']._serialized_end=420
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=422
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=509
-  _globals['_STREAMEVENTSRESPONSE']._serialized_start=511
-  _globals['_STREAMEVENTSRESPONSE']._serialized_end=579
-  _globals['_EVENTSERVICE']._serialized_start=582
-  _globals['_EVENTSERVICE']._serialized_end=1000
+  _globals['_PUBLISHEVENTSREQUEST']._serialized_end=191
+  _globals['_PUBLISHEVENTSRESPONSE']._serialized_start=193
+  _globals['_PUBLISHEVENTSRESPONSE']._serialized_end=229
+  _globals['_GETEVENTREQUEST']._serialized_start=231
+  _globals['_GETEVENTREQUEST']._serialized_end=260
+  _globals['_UPLOADEVENTSREQUEST']._serialized_start=262
+  _globals['_UPLOADEVENTSREQUEST']._serialized_end=348
+  _globals['_UPLOADEVENTSRESPONSE']._serialized_start=350
+  _globals['_UPLOADEVENTSRESPONSE']._serialized_end=440
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=442
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=529
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=531
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=599
+  _globals['_EVENTSERVICE']._serialized_start=602
+  _globals['_EVENTSERVICE']._serialized_end=1020
 # @@protoc_insertion_point(module_scope)

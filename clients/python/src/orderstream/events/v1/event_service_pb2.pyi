@@ -27,6 +27,14 @@ class PublishEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The caller's idempotency key for this call, 1..128 characters; reuse it
+    when retrying the same events. Optional (callers from before it existed
+    send none), but a call without it cannot be retried safely: a retry
+    after a lost response writes the events again. Remembered for the
+    service's idempotency window (24 hours by default).
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]:
         """Required. The events to write, 1..1000; their ids are ignored."""
@@ -35,10 +43,11 @@ class PublishEventsRequest(_message.Message):
         self,
         *,
         events: _abc.Iterable[_event_pb2.Event] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -76,7 +76,10 @@ class EventServiceServicer:
     def PublishEvents(self, request, context):
         """Publishes 1..1000 events in one transaction and returns their ids in
         request order. Returns INVALID_ARGUMENT, naming the event and field, if
-        any event is invalid; then none is written.
+        any event is invalid; then none is written. Idempotent on `request_id`
+        when it is set: a retry with the same body returns the ids of the first
+        call and writes nothing; the same `request_id` with a different body is
+        ALREADY_EXISTS. Without `request_id` every call writes its events.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

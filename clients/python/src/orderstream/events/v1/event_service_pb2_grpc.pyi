@@ -44,7 +44,10 @@ class EventServiceStub:
     PublishEvents: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.PublishEventsRequest, _event_service_pb2.PublishEventsResponse]
     """Publishes 1..1000 events in one transaction and returns their ids in
     request order. Returns INVALID_ARGUMENT, naming the event and field, if
-    any event is invalid; then none is written.
+    any event is invalid; then none is written. Idempotent on `request_id`
+    when it is set: a retry with the same body returns the ids of the first
+    call and writes nothing; the same `request_id` with a different body is
+    ALREADY_EXISTS. Without `request_id` every call writes its events.
     """
     GetEvent: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.GetEventRequest, _event_pb2.Event]
     """Gets an event. Returns NOT_FOUND if it does not exist."""
@@ -71,7 +74,10 @@ class EventServiceAsyncStub(EventServiceStub):
     PublishEvents: _aio.UnaryUnaryMultiCallable[_event_service_pb2.PublishEventsRequest, _event_service_pb2.PublishEventsResponse]  # type: ignore[assignment]
     """Publishes 1..1000 events in one transaction and returns their ids in
     request order. Returns INVALID_ARGUMENT, naming the event and field, if
-    any event is invalid; then none is written.
+    any event is invalid; then none is written. Idempotent on `request_id`
+    when it is set: a retry with the same body returns the ids of the first
+    call and writes nothing; the same `request_id` with a different body is
+    ALREADY_EXISTS. Without `request_id` every call writes its events.
     """
     GetEvent: _aio.UnaryUnaryMultiCallable[_event_service_pb2.GetEventRequest, _event_pb2.Event]  # type: ignore[assignment]
     """Gets an event. Returns NOT_FOUND if it does not exist."""
@@ -101,7 +107,10 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_event_service_pb2.PublishEventsResponse, _abc.Awaitable[_event_service_pb2.PublishEventsResponse]]:
         """Publishes 1..1000 events in one transaction and returns their ids in
         request order. Returns INVALID_ARGUMENT, naming the event and field, if
-        any event is invalid; then none is written.
+        any event is invalid; then none is written. Idempotent on `request_id`
+        when it is set: a retry with the same body returns the ids of the first
+        call and writes nothing; the same `request_id` with a different body is
+        ALREADY_EXISTS. Without `request_id` every call writes its events.
         """
 
     @_abc_1.abstractmethod

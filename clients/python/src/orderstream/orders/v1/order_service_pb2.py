@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from orderstream.orders.v1 import order_pb2 as orderstream_dot_orders_dot_v1_dot_order__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)orderstream/orders/v1/order_service.proto\x12\x15orderstream.orders.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!orderstream/orders/v1/order.proto\"\x7f\n\x12\x43reateOrderRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12.\n\x05items\x18\x04 \x03(\x0b\x32\x1f.orderstream.orders.v1.LineItem\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\xea\x01\n\x11ListOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".orderstream.orders.v1.OrderStatus\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"[\n\x12ListOrdersResponse\x12,\n\x06orders\x18\x01 \x03(\x0b\x32\x1c.orderstream.orders.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"t\n\x18UpdateOrderStatusRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".orderstream.orders.v1.OrderStatus\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"\xc5\x01\n\x13\x45xportOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".orderstream.orders.v1.OrderStatus\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x14\x45xportOrdersResponse\x12,\n\x06orders\x18\x01 \x03(\x0b\x32\x1c.orderstream.orders.v1.Order\"V\n\x13ImportOrdersRequest\x12\x11\n\timport_id\x18\x01 \x01(\t\x12,\n\x06orders\x18\x02 \x03(\x0b\x32\x1c.orderstream.orders.v1.Order\"Z\n\x14ImportOrdersResponse\x12\x13\n\x0border_count\x18\x01 \x01(\x03\x12\x16\n\x0e\x66irst_order_id\x18\x02 \x01(\x03\x12\x15\n\rlast_order_id\x18\x03 \x01(\x03\x32\xd5\x04\n\x0cOrderService\x12V\n\x0b\x43reateOrder\x12).orderstream.orders.v1.CreateOrderRequest\x1a\x1c.orderstream.orders.v1.Order\x12P\n\x08GetOrder\x12&.orderstream.orders.v1.GetOrderRequest\x1a\x1c.orderstream.orders.v1.Order\x12\x61\n\nListOrders\x12(.orderstream.orders.v1.ListOrdersRequest\x1a).orderstream.orders.v1.ListOrdersResponse\x12\x62\n\x11UpdateOrderStatus\x12/.orderstream.orders.v1.UpdateOrderStatusRequest\x1a\x1c.orderstream.orders.v1.Order\x12i\n\x0c\x45xportOrders\x12*.orderstream.orders.v1.ExportOrdersRequest\x1a+.orderstream.orders.v1.ExportOrdersResponse0\x01\x12i\n\x0cImportOrders\x12*.orderstream.orders.v1.ImportOrdersRequest\x1a+.orderstream.orders.v1.ImportOrdersResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)orderstream/orders/v1/order_service.proto\x12\x15orderstream.orders.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!orderstream/orders/v1/order.proto\"\x7f\n\x12\x43reateOrderRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12.\n\x05items\x18\x04 \x03(\x0b\x32\x1f.orderstream.orders.v1.LineItem\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\xea\x01\n\x11ListOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".orderstream.orders.v1.OrderStatus\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"[\n\x12ListOrdersResponse\x12,\n\x06orders\x18\x01 \x03(\x0b\x32\x1c.orderstream.orders.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x88\x01\n\x18UpdateOrderStatusRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".orderstream.orders.v1.OrderStatus\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xc5\x01\n\x13\x45xportOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x32\n\x06status\x18\x02 \x01(\x0e\x32\".orderstream.orders.v1.OrderStatus\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x14\x45xportOrdersResponse\x12,\n\x06orders\x18\x01 \x03(\x0b\x32\x1c.orderstream.orders.v1.Order\"V\n\x13ImportOrdersRequest\x12\x11\n\timport_id\x18\x01 \x01(\t\x12,\n\x06orders\x18\x02 \x03(\x0b\x32\x1c.orderstream.orders.v1.Order\"Z\n\x14ImportOrdersResponse\x12\x13\n\x0border_count\x18\x01 \x01(\x03\x12\x16\n\x0e\x66irst_order_id\x18\x02 \x01(\x03\x12\x15\n\rlast_order_id\x18\x03 \x01(\x03\x32\xd5\x04\n\x0cOrderService\x12V\n\x0b\x43reateOrder\x12).orderstream.orders.v1.CreateOrderRequest\x1a\x1c.orderstream.orders.v1.Order\x12P\n\x08GetOrder\x12&.orderstream.orders.v1.GetOrderRequest\x1a\x1c.orderstream.orders.v1.Order\x12\x61\n\nListOrders\x12(.orderstream.orders.v1.ListOrdersRequest\x1a).orderstream.orders.v1.ListOrdersResponse\x12\x62\n\x11UpdateOrderStatus\x12/.orderstream.orders.v1.UpdateOrderStatusRequest\x1a\x1c.orderstream.orders.v1.Order\x12i\n\x0c\x45xportOrders\x12*.orderstream.orders.v1.ExportOrdersRequest\x1a+.orderstream.orders.v1.ExportOrdersResponse0\x01\x12i\n\x0cImportOrders\x12*.orderstream.orders.v1.ImportOrdersRequest\x1a+.orderstream.orders.v1.ImportOrdersResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,16 +42,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTORDERSREQUEST']._serialized_end=531
   _globals['_LISTORDERSRESPONSE']._serialized_start=533
   _globals['_LISTORDERSRESPONSE']._serialized_end=624
-  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_start=626
-  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_end=742
-  _globals['_EXPORTORDERSREQUEST']._serialized_start=745
-  _globals['_EXPORTORDERSREQUEST']._serialized_end=942
-  _globals['_EXPORTORDERSRESPONSE']._serialized_start=944
-  _globals['_EXPORTORDERSRESPONSE']._serialized_end=1012
-  _globals['_IMPORTORDERSREQUEST']._serialized_start=1014
-  _globals['_IMPORTORDERSREQUEST']._serialized_end=1100
-  _globals['_IMPORTORDERSRESPONSE']._serialized_start=1102
-  _globals['_IMPORTORDERSRESPONSE']._serialized_end=1192
-  _globals['_ORDERSERVICE']._serialized_start=1195
-  _globals['_ORDERSERVICE']._serialized_end=1792
+  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_start=627
+  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_end=763
+  _globals['_EXPORTORDERSREQUEST']._serialized_start=766
+  _globals['_EXPORTORDERSREQUEST']._serialized_end=963
+  _globals['_EXPORTORDERSRESPONSE']._serialized_start=965
+  _globals['_EXPORTORDERSRESPONSE']._serialized_end=1033
+  _globals['_IMPORTORDERSREQUEST']._serialized_start=1035
+  _globals['_IMPORTORDERSREQUEST']._serialized_end=1121
+  _globals['_IMPORTORDERSRESPONSE']._serialized_start=1123
+  _globals['_IMPORTORDERSRESPONSE']._serialized_end=1213
+  _globals['_ORDERSERVICE']._serialized_start=1216
+  _globals['_ORDERSERVICE']._serialized_end=1813
 # @@protoc_insertion_point(module_scope)

@@ -168,6 +168,7 @@ class UpdateOrderStatusRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Required. The order's id; > 0."""
     status: _order_pb2.OrderStatus.ValueType
@@ -176,16 +177,22 @@ class UpdateOrderStatusRequest(_message.Message):
     """The version the caller last saw; 0 means unconditional. When set and
     the order's version differs, the call fails with ABORTED.
     """
+    request_id: _builtins.str
+    """The caller's idempotency key for this change, 1..128 characters; reuse
+    it when retrying the same change. Optional; remembered for the
+    service's idempotency window (24 hours by default).
+    """
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         status: _order_pb2.OrderStatus.ValueType = ...,
         expected_version: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "id", b"id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "id", b"id", "request_id", b"request_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

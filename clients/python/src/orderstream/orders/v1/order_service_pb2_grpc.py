@@ -118,7 +118,13 @@ class OrderServiceServicer:
         """Moves an order to a new status and writes an `order.status_changed`
         event, in one transaction. Returns NOT_FOUND if the order does not exist,
         FAILED_PRECONDITION for an illegal transition, and ABORTED when
-        `expected_version` is set and the order has moved on.
+        `expected_version` is set and the order has moved on. No status can be
+        entered twice, so a repeated call never changes an order twice. With
+        `request_id`, a retry of a call that took effect answers the order as it
+        now stands (not FAILED_PRECONDITION or ABORTED) and writes nothing; the
+        same `request_id` with a different body is ALREADY_EXISTS. Without it, a
+        retry after a lost response cannot be told from a second caller's
+        conflicting update and is answered as one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
