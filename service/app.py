@@ -151,7 +151,7 @@ class App:
         options = _server_options(settings, reuse_port)
         server = grpc.aio.server(
             options=options,
-            interceptors=_interceptors(tokens, identities, metrics),
+            interceptors=_interceptors(tokens, metrics, identities),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         db = Database(
@@ -442,8 +442,8 @@ NO_TOKENS = Tokens(())
 
 def _interceptors(
     tokens: WatchedFiles[Tokens] | None,
-    identities: WatchedFiles[CertificateIdentities] | None,
     metrics: Metrics,
+    identities: WatchedFiles[CertificateIdentities] | None = None,
 ) -> list[grpc.aio.ServerInterceptor] | None:
     """None unless caller authentication is on (only with
     ORDERSTREAM_INSECURE_DEV may it be off): even a no-op interceptor costs
