@@ -24,6 +24,7 @@ from service.settings import Settings, SettingsError
 from tests.support.apps import closed, running_app
 from tests.support.client_identity import ClientIdentity, client_identity
 from tests.support.database import table_counts
+from tests.support.polling import eventually
 from tests.support.requests import create_request, unique
 from tests.support.status import rpc_error
 from tests.support.tokens import TokenSet, bearer, write_tokens_file
@@ -238,3 +239,30 @@ def test_identities_need_mtls(service_env, tmp_path: Path):
         Settings.from_env(
             {**service_env, "ORDERSTREAM_AUTH_CERT_IDENTITIES_FILE": str(tmp_path / "identities")}
         )
+
+
+async def test_a_changed_identities_file_takes_effect_without_a_restart(
+    service_env, mtls_env, server_certs, stranger, tmp_path
+):
+    identities = tmp_path / "identities"
+    identities.write_text("reporting read subject:CN=reporting-reader\n")
+    env = {
+        **closed(service_env),
+        **mtls_env,
+        "ORDERSTREAM_AUTH_CERT_IDENTITIES_FILE": str(identities),
+    }
+    async with running_app(env) as app, channel_as(app, server_certs, stranger) as channel:
+        orders = order_service_pb2_grpc.OrderServiceStub(channel)
+        missing = order_service_pb2.GetOrderRequest(id=2**62)
+        refused = await rpc_error(orders.GetOrder(missing, timeout=5))
+        assert refused.error_info is not None
+        assert refused.error_info.reason == "CERTIFICATE_UNKNOWN"
+        identities.write_text("stranger read subject:CN=stranger\n")
+        app.reload_now()
+
+        async def admitted() -> bool:
+            # Admitted, the call reaches the handler: NOT_FOUND.
+            status = await rpc_error(orders.GetOrder(missing, timeout=5))
+            return status.code == grpc.StatusCode.NOT_FOUND
+
+        await eventually(admitted, what="the new identities file to take effect")
