@@ -108,6 +108,8 @@ def arguments(label: str, built: Any, now: int) -> list[Any]:
         "GET_EVENT": [ROWS // 2],
         "ORDER_STATE": [ROWS // 2],
         "ORDER_BY_REQUEST_ID": ["no-such-request"],
+        "PUBLISH_REQUEST": ["no-such-request"],
+        "STATUS_REQUEST": ["no-such-request"],
         "SAFE_HORIZON": [],
         "OVERSIZED_PAYLOADS": [['{"a": 1}']],
     }
