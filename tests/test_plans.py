@@ -22,6 +22,7 @@ session PgBouncer serves only the suite's own database.
 
 from __future__ import annotations
 
+import enum
 import inspect
 import itertools
 import json
@@ -56,6 +57,8 @@ def _builder_variants(function: Callable[..., str]) -> Iterator[dict[str, Any]]:
     for name, parameter in inspect.signature(function, eval_str=True).parameters.items():
         if parameter.annotation is bool:
             choices[name] = [False, True]
+        elif isinstance(parameter.annotation, type) and issubclass(parameter.annotation, enum.Enum):
+            choices[name] = list(parameter.annotation)
         elif name == "filters":
             names = list(orders_sql.LIST_FILTERS)
             choices[name] = [
@@ -108,6 +111,8 @@ def arguments(label: str, built: Any, now: int) -> list[Any]:
         "GET_EVENT": [ROWS // 2],
         "ORDER_STATE": [ROWS // 2],
         "ORDER_BY_REQUEST_ID": ["no-such-request"],
+        "PUBLISH_REQUEST": ["no-such-request"],
+        "STATUS_REQUEST": ["no-such-request"],
         "SAFE_HORIZON": [],
         "OVERSIZED_PAYLOADS": [['{"a": 1}']],
     }
@@ -119,7 +124,11 @@ def arguments(label: str, built: Any, now: int) -> list[Any]:
         return [
             0,
             ROWS + 1,
-            *([["com.example.t12"]] if kwargs["with_types"] else []),
+            *{
+                events_sql.Types.ANY: [],
+                events_sql.Types.ONE: ["com.example.t12"],
+                events_sql.Types.SOME: [["com.example.t12", "com.example.t13"]],
+            }[kwargs["types"]],
             *([f"orders/{ROWS // 10 - 1}"] if kwargs["with_subject"] else []),
             events_sql.PAGE_ROWS,
             events_sql.PAGE_BYTES,
@@ -253,7 +262,7 @@ async def test_a_read_statement_keeps_an_index_plan(pooled: asyncpg.Connection, 
 def test_statements_are_collected_from_the_sql_modules():
     """The collection sees the statements the issue named, in every variant."""
     assert "GET_ORDER" in STATEMENTS and "SAFE_HORIZON" in STATEMENTS
-    assert "events_page(with_types=True, with_subject=True)" in STATEMENTS
+    assert "events_page(types=Types.SOME, with_subject=True)" in STATEMENTS
     assert sum(label.startswith("list_orders(") for label in STATEMENTS) == 16
     assert not any(
         sql.lstrip().upper().startswith(("INSERT", "WITH")) for sql, _ in STATEMENTS.values()

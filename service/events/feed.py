@@ -153,7 +153,7 @@ class EventFeed:
                 tail.skip_to(horizon)
             return
         position = tail.horizon - 1
-        query = sql.events_page(with_types=False, with_subject=False)
+        query = sql.events_page(types=sql.Types.ANY, with_subject=False)
         limit = sql.PAGE_ROWS
         while position < horizon - 1:
             rows = await conn.fetch(

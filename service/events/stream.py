@@ -104,11 +104,12 @@ class _Stream:
         self._context = context
         self._writes = writes
         self.filter = Filter(frozenset(request.types), request.subject)
-        self._query = sql.events_page(
-            with_types=bool(request.types), with_subject=bool(request.subject)
-        )
+        types = sql.Types.of(request.types)
+        self._query = sql.events_page(types=types, with_subject=bool(request.subject))
         self._filter_args: list[object] = []
-        if request.types:
+        if types is sql.Types.ONE:
+            self._filter_args.append(request.types[0])
+        elif types is sql.Types.SOME:
             self._filter_args.append(list(request.types))
         if request.subject:
             self._filter_args.append(request.subject)
