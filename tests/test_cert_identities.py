@@ -215,6 +215,7 @@ async def test_a_token_decides_over_the_certificate(mtls_app, server_certs, read
         ("billing write", "expected 'NAME SCOPES KIND:IDENTITY'"),
         ("billing write cn:billing", "the identity must be one of"),
         ("billing admin uri:spiffe://x", "scopes must be"),
+        ("bill/ing read uri:spiffe://x", "the name must be"),
     ],
 )
 async def test_a_bad_identities_file_stops_startup_naming_the_line(

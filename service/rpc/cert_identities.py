@@ -23,6 +23,7 @@ the handler's own code and before the request stream is read.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,10 @@ KINDS = {
     "uri": "peer_uri",
     "email": "peer_email",
 }
+
+
+# As the tokens file's names: they reach logs and error metadata.
+_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ def _caller(content: str, known_scopes: Sequence[str], where: str) -> Certificat
     if len(fields) != 3:
         raise StartupError(f"{where}: expected 'NAME SCOPES KIND:IDENTITY'")
     name, scopes, identity = fields
+    if not _NAME.fullmatch(name):
+        raise StartupError(f"{where}: the name must be 1 to 64 of A-Z a-z 0-9 _ . @ -")
     kind, colon, value = identity.partition(":")
     if not colon or kind not in KINDS or not value:
         raise StartupError(
