@@ -6,12 +6,15 @@ them does is in tests/test_uploads.py and tests/test_imports.py."""
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from service.app import App
 from tests.support.apps import app_with_channel, pool_is_full
@@ -25,6 +28,7 @@ from tests.support.database import (
 from tests.support.loaders import LOADERS, Loader
 from tests.support.polling import eventually
 from tests.support.requests import stream, unique
+from tests.support.shell import run_shell
 from tests.support.status import rpc_error
 
 pytestmark = pytest.mark.through_pgbouncer
@@ -146,6 +150,46 @@ async def test_retry_after_commit_returns_the_first_response(channel, admin_db, 
     assert loader.count(first) == 10
     assert await table_counts(admin_db) == before
     assert await loader.tagged_rows(admin_db, tag) == 10
+
+
+@loaders
+async def test_retry_after_commit_is_held_to_its_key(channel, admin_db, loader: Loader):
+    """A retry's stream is read to its end, under the rules of a load's."""
+    key = unique(loader.key_name)
+    await loader.load(channel, loader.messages(key, [[loader.item()]]))
+    before = await table_counts(admin_db)
+    retry = [loader.request(key, [loader.item()]), loader.request("other", [loader.item()])]
+    error = await rpc_error(loader.load(channel, retry))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(error.violations) == [f"messages[1].{loader.key_name}"]
+    assert await table_counts(admin_db) == before
+
+
+@pytest.mark.slow
+@loaders
+async def test_buf_curl_retries_of_a_committed_load_get_its_response(
+    app, admin_db, loader: Loader, tmp_path
+):
+    """buf curl sends its whole stream before it reads the answer: a retry
+    answered after its first message failed with `write envelope: EOF`."""
+    key = unique(loader.key_name)
+    tag = unique("tag")
+    body = tmp_path / "requests.json"
+    messages = loader.messages(key, [[loader.tagged(tag)] * 1000] * 3)
+    body.write_text("\n".join(json_format.MessageToJson(message) for message in messages))
+    command = (
+        f"npx buf curl --protocol grpc --http2-prior-knowledge -d @{body} "
+        f"http://127.0.0.1:{app.port}{loader.path}"
+    )
+    answers = []
+    for _ in range(3):
+        code, out, err = await run_shell(command)
+        assert code == 0, err
+        answers.append(json.loads(out))
+    count = re.sub(r"_(\w)", lambda letter: letter[1].upper(), loader.count_field)
+    assert answers[0][count] == "3000"
+    assert answers == [answers[0]] * 3
+    assert await loader.tagged_rows(admin_db, tag) == 3000
 
 
 async def _second_load_waiting(channel, admin_db, loader: Loader, key: str, tag_b: str):

@@ -243,6 +243,31 @@ async def test_a_load_that_goes_quiet_rolls_back(quiet_app, quiet_channel, admin
     assert await table_counts(admin_db) == before
 
 
+@loaders
+async def test_a_retry_of_a_committed_load_that_goes_quiet_gives_its_slot_back(
+    quiet_app, quiet_channel, admin_db, loader
+):
+    """A retry reads its stream to the end before the stored answer, under
+    the same idle timeout as a load."""
+    key = unique(loader.key_name)
+    first = await loader.load(quiet_channel, loader.messages(key, [[loader.item()] * 3]))
+    before = await table_counts(admin_db)
+    release = asyncio.Event()
+    try:
+        async with asyncio.timeout(OUTCOME_WITHIN):
+            error = await rpc_error(
+                loader.method(quiet_channel)(
+                    then_quiet(loader.messages(key, [[loader.item()] * 3] * 2), release)
+                )
+            )
+    finally:
+        release.set()
+    assert_idle(error, 2)
+    await resources_back(quiet_app, admin_db)
+    assert await table_counts(admin_db) == before
+    assert await loader.load(quiet_channel, loader.messages(key, [[loader.item()]])) == first
+
+
 # --------------------------------------------------------------------------
 # The backstops, and the settings
 # --------------------------------------------------------------------------

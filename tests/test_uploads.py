@@ -159,6 +159,17 @@ async def test_more_events_than_the_limit_is_resource_exhausted(service_env, adm
         assert await UPLOAD.stored(admin_db, upload_id) is None
         await eventually(lambda: pool_is_full(small), what="the connection to return")
 
+        # A retry of a committed upload is read to its end under the same limit.
+        committed = unique("upload")
+        await UPLOAD.load(channel, UPLOAD.messages(committed, [[event()] * 3]))
+        before = await table_counts(admin_db)
+        error = await rpc_error(
+            UPLOAD.load(channel, UPLOAD.messages(committed, [[event()] * 6, [event()] * 5]))
+        )
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.error_info.reason == "UPLOAD_TOO_LARGE"
+        assert await table_counts(admin_db) == before
+
 
 async def test_large_upload_in_many_messages(channel, admin_db, app):
     source = unique("/uploads-large")

@@ -20,9 +20,9 @@ and `events`); see docs/streams.md for the measured cost.
 
 Idempotency. The claim is an INSERT ... ON CONFLICT DO NOTHING on the
 uploads primary key. A second upload with the same id waits on that index
-until the first one ends: if it committed, the second returns the stored
-response without reading its own stream; if it rolled back, the second
-loads its events. So two uploads with one upload_id never both commit, and
+until the first one ends: if it committed, the second reads its own
+stream to the end, dropping it, and returns the stored response; if it
+rolled back, the second loads its events. So two uploads with one upload_id never both commit, and
 concurrent callers get the same response. (A wait longer than the statement
 timeout ends in ABORTED with RetryInfo.)
 

@@ -17,7 +17,9 @@ message, the same or empty in every later one), a caller that goes quiet
 from a dead call, one connection and a transaction that cancellation
 cannot leave half-done, the claim of the key, the staging table, the COPY,
 the map from a COPY row back to the message that carried it, the empty
-load, the move, and `on_commit` once rows are committed.
+load, the move, and `on_commit` once rows are committed; and a retry of a
+key whose load committed, answered with the stored response once its own
+stream has been read (and dropped) to its end.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import enum
 import functools
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -132,14 +135,26 @@ async def run_load(
         conn = await db.acquire(context)
         try:
             async with all_or_nothing(conn):
-                response, wrote = await _load(
+                response, outcome = await _load(
                     spec, conn, db, context, first, requests, key, max_rows, timeouts.client_idle
                 )
         finally:
             await db.release(conn)
-    if wrote:
+        if outcome is _Outcome.STORED:
+            # Without a connection: the caller may still be sending.
+            await discard_rest(spec, first, requests, context, key, max_rows, timeouts.client_idle)
+    if outcome is _Outcome.WROTE:
         on_commit()
     return response
+
+
+class _Outcome(enum.Enum):
+    """What `_load` did: wrote rows, wrote none, or found the key's load
+    already committed (its stored response is the answer)."""
+
+    WROTE = enum.auto()
+    EMPTY = enum.auto()
+    STORED = enum.auto()
 
 
 async def _load(
@@ -152,13 +167,14 @@ async def _load(
     key: str,
     max_rows: int | None,
     idle_timeout: float,
-) -> tuple[Response, bool]:
-    """Runs inside the load's transaction; returns the response and whether
-    any row was written."""
+) -> tuple[Response, _Outcome]:
+    """Runs inside the load's transaction; returns the response and what
+    the load did. A key already committed is answered from its stored
+    response, without reading the rest of the stream."""
     timeout = functools.partial(db.query_timeout, context)
     fresh, claimed = await claim_key(conn, spec, key, timeout)
     if not fresh:
-        return spec.response(**claimed), False
+        return spec.response(**claimed), _Outcome.STORED
 
     await conn.execute(spec.create_staging, timeout=timeout())
     positions = MessagePositions()
@@ -184,10 +200,10 @@ async def _load(
             raise
         raise error from None
     if positions.rows == 0:
-        return spec.response(), False
+        return spec.response(), _Outcome.EMPTY
     # Bulk work that grows with the stream, bounded like the COPY.
     moved = await conn.fetchrow(spec.move, key, timeout=NO_STATEMENT_TIMEOUT)
-    return spec.response(**moved), True
+    return spec.response(**moved), _Outcome.WROTE
 
 
 async def _records(
@@ -231,6 +247,45 @@ async def _records(
             raise state.reject(
                 client_stream_idle(positions.messages, idle_timeout, first=False)
             ) from None
+    await confirm_end(context)
+
+
+async def discard_rest(
+    spec: LoadSpec[Request, Any],
+    first: Request,
+    rest: AsyncIterator[Request],
+    context: grpc.aio.ServicerContext,
+    key: str,
+    max_rows: int | None,
+    idle_timeout: float,
+) -> None:
+    """Reads and drops the rest of a retried load's stream, whose answer is
+    the stored response, then confirms its end.
+
+    Answering at once would close the call while the caller is still
+    sending: a client that writes its whole stream before it reads (buf curl
+    does) then fails with its write cut off instead of getting the result.
+    The stream is held to the same bounds as a load's (the key, `max_rows`,
+    the idle timeout; the message size is the deserializer's), so a retry
+    cannot keep its slot longer than a load could.
+    """
+    key_name = spec.key_name
+    rows = len(getattr(first, spec.items))
+    message = 1
+    while True:
+        if max_rows is not None and rows > max_rows:
+            raise _too_large(spec, max_rows)
+        try:
+            async with asyncio.timeout(idle_timeout):
+                request = await anext(rest, None)
+        except TimeoutError:
+            raise client_stream_idle(message, idle_timeout, first=False) from None
+        if request is None:
+            break
+        if (other := getattr(request, key_name)) and other != key:
+            raise key_mismatch(f"messages[{message}].{key_name}")
+        rows += len(getattr(request, spec.items))
+        message += 1
     await confirm_end(context)
 
 
