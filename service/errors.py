@@ -78,6 +78,10 @@ class Reason(enum.StrEnum):
     # PERMISSION_DENIED
     SCOPE_MISSING = "SCOPE_MISSING"  # the token lacks the scope the method needs
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"  # a method with no scope in METHOD_SCOPES
+    RESERVED_EVENT_TYPE = "RESERVED_EVENT_TYPE"  # order.*: the service's own event types
+    RESERVED_EVENT_SOURCE = "RESERVED_EVENT_SOURCE"  # the source of the service's own events
+    EVENT_TYPE_NOT_GRANTED = "EVENT_TYPE_NOT_GRANTED"  # a type outside the caller's types= limit
+    EVENT_SOURCE_NOT_GRANTED = "EVENT_SOURCE_NOT_GRANTED"  # a source outside its sources= limit
     # INTERNAL
     INTERNAL = "INTERNAL"  # a bug; the message and metadata carry an incident id for the log
 

@@ -14,9 +14,11 @@ from service.errors import FieldViolation, ServiceError, event_not_found, invali
 from service.events import sql
 from service.events.convert import event_from_row
 from service.events.feed import EventFeed
+from service.events.origin import refusal
 from service.events.payload import InvalidPayload, json_object_text, written_out_too_large
 from service.events.stream import stream_events
 from service.events.uploads import upload_events
+from service.rpc import write_limits
 from service.rpc.boundary import rpc
 from service.rpc.request_keys import body_digest, concurrent_request, request_id_reused
 from service.rpc.validation import MAX_ID_LENGTH, Violations, require_positive_id
@@ -96,6 +98,10 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         for n, event in enumerate(request.events):
             rows.add(f"events[{n}]", event, v)
         v.raise_if_any()
+        limits = write_limits.current()
+        for n, event in enumerate(request.events):
+            if denied := refusal(f"events[{n}]", event.type, event.source, limits):
+                raise denied
         columns = (rows.types, rows.sources, rows.subjects, rows.times, rows.payloads)
         digest = body_digest(request) if request.request_id else b""
         try:

@@ -71,7 +71,9 @@ import grpc
 from orderstream.events.v1 import event_pb2, event_service_pb2
 from service.db.runner import Database
 from service.errors import FieldViolation, Reason, ServiceError, invalid_argument
+from service.events.origin import RESERVED_TYPE_PREFIX, SERVICE_SOURCE, refusal
 from service.events.payload import InvalidPayload, json_object_text, written_out_too_large
+from service.rpc import write_limits
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from service.streams.limits import StreamSlots, StreamTimeouts
 from service.streams.loads import LoadSpec, MessagePositions, run_load
@@ -179,9 +181,20 @@ def _event_rows(
     row, so it does no more than it must; see the module docstring for who
     checks what."""
     now = claimed["now"]
+    limits = write_limits.current()
     rows: list[tuple[str, str, str, int, str]] = []
     append = rows.append
     for index, event in enumerate(events):
+        event_type = event.type
+        source = event.source
+        if (
+            event_type.startswith(RESERVED_TYPE_PREFIX)
+            or source == SERVICE_SOURCE
+            or limits is not None
+        ):
+            denied = refusal(f"messages[{message}].events[{index}]", event_type, source, limits)
+            if denied is not None:
+                raise denied
         payload = event.json_payload
         if not payload or len(payload) >= _PYTHON_CHECKED_PAYLOAD_CHARS:
             payload = _checked_payload(event, message, index)
@@ -197,7 +210,7 @@ def _event_rows(
             time = seconds * 1_000_000 + nanos // 1000
         else:
             time = now
-        append((event.type, event.source, event.subject, time, payload))
+        append((event_type, source, event.subject, time, payload))
     return rows
 
 

@@ -16,6 +16,11 @@ listed is refused, so a new RPC stays closed until someone decides its scope.
 A changed tokens file takes effect without a restart, one that does not
 parse keeps the table in force (service/ops/reloading.py).
 
+A line may go on with limits on the events its caller may write, e.g.
+`types=billing.*,invoice.paid sources=/billing` (service/rpc/write_limits.py);
+the limits of the caller a token or certificate names are bound to each
+call let through.
+
 Health is open (kubelet's gRPC probes send no metadata); reflection needs a
 valid token of any scope (it shows the contract, not data).
 
@@ -46,6 +51,7 @@ import grpc
 
 from service.errors import Reason, ServiceError, StartupError
 from service.ops import logs
+from service.rpc import write_limits
 from service.rpc.cert_identities import CertificateIdentities, checked_at_call
 from service.rpc.registry import HANDLER_KINDS
 from service.rpc.status_map import abort
@@ -90,6 +96,7 @@ class Caller:
     name: str
     digest: bytes
     scopes: frozenset[str]
+    limits: write_limits.WriteLimits | None = None
 
 
 class Tokens:
@@ -146,9 +153,11 @@ def read_tokens_file(path: Path) -> bytes:
 
 def _caller(fields: list[str], path: Path, number: int) -> Caller:
     where = f"ORDERSTREAM_AUTH_TOKENS_FILE {path} line {number}"
-    if len(fields) != 3:
-        raise StartupError(f"{where}: expected 'NAME SHA256_HEX SCOPES'")
-    name, digest, scopes = fields
+    if len(fields) < 3:
+        raise StartupError(
+            f"{where}: expected 'NAME SHA256_HEX SCOPES', then optionally types=... sources=..."
+        )
+    name, digest, scopes = fields[:3]
     if not _NAME.fullmatch(name):
         raise StartupError(f"{where}: the name must be 1 to 64 of A-Z a-z 0-9 _ . @ -")
     if not _DIGEST.fullmatch(digest):
@@ -156,7 +165,11 @@ def _caller(fields: list[str], path: Path, number: int) -> Caller:
     granted = frozenset(scopes.split(","))
     if not granted <= set(SCOPES):
         raise StartupError(f"{where}: scopes must be a comma-separated list of: read, write")
-    return Caller(name, bytes.fromhex(digest), granted)
+    try:
+        limits = write_limits.parse(name, fields[3:])
+    except ValueError as exc:
+        raise StartupError(f"{where}: {exc}") from None
+    return Caller(name, bytes.fromhex(digest), granted, limits)
 
 
 def _bearer_token(
@@ -236,7 +249,10 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         # The interceptor runs in the call's own task: the access log line
         # (service/rpc/observing.py) names the caller from it.
         logs.caller.set(caller.name)
-        return _scope_refusal(method, service, caller.name, caller.scopes, "token")
+        refusal = _scope_refusal(method, service, caller.name, caller.scopes, "token")
+        if refusal is None:
+            write_limits.bind(caller.limits)
+        return refusal
 
     def _certificate_check(
         self, method: str, service: str
@@ -264,6 +280,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
                 logs.caller.set(caller.name)
                 refusal = _scope_refusal(method, service, caller.name, caller.scopes, "certificate")
                 if refusal is None:
+                    write_limits.bind(caller.limits)
                     return
                 error = refusal
             if self._refused is not None:

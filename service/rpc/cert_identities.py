@@ -13,7 +13,14 @@ subject may hold spaces):
 
 `subject:` is the certificate's subject as RFC 2253 prints it
 (`openssl x509 -noout -subject -nameopt RFC2253`), `dns:`, `uri:` and
-`email:` one of its subject alternative names. A certificate is the caller
+`email:` one of its subject alternative names. Between the scopes and the
+identity a line may limit the events its caller writes, as a tokens-file
+line does (service/rpc/write_limits.py):
+
+    billing    write  types=billing.* sources=/billing  uri:spiffe://prod/ns/billing/sa/billing
+
+A limit starts with `types=` or `sources=`, an identity with its kind, so
+the two cannot be confused. A certificate is the caller
 of the first line it matches. A call that carries no token is checked
 against its connection's certificate here; a grpc.aio interceptor cannot
 see the peer's certificate, so the check runs inside the handler, before
@@ -32,6 +39,7 @@ from typing import Any
 import grpc
 
 from service.errors import StartupError
+from service.rpc import write_limits
 from service.rpc.registry import HANDLER_KINDS
 
 SETTING = "ORDERSTREAM_AUTH_CERT_IDENTITIES_FILE"
@@ -45,6 +53,8 @@ KINDS = {
 
 
 # As the tokens file's names: they reach logs and error metadata.
+# How a line's limit fields start (an identity starts with its kind).
+_LIMIT_PREFIXES = tuple(f"{field}=" for field in write_limits.FIELDS)
 _NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 
@@ -56,6 +66,7 @@ class CertificateCaller:
     kind: str
     identity: str
     scopes: frozenset[str]
+    limits: write_limits.WriteLimits | None = None
 
 
 class CertificateIdentities:
@@ -107,6 +118,15 @@ def _caller(content: str, known_scopes: Sequence[str], where: str) -> Certificat
     name, scopes, identity = fields
     if not _NAME.fullmatch(name):
         raise StartupError(f"{where}: the name must be 1 to 64 of A-Z a-z 0-9 _ . @ -")
+    limit_fields: list[str] = []
+    while identity.startswith(_LIMIT_PREFIXES):
+        field, *rest = identity.split(None, 1)
+        limit_fields.append(field)
+        identity = rest[0] if rest else ""
+    try:
+        limits = write_limits.parse(name, limit_fields)
+    except ValueError as exc:
+        raise StartupError(f"{where}: {exc}") from None
     kind, colon, value = identity.partition(":")
     if not colon or kind not in KINDS or not value:
         raise StartupError(
@@ -117,7 +137,7 @@ def _caller(content: str, known_scopes: Sequence[str], where: str) -> Certificat
         raise StartupError(
             f"{where}: scopes must be a comma-separated list of: {', '.join(known_scopes)}"
         )
-    return CertificateCaller(name, kind, value.strip(), granted)
+    return CertificateCaller(name, kind, value.strip(), granted, limits)
 
 
 Check = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
