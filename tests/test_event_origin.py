@@ -20,23 +20,15 @@ from service.errors import StartupError
 from service.rpc.auth import Tokens
 from tests.support.apps import app_with_channel
 from tests.support.database import table_counts
-from tests.support.loaders import UPLOAD, event
+from tests.support.loaders import FORGED_EVENTS, UPLOAD, event
 from tests.support.requests import create_request, stream, unique
 from tests.support.status import StatusDetails, rpc_error
 from tests.support.tokens import bearer, digest
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
-# (fields of a forged event, the field named, the reason)
-FORGED = [
-    ({"type": "order.created"}, "type", "RESERVED_EVENT_TYPE"),
-    ({"type": "order.status_changed"}, "type", "RESERVED_EVENT_TYPE"),
-    ({"type": "order."}, "type", "RESERVED_EVENT_TYPE"),
-    ({"source": "orderstream"}, "source", "RESERVED_EVENT_SOURCE"),
-    ({"type": "order.created", "source": "orderstream"}, "type", "RESERVED_EVENT_TYPE"),
-]
 forged = pytest.mark.parametrize(
-    ("fields", "field", "reason"), FORGED, ids=lambda case: str(case)[:30]
+    ("fields", "field", "reason"), FORGED_EVENTS, ids=lambda case: repr(case)[:30]
 )
 # Close to the reserved ones, and not reserved.
 NEAR_MISSES = [

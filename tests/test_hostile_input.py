@@ -45,7 +45,7 @@ from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb
 from service.rpc.validation import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 from tests.support import input_tally
 from tests.support.apps import app_with_channel
-from tests.support.loaders import IMPORT, LOADERS, UPLOAD
+from tests.support.loaders import IMPORT, LOADERS, RESERVED_REASONS, UPLOAD
 from tests.support.requests import create_request, unique
 from tests.support.status import StatusDetails, details
 
@@ -67,6 +67,7 @@ OK = "OK"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 TOO_BIG = grpc.StatusCode.RESOURCE_EXHAUSTED
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
+DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 # --------------------------------------------------------------------------
 # Values
@@ -225,12 +226,24 @@ STRUCTS = st.one_of(
 )
 
 
+# The service's own types and source, which no caller may write, and
+# values close to them.
+EVENT_TYPES = st.one_of(
+    TEXTS,
+    st.sampled_from(["order.created", "order.status_changed", "order.", "order", "Order.created"]),
+    TEXTS.map(lambda s: f"order.{s}"),
+)
+EVENT_SOURCES = st.one_of(
+    TEXTS, st.sampled_from(["orderstream", "/orderstream", "orderstream\x00"])
+)
+
+
 @st.composite
 def events_(draw: st.DrawFn) -> event_pb2.Event:
     event = event_pb2.Event(
         id=draw(st.one_of(st.just(0), INT64)),
-        type=draw(TEXTS),
-        source=draw(TEXTS),
+        type=draw(EVENT_TYPES),
+        source=draw(EVENT_SOURCES),
         subject=draw(st.one_of(st.just(""), TEXTS)),
     )
     time = draw(TIMESTAMPS)
@@ -408,7 +421,12 @@ def check(
     if error is None:
         return None
     assert error.code in (INVALID, TOO_BIG, *allowed), (rpc, error)
-    if error.code == INVALID:
+    if error.code == DENIED:  # a forged event: the field and its value named
+        assert error.error_info is not None, (rpc, error)
+        assert error.error_info.reason in RESERVED_REASONS, (rpc, error)
+        assert names_a_field(rpc, error.error_info.metadata["field"]), (rpc, error)
+        assert "value" in error.error_info.metadata, (rpc, error)
+    elif error.code == INVALID:
         assert error.error_info is not None, (rpc, error)
         assert error.violations, (rpc, error)  # which field, and why
     elif error.error_info is None:
@@ -578,7 +596,10 @@ async def test_export_orders(target, customer_id, status, after, before):
 async def test_publish_events(target, admin_db, events):
     request = event_service_pb2.PublishEventsRequest(events=events)
     await rejected_write_changes_nothing(
-        admin_db, "PublishEvents", target.events.PublishEvents(request, timeout=CALL_TIMEOUT)
+        admin_db,
+        "PublishEvents",
+        target.events.PublishEvents(request, timeout=CALL_TIMEOUT),
+        allowed=[DENIED],
     )
 
 
@@ -637,7 +658,7 @@ async def test_client_streamed_load(target, admin_db, loader, key, data, later_k
         admin_db,
         loader.rpc,
         loader.method(target.channel)(stream_of(messages), timeout=CALL_TIMEOUT),
-        allowed=[grpc.StatusCode.ALREADY_EXISTS],
+        allowed=[grpc.StatusCode.ALREADY_EXISTS, *([DENIED] if loader is UPLOAD else [])],
     )
 
 

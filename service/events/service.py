@@ -94,14 +94,15 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                 "events", f"must hold 1 to {MAX_PUBLISH_EVENTS} events, got {len(request.events)}"
             )
         v.raise_if_any()
-        rows = EventRows()
-        for n, event in enumerate(request.events):
-            rows.add(f"events[{n}]", event, v)
-        v.raise_if_any()
+        # Who may write these comes first, as it does in an upload's rows.
         limits = write_limits.current()
         for n, event in enumerate(request.events):
             if denied := refusal(f"events[{n}]", event.type, event.source, limits):
                 raise denied
+        rows = EventRows()
+        for n, event in enumerate(request.events):
+            rows.add(f"events[{n}]", event, v)
+        v.raise_if_any()
         columns = (rows.types, rows.sources, rows.subjects, rows.times, rows.payloads)
         digest = body_digest(request) if request.request_id else b""
         try:

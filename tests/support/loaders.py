@@ -118,6 +118,18 @@ BAD_EVENTS: list[tuple[dict[str, object], str]] = [
     ({"json_payload": '{"x": [' + ",".join(["1e300"] * 4000) + "]}"}, "json_payload"),
 ]
 
+# Events that forge the service's own (service/events/origin.py): (fields,
+# the field named, the PERMISSION_DENIED reason). Refused whoever calls.
+FORGED_EVENTS: list[tuple[dict[str, str], str, str]] = [
+    ({"type": "order.created"}, "type", "RESERVED_EVENT_TYPE"),
+    ({"type": "order.status_changed"}, "type", "RESERVED_EVENT_TYPE"),
+    ({"type": "order."}, "type", "RESERVED_EVENT_TYPE"),
+    ({"type": "order.x\x00"}, "type", "RESERVED_EVENT_TYPE"),
+    ({"source": "orderstream"}, "source", "RESERVED_EVENT_SOURCE"),
+    ({"type": "order.created", "source": "orderstream"}, "type", "RESERVED_EVENT_TYPE"),
+]
+RESERVED_REASONS = frozenset(reason for _, _, reason in FORGED_EVENTS)
+
 BAD_ORDERS: list[tuple[dict[str, object], str]] = [
     ({"customer_id": ""}, "customer_id"),
     ({"customer_id": "c\x00"}, "customer_id"),
