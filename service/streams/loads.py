@@ -142,7 +142,7 @@ async def run_load(
             await db.release(conn)
         if outcome is _Outcome.STORED:
             # Without a connection: the caller may still be sending.
-            await discard_rest(spec, first, requests, context, key, max_rows, timeouts.client_idle)
+            await _discard_rest(spec, first, requests, context, key, max_rows, timeouts.client_idle)
     if outcome is _Outcome.WROTE:
         on_commit()
     return response
@@ -250,7 +250,7 @@ async def _records(
     await confirm_end(context)
 
 
-async def discard_rest(
+async def _discard_rest(
     spec: LoadSpec[Request, Any],
     first: Request,
     rest: AsyncIterator[Request],
