@@ -1,6 +1,7 @@
 """The change feed cannot be forged: the service's own event types
 (`order.*`) and source are refused to every caller of PublishEvents and
-UploadEvents, and a token may be limited to some types and sources
+UploadEvents, and a token or a certificate identity may be limited to some
+types and sources
 (service/events/origin.py, service/rpc/write_limits.py). Everything over
 real gRPC; a refused call writes nothing."""
 
@@ -14,11 +15,14 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from devcluster.cluster import make_certificates
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.errors import StartupError
-from service.rpc.auth import Tokens
-from tests.support.apps import app_with_channel
+from service.rpc.auth import SCOPES, Tokens
+from service.rpc.cert_identities import CertificateIdentities
+from tests.support.apps import app_with_channel, closed, running_app
+from tests.support.client_identity import ClientIdentity, client_identity
 from tests.support.database import table_counts
 from tests.support.loaders import FORGED_EVENTS, UPLOAD, event
 from tests.support.requests import create_request, stream, unique
@@ -306,3 +310,120 @@ def test_a_bad_limit_stops_startup_naming_the_line(tmp_path, limits, expected):
         load(tmp_path, f"billing {digest(token)} write {limits}")
     assert "line 2: " in str(stopped.value) and expected in str(stopped.value)
     assert digest(token) not in str(stopped.value)
+
+
+# --------------------------------------------------------------------------
+# Limits granted with a certificate identity, over mTLS
+# --------------------------------------------------------------------------
+
+LIMITED_URI = "spiffe://prod/ns/billing/sa/billing"
+
+
+@dataclass(frozen=True)
+class CertificateCallers:
+    limited: grpc.aio.Channel  # types=billing.* sources=/billing
+    unlimited: grpc.aio.Channel  # write, no limits
+
+
+@pytest.fixture(scope="module")
+async def certificate_callers(service_env, tmp_path_factory) -> AsyncIterator[CertificateCallers]:
+    directory = tmp_path_factory.mktemp("cert-limits")
+    server = make_certificates(tmp_path_factory.mktemp("cert-limits-tls"), hosts=("127.0.0.1",))
+    limited = client_identity("billing-writer", uris=(LIMITED_URI,))
+    unlimited = client_identity("ingest-writer")
+    client_ca = directory / "client-ca.crt"
+    client_ca.write_bytes(limited.ca_cert + unlimited.ca_cert)
+    identities = directory / "identities"
+    identities.write_text(
+        "# name   scopes  limits                              identity\n"
+        f"billing  write   types=billing.*   sources=/billing  uri:{LIMITED_URI}\n"
+        "ingest   write   subject:CN=ingest-writer\n"
+    )
+    env = {
+        **closed(service_env),
+        "ORDERSTREAM_TLS_CERT": str(server.server_cert),
+        "ORDERSTREAM_TLS_KEY": str(server.server_key),
+        "ORDERSTREAM_TLS_CLIENT_CA": str(client_ca),
+        "ORDERSTREAM_AUTH_CERT_IDENTITIES_FILE": str(identities),
+    }
+
+    def channel_as(identity: ClientIdentity, port: int) -> grpc.aio.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=server.ca_cert.read_bytes(),
+            private_key=identity.key,
+            certificate_chain=identity.cert,
+        )
+        return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
+
+    async with (
+        running_app(env) as app,
+        channel_as(limited, app.port) as limited_channel,
+        channel_as(unlimited, app.port) as unlimited_channel,
+    ):
+        yield CertificateCallers(limited_channel, unlimited_channel)
+
+
+async def test_a_certificate_identity_writes_within_its_limits(certificate_callers):
+    events = event_service_pb2_grpc.EventServiceStub(certificate_callers.limited)
+    published = await events.PublishEvents(publish(event(type="billing.paid", source="/billing")))
+    assert len(published.ids) == 1
+    uploaded = await events.UploadEvents(
+        stream(
+            UPLOAD.messages(unique("upload"), [[event(type="billing.paid", source="/billing")]] * 2)
+        )
+    )
+    assert uploaded.event_count == 2
+
+
+async def test_a_certificate_identity_is_denied_beyond_its_limits(certificate_callers, admin_db):
+    limited = event_service_pb2_grpc.EventServiceStub(certificate_callers.limited)
+    before = await table_counts(admin_db)
+    error = await rpc_error(
+        limited.PublishEvents(publish(event(type="shipping.sent", source="/billing")))
+    )
+    assert_denied(error, "EVENT_TYPE_NOT_GRANTED", "events[0].type", "shipping.sent")
+    assert error.error_info is not None and error.error_info.metadata["caller"] == "billing"
+    batches = [[event(type="billing.paid", source="/billing")] * 100 for _ in range(2)]
+    batches[1][60] = event(type="billing.paid", source="/warehouse")
+    error = await rpc_error(
+        limited.UploadEvents(stream(UPLOAD.messages(unique("upload"), batches)))
+    )
+    assert_denied(error, "EVENT_SOURCE_NOT_GRANTED", "messages[1].events[60].source", "/warehouse")
+    assert await table_counts(admin_db) == before
+    # The identity without limits writes what the limited one may not,
+    # but not the service's own events either.
+    unlimited = event_service_pb2_grpc.EventServiceStub(certificate_callers.unlimited)
+    written = await unlimited.PublishEvents(publish(event(type="shipping.sent", source="/w")))
+    assert len(written.ids) == 1
+    error = await rpc_error(unlimited.PublishEvents(publish(event(type="order.created"))))
+    assert_denied(error, "RESERVED_EVENT_TYPE", "events[0].type", "order.created")
+
+
+def test_an_identities_line_reads_its_limits_before_the_identity(tmp_path):
+    path = tmp_path / "identities"
+    data = (
+        b"billing write types=billing.*,invoice.paid\tsources=/b  subject:CN=a b,O=Example Corp\n"
+        b"plain   read  uri:spiffe://x\n"
+    )
+    table = CertificateIdentities.parse(data, path, SCOPES)
+    billing = table.find({"x509_subject": [b"CN=a b,O=Example Corp"]})
+    assert billing is not None and billing.limits is not None
+    assert billing.limits.types is not None and billing.limits.types.allows("invoice.paid")
+    assert billing.limits.sources is not None and not billing.limits.sources.allows("/c")
+    plain = table.find({"peer_uri": [b"spiffe://x"]})
+    assert plain is not None and plain.limits is None
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("billing write types=a*b uri:spiffe://x", "`*` only at its end"),
+        ("billing write types=a.* types=b.* uri:spiffe://x", "types= is given twice"),
+        ("billing write types=a.*", "the identity must be one of"),
+    ],
+    ids=str,
+)
+def test_a_bad_limit_in_the_identities_file_stops_startup(tmp_path, line, expected):
+    with pytest.raises(StartupError, match="line 1: ") as stopped:
+        CertificateIdentities.parse(f"{line}\n".encode(), tmp_path / "identities", SCOPES)
+    assert expected in str(stopped.value)
