@@ -58,6 +58,10 @@ from service.streams.limits import StreamSlots, StreamTimeouts
 
 log = logging.getLogger(__name__)
 
+# Calls beyond ORDERSTREAM_MAX_CONCURRENT_RPCS and the health watches that
+# gRPC still admits: health Checks and reflection.
+BACKSTOP_CALLS = 100
+
 ORDER_SERVICE = order_service_pb2.DESCRIPTOR.services_by_name["OrderService"]
 EVENT_SERVICE = event_service_pb2.DESCRIPTOR.services_by_name["EventService"]
 SERVICE_NAMES = (ORDER_SERVICE.full_name, EVENT_SERVICE.full_name)
@@ -152,7 +156,12 @@ class App:
         server = grpc.aio.server(
             options=options,
             interceptors=_interceptors(tokens, metrics, identities),
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            # The service's own calls are bounded, with details and counted,
+            # by the Observer; gRPC's own bound (no details, no hook to count
+            # it) is a backstop for health and reflection calls on top.
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+            + settings.max_health_watches
+            + BACKSTOP_CALLS,
         )
         db = Database(
             pool,
@@ -165,8 +174,8 @@ class App:
             Tail(settings.feed_buffer_bytes),
             poll_interval=settings.follow_poll_interval,
         )
-        streams = StreamSlots(settings.max_streams, "stream", metrics.count_refusal)
-        followers = StreamSlots(settings.max_followers, "follower", metrics.count_refusal)
+        streams = StreamSlots(settings.max_streams, "stream")
+        followers = StreamSlots(settings.max_followers, "follower")
         timeouts = StreamTimeouts(
             first_message=settings.first_message_timeout,
             client_idle=settings.client_idle_timeout,
@@ -193,6 +202,7 @@ class App:
         observer = Observer(
             metrics,
             tracing,
+            max_calls=settings.max_concurrent_rpcs,
             client_certificates=settings.tls is not None and settings.tls.client_ca is not None,
         )
         # Not the generated add_*Servicer_to_server: a request that does not
@@ -204,7 +214,7 @@ class App:
                 descriptor,
                 max_message_bytes=settings.max_message_bytes,
             )
-        health_servicer = HealthServicer(settings.max_health_watches)
+        health_servicer = HealthServicer(settings.max_health_watches, metrics.count_refusal)
         # For liveness probes: SERVING while the process answers at all, so
         # a database outage makes pods unready instead of restarting them.
         await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)

@@ -39,6 +39,7 @@ class Reason(enum.StrEnum):
     POOL_EXHAUSTED = "POOL_EXHAUSTED"  # no pooled connection became free within the acquire timeout
     TOO_MANY_STREAMS = "TOO_MANY_STREAMS"  # all stream slots of this server are busy
     TOO_MANY_HEALTH_WATCHES = "TOO_MANY_HEALTH_WATCHES"  # ORDERSTREAM_MAX_HEALTH_WATCHES are open
+    TOO_MANY_RPCS = "TOO_MANY_RPCS"  # ORDERSTREAM_MAX_CONCURRENT_RPCS calls are in progress
     UPLOAD_TOO_LARGE = "UPLOAD_TOO_LARGE"  # an upload over ORDERSTREAM_MAX_UPLOAD_EVENTS
     DATABASE_RESOURCES_EXHAUSTED = "DATABASE_RESOURCES_EXHAUSTED"  # SQLSTATE class 53
     # NOT_FOUND

@@ -241,11 +241,12 @@ class Settings:
             max_message_bytes=env.integer(
                 "ORDERSTREAM_MAX_MESSAGE_BYTES", 4 << 20, low=1024, high=256 << 20
             ),
-            # Every follower and health watch is a call for its whole life:
-            # room for all of them, and a thousand calls more.
+            # Every follower is a call for its whole life: room for all of
+            # them, and a thousand calls more. Health watches have their own
+            # bound (service/app.py adds them to gRPC's backstop).
             max_concurrent_rpcs=env.integer(
                 "ORDERSTREAM_MAX_CONCURRENT_RPCS",
-                max_followers + max_health_watches + 1000,
+                max_followers + 1000,
                 low=1,
                 high=1_000_000,
             ),

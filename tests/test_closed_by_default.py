@@ -120,10 +120,11 @@ def test_the_limits_have_defaults(pg_cluster):
     settings = Settings.from_env(pg_cluster.service_env())
     assert settings.max_concurrent_streams == 1000
     assert settings.max_health_watches == 1000
-    # Room for every follower and health watch, and a thousand calls more.
-    assert settings.max_concurrent_rpcs == 2000 + 1000 + 1000
+    # Room for every follower, and a thousand calls more (health watches
+    # have their own bound).
+    assert settings.max_concurrent_rpcs == 2000 + 1000
     raised = Settings.from_env({**pg_cluster.service_env(), "ORDERSTREAM_MAX_FOLLOWERS": "5000"})
-    assert raised.max_concurrent_rpcs == 5000 + 1000 + 1000
+    assert raised.max_concurrent_rpcs == 5000 + 1000
 
 
 async def watching(stub: health_pb2_grpc.HealthStub) -> grpc.aio.UnaryStreamCall:

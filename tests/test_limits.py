@@ -109,9 +109,13 @@ async def test_calls_over_the_concurrency_limit_are_resource_exhausted(
     service_env, orders, admin_db
 ):
     """Two calls held on a row lock fill ORDERSTREAM_MAX_CONCURRENT_RPCS=2;
-    a third is refused at once; once they finish, calls are served again."""
+    a third is refused at once, with details, and counted; once they finish,
+    calls are served again."""
     order = await orders.CreateOrder(create_request())
-    async with app_with_channel(service_env, ORDERSTREAM_MAX_CONCURRENT_RPCS="2") as (_, channel):
+    async with app_with_channel(service_env, ORDERSTREAM_MAX_CONCURRENT_RPCS="2") as (
+        app,
+        channel,
+    ):
         stub = order_service_pb2_grpc.OrderServiceStub(channel)
         get = order_service_pb2.GetOrderRequest(id=order.id)
         async with row_locked(admin_db, order.id):
@@ -131,6 +135,14 @@ async def test_calls_over_the_concurrency_limit_are_resource_exhausted(
             await eventually(both_waiting, what="two updates waiting on the lock")
             error = await rpc_error(stub.GetOrder(get))
             assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.error_info is not None
+            assert error.error_info.reason == "TOO_MANY_RPCS"
+            assert error.error_info.metadata["limit"] == "2"
+            assert error.retry_info is not None
+            refused = app.metrics.registry.get_sample_value(
+                "orderstream_refused_calls_total", {"reason": "TOO_MANY_RPCS"}
+            )
+            assert refused == 1
         await asyncio.gather(*held, return_exceptions=True)
         assert (await stub.GetOrder(get)).id == order.id
 

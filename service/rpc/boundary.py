@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from service.rpc import refusals
 from service.rpc.registry import Undecodable
 from service.rpc.status_map import abort, from_exception
 
@@ -48,7 +49,9 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
                 # grpc.aio has noticed the cancel, with cancelled() still
                 # False (seen once in the 1,000-cancels fault scenario).
                 raise asyncio.CancelledError("the call was cancelled") from None
-            await abort(context, from_exception(exc, name))
+            error = from_exception(exc, name)
+            refusals.note(error)
+            await abort(context, error)
             raise AssertionError("unreachable: abort raises") from None
 
     return handle

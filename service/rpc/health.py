@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import asyncpg
 import grpc
@@ -133,10 +133,13 @@ class HealthServicer(health.aio.HealthServicer):
     memory for as long as its caller likes (20,000 on one connection took
     the process from 56 to 592 MiB)."""
 
-    def __init__(self, max_watches: int) -> None:
+    def __init__(self, max_watches: int, refused: Callable[[str], None]) -> None:
+        """`refused` counts a Watch refused over the bound (the refusal metric:
+        health runs outside the Observer that counts the services' own)."""
         super().__init__()
         self._shutting_down = asyncio.Event()
         self._max_watches = max_watches
+        self._refused = refused
         self._watches = 0
 
     async def enter_graceful_shutdown(self) -> None:
@@ -153,6 +156,7 @@ class HealthServicer(health.aio.HealthServicer):
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> None:
         if self._watches >= self._max_watches:
+            self._refused(Reason.TOO_MANY_HEALTH_WATCHES)
             await abort(context, _too_many_watches(self._max_watches))
             return
         self._watches += 1

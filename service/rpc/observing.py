@@ -22,10 +22,13 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
+from service.errors import Reason, ServiceError
 from service.ops import logs
 from service.ops.metrics import Metrics
 from service.ops.tracing import Tracing
+from service.rpc import refusals
 from service.rpc.encoded import Encoded
+from service.rpc.status_map import abort
 
 REQUEST_ID_KEY = "x-request-id"
 # The auth context's property with the peer certificate's subject (RFC 2253).
@@ -117,11 +120,19 @@ class Observer:
     """
 
     def __init__(
-        self, metrics: Metrics, tracing: Tracing | None, *, client_certificates: bool = False
+        self,
+        metrics: Metrics,
+        tracing: Tracing | None,
+        *,
+        max_calls: int,
+        client_certificates: bool = False,
     ) -> None:
-        """`client_certificates`: the listener demands them (mTLS), so a call
+        """`max_calls`: calls in progress at most (ORDERSTREAM_MAX_CONCURRENT_RPCS);
+        `client_certificates`: the listener demands them (mTLS), so a call
         that no token named is named by its certificate's subject."""
         self._metrics = metrics
+        self._max_calls = max_calls
+        self._calls = 0
         self._tracing = tracing
         self._client_certificates = client_certificates
         # Made-up request ids: a random prefix per server (so per worker,
@@ -166,6 +177,7 @@ class Observer:
             request_id = _callers_request_id(context) or f"{self._id_prefix}-{next(self._ids)}"
             # Each call runs in its own task, so the contextvar is the call's.
             logs.request_id.set(request_id)
+            refusals.counting(self._metrics.count_refusal)
             if method.active is not None:
                 method.active.inc()
             span = self._tracing.start_rpc(method.name, context) if self._tracing else None
@@ -174,7 +186,10 @@ class Observer:
             target = context
             if method.streamed_rows is not None:
                 target = _CountingContext(context, *method.streamed_rows)  # type: ignore[assignment]
+            self._calls += 1
             try:
+                if self._calls > self._max_calls:
+                    await self._refuse(context)
                 response = await behavior(request, target)
                 if method.copied_rows is not None and response is not None:
                     counter, field = method.copied_rows
@@ -184,9 +199,24 @@ class Observer:
                 error = exc
                 raise
             finally:
+                self._calls -= 1
                 self._finish(method, context, started, span, request_id, error)
 
         return observed
+
+    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
+        """Ends a call over the bound, with details and counted: gRPC's own
+        `maximum_concurrent_rpcs` refusal has neither."""
+        error = ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Reason.TOO_MANY_RPCS,
+            f"this server already has {self._max_calls} calls in progress "
+            "(ORDERSTREAM_MAX_CONCURRENT_RPCS); retry later",
+            retry_after=1.0,
+            metadata={"limit": str(self._max_calls)},
+        )
+        refusals.note(error)
+        await abort(context, error)
 
     def _finish(
         self,

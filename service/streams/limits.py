@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -24,14 +24,10 @@ class StreamSlots:
     served, and ahead of nobody already waiting.
     """
 
-    def __init__(
-        self, limit: int, what: str, refused: Callable[[Reason], None] | None = None
-    ) -> None:
-        """`refused` counts each call refused for want of a slot (a metric)."""
+    def __init__(self, limit: int, what: str) -> None:
         self._free = limit
         self._limit = limit
         self._what = what
-        self._refused = refused
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
@@ -41,8 +37,6 @@ class StreamSlots:
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         if self._free <= 0 or self._waiters:
-            if self._refused is not None:
-                self._refused(Reason.TOO_MANY_STREAMS)
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 Reason.TOO_MANY_STREAMS,
