@@ -44,22 +44,18 @@ def refusal(
         )
     if limits is None:
         return None
-    if limits.types is not None and not limits.types.allows(event_type):
-        return _denied(
-            Reason.EVENT_TYPE_NOT_GRANTED,
-            f"{event}.type",
-            event_type,
-            f"the caller {limits.caller!r} may write only event types {limits.types.text}",
-            limits.caller,
-        )
-    if limits.sources is not None and not limits.sources.allows(source):
-        return _denied(
-            Reason.EVENT_SOURCE_NOT_GRANTED,
-            f"{event}.source",
-            source,
-            f"the caller {limits.caller!r} may write only sources {limits.sources.text}",
-            limits.caller,
-        )
+    for granted, field, value, reason, what in (
+        (limits.types, "type", event_type, Reason.EVENT_TYPE_NOT_GRANTED, "event types"),
+        (limits.sources, "source", source, Reason.EVENT_SOURCE_NOT_GRANTED, "sources"),
+    ):
+        if granted is not None and not granted.allows(value):
+            return _denied(
+                reason,
+                f"{event}.{field}",
+                value,
+                f"the caller {limits.caller!r} may write only {what} {granted.text}",
+                limits.caller,
+            )
     return None
 
 

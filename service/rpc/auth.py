@@ -51,7 +51,7 @@ import grpc
 
 from service.errors import Reason, ServiceError, StartupError
 from service.ops import logs
-from service.rpc import write_limits
+from service.rpc import caller_files, write_limits
 from service.rpc.cert_identities import CertificateIdentities, checked_at_call
 from service.rpc.registry import HANDLER_KINDS
 from service.rpc.status_map import abort
@@ -82,7 +82,7 @@ OPEN_SERVICES = ("grpc.health.v1.Health",)
 # Served to any valid token, whatever its scopes.
 AUTHENTICATED_SERVICES = ("grpc.reflection.v1alpha.ServerReflection",)
 
-_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+SETTING = "ORDERSTREAM_AUTH_TOKENS_FILE"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 # RFC 6750's b64token.
 _BEARER = re.compile(r"Bearer ([A-Za-z0-9\-._~+/]+=*)", re.IGNORECASE)
@@ -113,22 +113,13 @@ class Tokens:
     @classmethod
     def parse(cls, data: bytes, path: Path) -> Tokens:
         """Errors name the file and line, never its content."""
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise StartupError(
-                f"cannot read ORDERSTREAM_AUTH_TOKENS_FILE {path}: not UTF-8"
-            ) from None
-        callers: list[Caller] = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            content = line.split("#", 1)[0].split()
-            if content:
-                callers.append(_caller(content, path, number))
-        if not callers:
-            raise StartupError(f"ORDERSTREAM_AUTH_TOKENS_FILE {path} lists no token")
+        callers = [
+            _caller(content.split(), where)
+            for where, content in caller_files.lines(data, SETTING, path, listing="token")
+        ]
         digests = [caller.digest for caller in callers]
         if len(set(digests)) != len(digests):
-            raise StartupError(f"ORDERSTREAM_AUTH_TOKENS_FILE {path} lists a token twice")
+            raise StartupError(f"{SETTING} {path} lists a token twice")
         return cls(callers)
 
     def find(self, token: str) -> Caller | None:
@@ -143,23 +134,17 @@ class Tokens:
 
 
 def read_tokens_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise StartupError(
-            f"cannot read ORDERSTREAM_AUTH_TOKENS_FILE {path}: {exc.strerror}"
-        ) from None
+    return caller_files.read(SETTING, path)
 
 
-def _caller(fields: list[str], path: Path, number: int) -> Caller:
-    where = f"ORDERSTREAM_AUTH_TOKENS_FILE {path} line {number}"
+def _caller(fields: list[str], where: str) -> Caller:
     if len(fields) < 3:
         raise StartupError(
             f"{where}: expected 'NAME SHA256_HEX SCOPES', then optionally types=... sources=..."
         )
     name, digest, scopes = fields[:3]
-    if not _NAME.fullmatch(name):
-        raise StartupError(f"{where}: the name must be 1 to 64 of A-Z a-z 0-9 _ . @ -")
+    if not caller_files.NAME.fullmatch(name):
+        raise StartupError(f"{where}: {caller_files.NAME_RULE}")
     if not _DIGEST.fullmatch(digest):
         raise StartupError(f"{where}: the digest must be 64 lowercase hex digits (sha256sum)")
     granted = frozenset(scopes.split(","))

@@ -30,7 +30,6 @@ the handler's own code and before the request stream is read.
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 import grpc
 
 from service.errors import StartupError
-from service.rpc import write_limits
+from service.rpc import caller_files, write_limits
 from service.rpc.registry import HANDLER_KINDS
 
 SETTING = "ORDERSTREAM_AUTH_CERT_IDENTITIES_FILE"
@@ -52,10 +51,8 @@ KINDS = {
 }
 
 
-# As the tokens file's names: they reach logs and error metadata.
 # How a line's limit fields start (an identity starts with its kind).
 _LIMIT_PREFIXES = tuple(f"{field}=" for field in write_limits.FIELDS)
-_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -79,17 +76,10 @@ class CertificateIdentities:
     @classmethod
     def parse(cls, data: bytes, path: Path, known_scopes: Sequence[str]) -> CertificateIdentities:
         """Errors name the file and line."""
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise StartupError(f"cannot read {SETTING} {path}: not UTF-8") from None
-        callers = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            content = line.split("#", 1)[0].strip()
-            if content:
-                callers.append(_caller(content, known_scopes, f"{SETTING} {path} line {number}"))
-        if not callers:
-            raise StartupError(f"{SETTING} {path} lists no identity")
+        callers = [
+            _caller(content, known_scopes, where)
+            for where, content in caller_files.lines(data, SETTING, path, listing="identity")
+        ]
         identities = [(caller.kind, caller.identity) for caller in callers]
         if len(set(identities)) != len(identities):
             raise StartupError(f"{SETTING} {path} lists an identity twice")
@@ -105,10 +95,7 @@ class CertificateIdentities:
 
 
 def read_identities_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise StartupError(f"cannot read {SETTING} {path}: {exc.strerror}") from None
+    return caller_files.read(SETTING, path)
 
 
 def _caller(content: str, known_scopes: Sequence[str], where: str) -> CertificateCaller:
@@ -116,8 +103,8 @@ def _caller(content: str, known_scopes: Sequence[str], where: str) -> Certificat
     if len(fields) != 3:
         raise StartupError(f"{where}: expected 'NAME SCOPES KIND:IDENTITY'")
     name, scopes, identity = fields
-    if not _NAME.fullmatch(name):
-        raise StartupError(f"{where}: the name must be 1 to 64 of A-Z a-z 0-9 _ . @ -")
+    if not caller_files.NAME.fullmatch(name):
+        raise StartupError(f"{where}: {caller_files.NAME_RULE}")
     limit_fields: list[str] = []
     while identity.startswith(_LIMIT_PREFIXES):
         field, *rest = identity.split(None, 1)

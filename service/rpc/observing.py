@@ -132,6 +132,7 @@ class Observer:
         that no token named is named by its certificate's subject."""
         self._metrics = metrics
         self._max_calls = max_calls
+        self._count_refusal = metrics.count_refusal  # bound once, set on every call
         self._calls = 0
         self._tracing = tracing
         self._client_certificates = client_certificates
@@ -177,7 +178,7 @@ class Observer:
             request_id = _callers_request_id(context) or f"{self._id_prefix}-{next(self._ids)}"
             # Each call runs in its own task, so the contextvar is the call's.
             logs.request_id.set(request_id)
-            refusals.counting(self._metrics.count_refusal)
+            refusals.counting(self._count_refusal)
             if method.active is not None:
                 method.active.inc()
             span = self._tracing.start_rpc(method.name, context) if self._tracing else None
