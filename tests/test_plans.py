@@ -34,14 +34,13 @@ import asyncpg
 import pytest
 
 from devcluster import sample_data
-from devcluster.cluster import Cluster, create_database
+from devcluster.cluster import Cluster
 from service.db.migrate import migrate
 from service.db.pool import close_pool, direct_session, open_pool
 from service.events import sql as events_sql
 from service.orders import sql as orders_sql
 from service.settings import Settings
-from tests.support.database import admin_ssl_context
-from tests.support.requests import unique
+from tests.support.database import admin_ssl_context, scratch_database
 
 SQL_MODULES = (orders_sql, events_sql)
 ROWS = 300_000
@@ -163,24 +162,15 @@ def walks(plan: dict[str, Any]) -> list[str]:
 async def sample_dsn(pg_cluster: Cluster) -> AsyncIterator[str]:
     """A database of its own with ROWS orders and events: a superuser's URL,
     since only a superuser may LOAD auto_explain."""
-    name = await create_database(pg_cluster, unique("plans").replace("-", "_"))
-    dsn = pg_cluster.dsn(admin=True, database=name)
-    conn = await asyncpg.connect(dsn, ssl=admin_ssl_context(pg_cluster))
-    try:
-        await migrate(conn)
-        await sample_data.fill(conn, orders=ROWS, events=ROWS, total=ROWS)
-    finally:
-        await conn.close()
-    try:
-        yield dsn
-    finally:
-        conn = await asyncpg.connect(
-            pg_cluster.dsn(admin=True, database="postgres"), ssl=admin_ssl_context(pg_cluster)
-        )
+    async with scratch_database(pg_cluster, "plans") as name:
+        dsn = pg_cluster.dsn(admin=True, database=name)
+        conn = await asyncpg.connect(dsn, ssl=admin_ssl_context(pg_cluster))
         try:
-            await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            await migrate(conn)
+            await sample_data.fill(conn, orders=ROWS, events=ROWS, total=ROWS)
         finally:
             await conn.close()
+        yield dsn
 
 
 ROUTES = {

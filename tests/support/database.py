@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from devcluster.cluster import Cluster
+from devcluster.cluster import Cluster, create_database
+from tests.support.requests import unique
 
 # The cluster writes its server log here (see devcluster/cluster.py's layout).
 SERVER_LOG = "server.log"
@@ -142,3 +143,19 @@ async def connect_to(
         yield conn
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(cluster: Cluster, prefix: str) -> AsyncIterator[str]:
+    """A new database owned by the service's role (its name), dropped afterwards."""
+    name = await create_database(cluster, unique(prefix).replace("-", "_"))
+    try:
+        yield name
+    finally:
+        conn = await asyncpg.connect(
+            cluster.dsn(admin=True, database="postgres"), ssl=admin_ssl_context(cluster)
+        )
+        try:
+            await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
