@@ -143,18 +143,21 @@ class FlakyOrders:
 
 
 @contextlib.asynccontextmanager
-async def flaky_server(orders: FlakyOrders) -> AsyncIterator[str]:
+async def serving(service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> AsyncIterator[str]:
+    """A bare grpc.aio server with `handlers` for `service`; yields its address."""
     server = grpc.aio.server()
-    handlers = {name: orders.handler(name) for name in orders.failures}
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("orderstream.orders.v1.OrderService", handlers)]
-    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(grace=None)
+
+
+def flaky_server(orders: FlakyOrders) -> contextlib.AbstractAsyncContextManager[str]:
+    handlers = {name: orders.handler(name) for name in orders.failures}
+    return serving("orderstream.orders.v1.OrderService", handlers)
 
 
 async def test_retry_policy_retries_what_is_safe_to_retry():
@@ -238,27 +241,13 @@ class FlakyPublish:
         return event_service_pb2.PublishEventsResponse(ids=[41, 42])
 
 
-@contextlib.asynccontextmanager
-async def flaky_publish_server(flaky: FlakyPublish) -> AsyncIterator[str]:
-    server = grpc.aio.server()
+def flaky_publish_server(flaky: FlakyPublish) -> contextlib.AbstractAsyncContextManager[str]:
     handler = grpc.unary_unary_rpc_method_handler(
         flaky.publish,
         request_deserializer=event_service_pb2.PublishEventsRequest.FromString,
         response_serializer=event_service_pb2.PublishEventsResponse.SerializeToString,
     )
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "orderstream.events.v1.EventService", {"PublishEvents": handler}
-            )
-        ]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=None)
+    return serving("orderstream.events.v1.EventService", {"PublishEvents": handler})
 
 
 async def test_a_raw_publish_is_not_retried_by_the_channel():
