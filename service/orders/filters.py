@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2
 from service.db.codecs import unix_micros
+from service.orders import sql
 from service.orders.convert import STATUS_NAMES
 from service.rpc.validation import MAX_ID_LENGTH, Violations
 
@@ -29,3 +30,14 @@ def order_filters(request: OrderFilterRequest, v: Violations) -> dict[str, objec
         v.timestamp("created_before", request.created_before)
         filters["created_before"] = unix_micros(request.created_before)
     return filters
+
+
+def window_start_query(filters: dict[str, object]) -> tuple[str, list[object]] | None:
+    """The statement and arguments that find the first id of the creation-time
+    window `filters` set (sql.window_start), or None without created_after,
+    when a listing starts at the first order anyway."""
+    if "created_after" not in filters:
+        return None
+    with_before = "created_before" in filters
+    bounds = [filters["created_after"], *([filters["created_before"]] if with_before else [])]
+    return sql.window_start(with_before=with_before), [*bounds, sql.WINDOW_HEAD_ROWS]

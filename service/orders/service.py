@@ -21,7 +21,7 @@ from service.errors import (
 from service.orders import sql
 from service.orders.convert import STATUS_NAMES, created_order, fill_order, order_from_row
 from service.orders.export import export_orders
-from service.orders.filters import order_filters
+from service.orders.filters import order_filters, window_start_query
 from service.orders.imports import import_orders
 from service.orders.page_token import InvalidPageToken, PageTokens
 from service.orders.rules import body_digest, checked_create, item_columns
@@ -149,10 +149,17 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         page_size = request.page_size or DEFAULT_PAGE_SIZE
         # One row beyond the page tells whether another page exists.
         query = sql.list_orders(tuple(filters))
-        args = (*filters.values(), after_id, page_size + 1)
+        window = window_start_query(filters) if after_id == 0 else None
 
         async def page(db: Database, _sent: Sent) -> list[asyncpg.Record]:
-            return await db.fetch(context, query, *args)
+            start = after_id
+            if window is not None:
+                statement, window_args = window
+                first = await db.fetchrow(context, statement, *window_args)
+                if first is None or first[0] is None:
+                    return []  # no order was created in the window
+                start = first[0] - 1
+            return await db.fetch(context, query, *filters.values(), start, page_size + 1)
 
         rows = await self._reads.read("ListOrders", page)
         response = order_service_pb2.ListOrdersResponse()

@@ -100,6 +100,41 @@ LIST_FILTERS = {
 }
 
 
+# How many orders, from the listing's start in id order, `window_start`
+# looks at before it reads the window from the creation-time index instead.
+WINDOW_HEAD_ROWS = 10_000
+
+
+def window_start(*, with_before: bool) -> str:
+    """The smallest id of an order created at or after $1 (and before $2,
+    with `with_before`), or NULL when there is none: where a listing
+    filtered by creation time starts walking the ids.
+
+    Creation times rise with the id, so PostgreSQL, which takes the two for
+    independent, expects a recent window's orders anywhere in id order and
+    walks the primary key from the first order, filtering, to reach them: a
+    walk over every older order, which grows with the table. Starting the
+    listing at the window's first id bounds that walk. It is found exactly,
+    whichever is cheaper of two ways: among the first WINDOW_HEAD_ROWS
+    orders in id order (an old or wide window starts there), else from the
+    window's own entries in orders_create_time_id_idx (a recent window is
+    small). `id + 0` keeps PostgreSQL from turning that min() back into a
+    walk of the primary key; COALESCE runs the second subquery only when the
+    first found nothing."""
+    window = "create_time >= $1" + (" AND create_time < $2" if with_before else "")
+    head = 3 if with_before else 2
+    return f"""
+SELECT coalesce(
+    (SELECT id
+     FROM (SELECT id, create_time FROM orders ORDER BY id LIMIT ${head}) AS first_orders
+     WHERE {window}
+     ORDER BY id
+     LIMIT 1),
+    (SELECT min(id + 0) FROM orders WHERE {window})
+)
+"""
+
+
 def _filtered_orders(filters: tuple[str, ...], extra: list[str]) -> str:
     conditions = [LIST_FILTERS[name].format(n) for n, name in enumerate(filters, start=1)]
     return f"""
