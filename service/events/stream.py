@@ -104,13 +104,8 @@ class _Stream:
         self._context = context
         self._writes = writes
         self.filter = Filter(frozenset(request.types), request.subject)
-        types = sql.Types.of(request.types)
+        types, self._filter_args = sql.type_filter(request.types)
         self._query = sql.events_page(types=types, with_subject=bool(request.subject))
-        self._filter_args: list[object] = []
-        if types is sql.Types.ONE:
-            self._filter_args.append(request.types[0])
-        elif types is sql.Types.SOME:
-            self._filter_args.append(list(request.types))
         if request.subject:
             self._filter_args.append(request.subject)
         self.batches = _Batches(self.write, batch_bytes)
