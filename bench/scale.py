@@ -52,6 +52,7 @@ from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb
 from service.db.pool import close_pool, open_pool
 from service.events.sql import SAFE_HORIZON
 from service.orders.page_token import PageTokens
+from service.orders.sql import NO_END
 from service.settings import Settings
 
 POOL = 4
@@ -171,7 +172,7 @@ class Shapes:
     def list_call(self, fields: dict[str, Any], after: int = 0) -> Call:
         request = order_service_pb2.ListOrdersRequest(page_size=50, **fields)
         if after:
-            request.page_token = self.tokens.encode(after, fingerprint(request))
+            request.page_token = self.tokens.encode(after, NO_END, fingerprint(request))
 
         async def call() -> int:
             return len((await self.orders.ListOrders(request)).orders)

@@ -32,12 +32,12 @@ def order_filters(request: OrderFilterRequest, v: Violations) -> dict[str, objec
     return filters
 
 
-def window_start_query(filters: dict[str, object]) -> tuple[str, list[object]] | None:
-    """The statement and arguments that find the first id of the creation-time
-    window `filters` set (sql.window_start), or None without created_after,
-    when a listing starts at the first order anyway."""
-    if "created_after" not in filters:
-        return None
-    with_before = "created_before" in filters
-    bounds = [filters["created_after"], *([filters["created_before"]] if with_before else [])]
-    return sql.window_start(with_before=with_before), [*bounds, sql.WINDOW_HEAD_ROWS]
+def window_query(filters: dict[str, object]) -> tuple[str, list[object]] | None:
+    """The statement and arguments that find the ids a listing of the
+    creation-time window `filters` set walks (sql.window_ids), or None when
+    they set no window."""
+    for window in sql.Window:
+        if set(window.value) == {name for name in filters if name.startswith("created_")}:
+            bounds = [filters[name] for name in window.value]
+            return sql.window_ids(window), [*bounds, sql.WINDOW_EDGE_ROWS]
+    return None

@@ -21,7 +21,7 @@ from service.errors import (
 from service.orders import sql
 from service.orders.convert import STATUS_NAMES, created_order, fill_order, order_from_row
 from service.orders.export import export_orders
-from service.orders.filters import order_filters, window_start_query
+from service.orders.filters import order_filters, window_query
 from service.orders.imports import import_orders
 from service.orders.page_token import InvalidPageToken, PageTokens
 from service.orders.rules import body_digest, checked_create, item_columns
@@ -140,26 +140,30 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         v.raise_if_any()
 
         fingerprint = _filter_fingerprint(request)
-        after_id = 0
+        after_id, end_id = 0, sql.NO_END
         if request.page_token:
             try:
-                after_id = self._page_tokens.decode(request.page_token, fingerprint)
+                after_id, end_id = self._page_tokens.decode(request.page_token, fingerprint)
             except InvalidPageToken as exc:
                 raise invalid_argument([FieldViolation("page_token", str(exc))]) from None
         page_size = request.page_size or DEFAULT_PAGE_SIZE
         # One row beyond the page tells whether another page exists.
         query = sql.list_orders(tuple(filters))
-        window = window_start_query(filters) if after_id == 0 else None
+        # The first page finds the creation-time window's ids; the token
+        # carries its end to the pages that follow.
+        window = None if request.page_token else window_query(filters)
 
         async def page(db: Database, _sent: Sent) -> list[asyncpg.Record]:
-            start = after_id
+            nonlocal after_id, end_id
             if window is not None:
                 statement, window_args = window
-                first = await db.fetchrow(context, statement, *window_args)
-                if first is None or first[0] is None:
+                ids = await db.fetchrow(context, statement, *window_args)
+                if ids is None or ids["after"] is None or ids["end_id"] is None:
                     return []  # no order was created in the window
-                start = first[0] - 1
-            return await db.fetch(context, query, *filters.values(), start, page_size + 1)
+                after_id, end_id = ids["after"], ids["end_id"]
+            return await db.fetch(
+                context, query, *filters.values(), after_id, end_id, page_size + 1
+            )
 
         rows = await self._reads.read("ListOrders", page)
         response = order_service_pb2.ListOrdersResponse()
@@ -168,7 +172,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             fill_order(add_order(), row)
         if len(rows) > page_size:
             response.next_page_token = self._page_tokens.encode(
-                rows[page_size - 1]["id"], fingerprint
+                rows[page_size - 1]["id"], end_id, fingerprint
             )
         return response
 
