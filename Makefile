@@ -67,9 +67,18 @@ $(STAMPS)/node: package.json package-lock.json
 # Go and its protobuf/gRPC libraries and code generators, all from Debian:
 # the Go client (clients/go) builds offline in GOPATH mode against
 # /usr/share/gocode, since no Go module proxy is reachable from CI.
+# golang-github-golang-protobuf-1-5-dev replaces the 1.3 one that grpc-go
+# pulls in by default: grpc-go 1.33's codec marshals through
+# github.com/golang/protobuf, whose 1.3 panics on the messages protoc-gen-go
+# 1.28 generates (1.4 and later hand them to google.golang.org/protobuf).
+GO_MISSING := ! command -v go >/dev/null || ! command -v protoc-gen-go >/dev/null \
+  || ! command -v protoc-gen-go-grpc >/dev/null \
+  || [ ! -d /usr/share/gocode/src/google.golang.org/grpc ] \
+  || [ ! -d /usr/share/gocode/src/google.golang.org/protobuf ] \
+  || [ ! -f /usr/share/gocode/src/github.com/golang/protobuf/proto/registry.go ]
 $(STAMPS)/go:
 	@mkdir -p $(STAMPS)
-	$(call apt_install,! command -v go >/dev/null || ! command -v protoc-gen-go >/dev/null || ! command -v protoc-gen-go-grpc >/dev/null || [ ! -d /usr/share/gocode/src/google.golang.org/grpc ] || [ ! -d /usr/share/gocode/src/google.golang.org/protobuf ],golang-go golang-google-grpc-dev golang-google-protobuf-dev protoc-gen-go protoc-gen-go-grpc,Go with grpc-go and its code generators (clients/go))
+	$(call apt_install,$(GO_MISSING),golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc,Go with grpc-go and its code generators (clients/go))
 	@touch $@
 
 # Python, TypeScript and Go stubs.
