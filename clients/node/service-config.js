@@ -117,15 +117,10 @@ async function started(response) {
   const messages = response.message[Symbol.asyncIterator]();
   const first = await messages.next();
   async function* replay() {
-    try {
-      if (first.done) return;
-      yield first.value;
-      for (let next = await messages.next(); !next.done; next = await messages.next()) {
-        yield next.value;
-      }
-    } finally {
-      // A caller that stops reading early ends the call.
-      await messages.return?.();
+    if (first.done) return;
+    yield first.value;
+    for (let next = await messages.next(); !next.done; next = await messages.next()) {
+      yield next.value;
     }
   }
   return { ...response, message: replay() };

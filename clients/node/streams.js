@@ -23,9 +23,13 @@ export async function* streamEvents(
 ) {
   let lastId = afterId;
   for (let failures = 0; ; ) {
+    // Connect's clients end a stream only through its signal, not when its
+    // reader stops: aborted on the way out, when the caller stops iterating.
+    const call = new AbortController();
     try {
       const request = { afterId: lastId, types, subject, follow };
-      for await (const response of client.streamEvents(request, { signal })) {
+      const options = { signal: signal ? AbortSignal.any([signal, call.signal]) : call.signal };
+      for await (const response of client.streamEvents(request, options)) {
         for (const event of response.events) {
           [lastId, failures] = [event.id, 0];
           yield event;
@@ -34,6 +38,8 @@ export async function* streamEvents(
       return;
     } catch (error) {
       if (ConnectError.from(error).code !== Code.Unavailable || failures >= reconnects) throw error;
+    } finally {
+      call.abort();
     }
     failures++;
     await sleep(backoff(failures), signal);

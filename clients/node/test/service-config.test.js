@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { createOrderstreamClients, DEFAULT_SERVICE_CONFIG, publishEvents } from "../index.js";
-import { flakyServer } from "./flaky-server.js";
+import { flakyServer } from "../test-support/flaky-server.js";
 
 const failing = (code, times, answer) => {
   const calls = { count: 0, timeouts: [] };

@@ -271,6 +271,20 @@ func TestMutualTLSAndTokens(t *testing.T) {
 	}
 }
 
+// publishUntilTaken publishes under one request id until a process takes
+// the events: PublishEvents retries UNAVAILABLE, and a call that the
+// draining process ends CANCELLED may or may not have been written, so it
+// is repeated too (the server answers a repeat with the first call's ids).
+func publishUntilTaken(ctx context.Context, conn *grpc.ClientConn, events []*eventsv1.Event) ([]int64, error) {
+	o := client.WriteOptions{RequestID: unique("publish"), Attempts: 30}
+	for {
+		ids, err := client.PublishEvents(ctx, conn, events, o)
+		if status.Code(err) != codes.Canceled || ctx.Err() != nil {
+			return ids, err
+		}
+	}
+}
+
 // The follow stream outlives its server: after 10 events the service
 // process is sent SIGTERM (it ends the stream UNAVAILABLE), 15 more are
 // published meanwhile, and the test server starts a new process on the
@@ -303,8 +317,7 @@ func TestFollowSurvivesASigtermOfItsServer(t *testing.T) {
 			t.Error(err)
 		}
 		go func() {
-			// Retried under one request id until a process takes them.
-			ids, err := client.PublishEvents(ctx, conn, newEvents(subject, 20, 15), client.WriteOptions{Attempts: 30})
+			ids, err := publishUntilTaken(ctx, conn, newEvents(subject, 20, 15))
 			later <- publishing{ids, err}
 		}()
 	})
