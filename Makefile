@@ -133,6 +133,12 @@ lint: install deploy-check
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	$(PY) -m mypy --strict clients/python/src/orderstream/client
+	@# The Go client and the benchmark's followers: gofmt, then go vet
+	@# (GOPATH mode, as clients/go/README.md explains).
+	@unformatted=$$(gofmt -l clients/go bench) && [ -z "$$unformatted" ] \
+	  || { echo "not gofmt'd: $$unformatted" >&2; exit 1; }
+	GO111MODULE=off GOPATH=$(CURDIR)/clients/go:$(CURDIR)/clients/go/gen:/usr/share/gocode \
+	  go vet orderstream/client
 
 format: $(STAMPS)/python
 	$(PY) -m ruff check --fix .
