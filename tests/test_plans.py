@@ -237,14 +237,13 @@ async def pooled(
         await close_pool(pool, timeout=10)
 
 
-def created_filters(built: Any, now: int) -> list[tuple[str, int]]:
-    """The creation-time filters of a built listing statement, with their
-    values."""
+def listing_filters(built: Any, now: int) -> dict[str, Any]:
+    """The filters of a built listing statement, with their values."""
     name, kwargs = built
     if name not in ("list_orders", "export_page"):
-        return []
+        return {}
     values = selective_filters(now)
-    return [(f, values[f]) for f in kwargs["filters"] if f.startswith("created_")]
+    return {f: values[f] for f in kwargs["filters"]}
 
 
 LABELS = sorted(STATEMENTS)
@@ -255,7 +254,7 @@ async def test_a_read_statement_keeps_an_index_plan(pooled: asyncpg.Connection, 
     sql, built = STATEMENTS[label]
     now = round(sample_data.created_time(ROWS) * 1e6)
     ids = (0, orders_sql.NO_END)
-    if built is not None and (window := window_query(dict(created_filters(built, now)))):
+    if built is not None and (window := window_query(listing_filters(built, now))):
         row = await pooled.fetchrow(window[0], *window[1])
         ids = (row["after"], row["end_id"])
     args = arguments(label, built, now, ids)

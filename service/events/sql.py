@@ -70,6 +70,8 @@ SAFE_HORIZON = "SELECT events_safe_horizon()"
 # may hold: a stream holds one page and reads the next meanwhile.
 PAGE_ROWS = 5000
 PAGE_BYTES = 1 << 20
+# The rows of a history read's first page (service/events/stream.py).
+FIRST_PAGE_ROWS = 512
 
 
 def row_bytes(row: Sequence[Any]) -> int:

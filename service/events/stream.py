@@ -127,9 +127,16 @@ class _Stream:
     async def read_table(self, below: int) -> None:
         """Streams the matching events with position < id < `below` from
         the table, one page ahead of the writes; the position reaches
-        below - 1."""
-        limit = sql.PAGE_ROWS
+        below - 1.
+
+        The first page is small and goes out at once, whatever the batch
+        budget: a reader starting far back in a large feed gets its first
+        events after a few hundred rows are read, not after a full page of
+        events scattered over the table (the pages after it grow back to
+        PAGE_ROWS: sql.next_limit)."""
+        limit = sql.FIRST_PAGE_ROWS
         pending = self._page(self.position, below, limit)
+        first = True
         try:
             while True:
                 rows = await pending
@@ -140,6 +147,9 @@ class _Stream:
                 limit = sql.next_limit(rows, limit)
                 pending = self._page(rows[-1][0], below, limit)
                 await self.batches.add(rows)
+                if first:
+                    await self.batches.flush()
+                    first = False
             await self.batches.flush()
         finally:
             if not pending.done():
