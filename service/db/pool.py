@@ -158,7 +158,10 @@ def _connect_options(
         )
     return {
         "dsn": target.dsn.reveal(),
+        # Every host of a multi-host URL gets the same context: verify-full
+        # checks each against its own name (asyncpg passes it per host).
         "ssl": ssl_context_for(target, allow_insecure=settings.allow_insecure_database),
+        "target_session_attrs": target.target_session_attrs,
         "command_timeout": settings.command_timeout,
         "statement_cache_size": settings.statement_cache_size,
         "timeout": settings.pool_acquire_timeout,
