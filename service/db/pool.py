@@ -259,6 +259,16 @@ async def _create_pool(settings: Settings, target: DatabaseTarget, min_size: int
     )
 
 
+async def left_the_primary(pool: asyncpg.Pool) -> None:
+    """A connection of `pool` found its server read-only (a standby, or a
+    primary since demoted or fenced): every connection made before is
+    closed instead of being used again (the one in hand on its release),
+    and new ones are made with target_session_attrs, which skips a server
+    that cannot write."""
+    log.warning("the database server is read-only: reconnecting the pool to a writable one")
+    await pool.expire_connections()
+
+
 def was_connecting(pool: asyncpg.Pool) -> bool:
     """Asked after an acquire timed out: a pool with room for another
     connection was waiting to open one, so the database (or the network to

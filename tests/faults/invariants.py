@@ -20,7 +20,7 @@ from tests.support.polling import eventually
 
 # What a healthy idle service runs on its own: the health check and the
 # feed's horizon poll (service/rpc/health.py, service/events/feed.py).
-_BACKGROUND_QUERIES = ("SELECT 1", "events_safe_horizon")
+_BACKGROUND_QUERIES = ("pg_is_in_recovery", "events_safe_horizon")
 _SETTLE_SECONDS = 30.0
 
 
