@@ -66,6 +66,13 @@ class FaultCluster:
         self.base_dir = base_dir
         self.cluster: Cluster | None = None
 
+    @classmethod
+    def running(cls, cluster: Cluster) -> FaultCluster:
+        """The controls of a cluster started elsewhere (a promoted standby)."""
+        faults = cls(cluster.base_dir)
+        faults.cluster = cluster
+        return faults
+
     @property
     def current(self) -> Cluster:
         assert self.cluster is not None, "the fault cluster is not running"
@@ -89,6 +96,16 @@ class FaultCluster:
         every other backend and recovers (like a segfault in production).
         The test runs as root or as the server's own user, so it may."""
         os.kill(pid, signal.SIGKILL)
+
+
+def kill_server(cluster: Cluster) -> None:
+    """SIGKILL the whole server at once, postmaster and every backend, as a
+    lost machine would end it: no shutdown, no crash recovery, nothing sent
+    to anyone. pg_ctl starts the postmaster in a session of its own, so its
+    process group is the server."""
+    postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+    assert os.getpgid(postmaster) == postmaster, "the postmaster leads no process group"
+    os.killpg(postmaster, signal.SIGKILL)
 
 
 class Admin:
