@@ -9,8 +9,8 @@ backends, as a lost machine), health goes NOT_SERVING, the standby is
 promoted with `pg_ctl promote` (what operators' tools run underneath; see
 docs/operations.md#failover), and the service follows with no restart:
 health SERVING, writes acknowledged on the new primary, the feed's LISTEN
-connection back, the follower gone on (resuming after the last id it had)
-with no gap and no duplicate. The ledger then holds on the new primary:
+connection back, and the follow stream, open throughout, gone on with no
+gap and no duplicate. The ledger then holds on the new primary:
 every acknowledged write there exactly once, every unknown one settled by
 a retry with its key. Writes in flight answer UNAVAILABLE (or
 DEADLINE_EXCEEDED), never INTERNAL or FAILED_PRECONDITION.
@@ -41,8 +41,7 @@ from grpc_health.v1 import health_pb2_grpc
 from devcluster.cluster import Cluster, promote_standby
 from devcluster.process import json_records
 from devcluster.throwaway import throwaway_cluster
-from orderstream.client import stream_events
-from orderstream.events.v1 import event_service_pb2_grpc
+from orderstream.events.v1 import event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2_grpc
 from service.db.migrate import migrate
 from tests.faults.calls import NOT_SERVING, SERVING, HealthWatch
@@ -181,11 +180,16 @@ def back_after(attempts: list[Attempt], moment: float, kind: str | None = None) 
     )
 
 
-async def follow(channel: grpc.aio.Channel, after_id: int, received: list[int]) -> None:
-    """A follower as the Python client runs one: resumed after the last id
-    it received whenever the stream ends UNAVAILABLE."""
-    async for event in stream_events(channel, after_id=after_id, follow=True, reconnects=1000):
-        received.append(event.id)
+async def follow(
+    events: event_service_pb2_grpc.EventServiceStub, after_id: int, received: list[int]
+) -> None:
+    """One follow stream, read until cancelled: it must not end, the
+    failover notwithstanding."""
+    call = events.StreamEvents(
+        event_service_pb2.StreamEventsRequest(after_id=after_id, follow=True)
+    )
+    async for response in call:
+        received.extend(event.id for event in response.events)
 
 
 @pytest.mark.parametrize("address", ["multi-host", "re-pointed"])
@@ -223,7 +227,7 @@ async def _fail_over(
     async with connect_to(pair.primary, pair.primary.database, admin=True) as conn:
         start = await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
     received: list[int] = []
-    follower = asyncio.ensure_future(follow(channel, start, received))
+    follower = asyncio.ensure_future(follow(events, start, received))
 
     attempts: list[Attempt] = []
     stop = asyncio.Event()
@@ -294,6 +298,9 @@ async def _fail_over(
         ]
 
         async def caught_up() -> bool:
+            if follower.done():
+                follower.result()  # the stream's error, or its end
+                raise AssertionError("the follow stream ended")
             return bool(received) and received[-1] >= stored[-1]
 
         try:
