@@ -48,12 +48,13 @@ from tests.faults.calls import NOT_SERVING, SERVING, HealthWatch
 from tests.faults.cluster import Admin, FaultCluster, kill_server
 from tests.faults.conftest import Scenario
 from tests.faults.invariants import check_at_rest
-from tests.faults.ledger import order_request, publish_request, upload_messages
+from tests.faults.ledger import Ledger, order_request, publish_request, upload_messages
 from tests.faults.service import RunningProcess, channel_to, running_process, service_env
 from tests.faults.tally import TALLY
 from tests.support.database import connect_to, through_proxy
 from tests.support.polling import eventually
 from tests.support.requests import unique
+from tests.support.status import rpc_error
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
@@ -180,6 +181,19 @@ def back_after(attempts: list[Attempt], moment: float, kind: str | None = None) 
     )
 
 
+async def write_while_down(
+    ledger: Ledger, orders: order_service_pb2_grpc.OrderServiceStub
+) -> str | None:
+    """A CreateOrder while no server takes writes: UNAVAILABLE, recorded
+    in the ledger (its outcome is unknown to a caller); its ErrorInfo reason."""
+    request = order_request(unique("failover-down"))
+    failed = await rpc_error(orders.CreateOrder(request, timeout=5))
+    ledger.record("order", request.request_id, [request], failed.code)
+    assert failed.code == grpc.StatusCode.UNAVAILABLE
+    assert failed.retry_info is not None
+    return failed.error_info.reason if failed.error_info is not None else None
+
+
 async def follow(
     events: event_service_pb2_grpc.EventServiceStub, after_id: int, received: list[int]
 ) -> None:
@@ -250,13 +264,17 @@ async def _fail_over(
         await eventually(
             lambda: written(0.0, BEFORE, (None,)), timeout=30, what="writes before the kill"
         )
-        killed = time.monotonic()
         await asyncio.to_thread(kill_server, pair.primary)
+        killed = time.monotonic()  # after: a write sent before may still be acknowledged
         if proxy is not None:
             # The endpoint flips ahead of the promotion: until it is done, new
             # connections meet a standby behind the one address.
             proxy.repoint(pair.standby.port)
         await watch.saw(SERVING, NOT_SERVING)
+        # No writable server: retryable, saying why. A multi-host URL finds
+        # the primary's host refusing; the one address, a standby there.
+        reason = await write_while_down(ledger, orders)
+        assert reason == ("DATABASE_UNAVAILABLE" if proxy is None else "DATABASE_READ_ONLY")
         promoting = time.monotonic()
         await asyncio.to_thread(promote_standby, pair.standby)
         promoted = time.monotonic()
