@@ -22,6 +22,7 @@ from service.db.pool import close_pool, open_pool
 from service.errors import StartupError
 from service.settings import Settings
 from tests.support.apps import running_app
+from tests.support.database import multi_host_dsn
 from tests.support.revocation import RevocableCertificates, write_revocable_certificates
 
 
@@ -111,19 +112,15 @@ async def test_the_tls_protocol_bounds_are_honoured(
 MISMATCH = "127.0.0.2"
 
 
-def multi_host_url(cluster: Cluster, *hosts: str) -> str:
-    """`cluster`'s URL with `hosts` (each on the cluster's port) in its place."""
-    single = cluster.dsn()
-    return single.replace(
-        f"@{cluster.host}:{cluster.port}/",
-        "@" + ",".join(f"{h}:{cluster.port}" for h in hosts) + "/",
-    )
-
-
 async def test_a_multi_host_url_skips_a_host_whose_certificate_does_not_match(
     service_env, pg_cluster
 ):
-    env = {**service_env, "DATABASE_URL": multi_host_url(pg_cluster, MISMATCH, "127.0.0.1")}
+    env = {
+        **service_env,
+        "DATABASE_URL": multi_host_dsn(
+            pg_cluster, f"{MISMATCH}:{pg_cluster.port}", f"127.0.0.1:{pg_cluster.port}"
+        ),
+    }
     pool = await open_pool(Settings.from_env(env))
     try:
         # The same server answers on both: only the address shows which host
@@ -137,7 +134,10 @@ async def test_a_multi_host_url_skips_a_host_whose_certificate_does_not_match(
 async def test_a_multi_host_url_whose_hosts_all_fail_verification_stops_startup(
     service_env, pg_cluster
 ):
-    env = {**service_env, "DATABASE_URL": multi_host_url(pg_cluster, MISMATCH, MISMATCH)}
+    env = {
+        **service_env,
+        "DATABASE_URL": multi_host_dsn(pg_cluster, *[f"{MISMATCH}:{pg_cluster.port}"] * 2),
+    }
     with pytest.raises(StartupError) as raised:
         await open_pool(Settings.from_env(env))
     message = str(raised.value)

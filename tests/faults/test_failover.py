@@ -51,7 +51,7 @@ from tests.faults.invariants import check_at_rest
 from tests.faults.ledger import Ledger, order_request, publish_request, upload_messages
 from tests.faults.service import RunningProcess, channel_to, running_process, service_env
 from tests.faults.tally import TALLY
-from tests.support.database import connect_to, through_proxy
+from tests.support.database import connect_to, multi_host_dsn, through_proxy
 from tests.support.polling import eventually
 from tests.support.requests import unique
 from tests.support.status import rpc_error
@@ -125,16 +125,6 @@ async def _make_synchronous(primary: Cluster, standby: Cluster) -> None:
             return bool(state == "sync")
 
         await eventually(synchronous, timeout=30, what="the standby to replicate synchronously")
-
-
-def multi_host_url(pair: Pair) -> str:
-    """libpq's form: the primary first, then the standby, both on 127.0.0.1
-    (their certificate, the same one, names it)."""
-    single = pair.primary.dsn(host="127.0.0.1")
-    return single.replace(
-        f"@127.0.0.1:{pair.primary.port}/",
-        f"@127.0.0.1:{pair.primary.port},127.0.0.1:{pair.standby.port}/",
-    )
 
 
 @dataclass
@@ -211,7 +201,11 @@ async def test_the_primary_dies_and_the_standby_is_promoted(scenario, address):
     async with replicated_pair() as pair, contextlib.AsyncExitStack() as stack:
         proxy = None
         if address == "multi-host":
-            url = multi_host_url(pair)
+            # The primary first, then the standby, both at 127.0.0.1 (their
+            # certificate, the same one, names it).
+            url = multi_host_dsn(
+                pair.primary, f"127.0.0.1:{pair.primary.port}", f"127.0.0.1:{pair.standby.port}"
+            )
         else:
             proxy = await stack.enter_async_context(TcpProxy(pair.primary.port))
             url = through_proxy(pair.primary, proxy.port).dsn()
