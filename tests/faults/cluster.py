@@ -99,13 +99,32 @@ class FaultCluster:
 
 
 def kill_server(cluster: Cluster) -> None:
-    """SIGKILL the whole server at once, postmaster and every backend, as a
-    lost machine would end it: no shutdown, no crash recovery, nothing sent
-    to anyone. pg_ctl starts the postmaster in a session of its own, so its
-    process group is the server."""
+    """SIGKILL the whole server at one instant, postmaster and every child
+    (backends, WAL sender, ...), as a lost machine would end it: no
+    shutdown, nothing more sent to anyone. Each child leads a process group
+    of its own (PostgreSQL's InitPostmasterChild), so one killpg would end
+    the postmaster alone and leave backends to finish what they were
+    doing. All are stopped first, the postmaster before it can fork again,
+    so none acts while the others die."""
     postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
-    assert os.getpgid(postmaster) == postmaster, "the postmaster leads no process group"
-    os.killpg(postmaster, signal.SIGKILL)
+    os.kill(postmaster, signal.SIGSTOP)
+    server = [postmaster, *_children(postmaster)]
+    for pid in server:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in server:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _children(parent: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == parent:
+                children.append(int(stat.parent.name))
+    return children
 
 
 class Admin:
