@@ -94,7 +94,7 @@ class DatabaseTarget:
     # Every host:port of a multi-host URL, tried in order (libpq's rule),
     # each verified against its own name; the connection stays on the
     # first whose session matches `target_session_attrs`.
-    addresses: tuple[str, ...] = ()
+    addresses: tuple[tuple[str, int], ...] = ()
     target_session_attrs: str = "read-write"
 
     @property
@@ -103,7 +103,7 @@ class DatabaseTarget:
 
     def describe(self) -> str:
         """Names the server for messages; never includes credentials."""
-        where = ", ".join(self.addresses) or f"{self.host}:{self.port}"
+        where = ", ".join(_address(*a) for a in self.addresses) or f"{self.host}:{self.port}"
         return (
             f"{where} (sslmode={self.ssl_mode}, target_session_attrs={self.target_session_attrs})"
         )
@@ -538,7 +538,7 @@ def _database_target(
         ssl_min_protocol_version=minimum,
         ssl_max_protocol_version=maximum,
         unix_sockets=tuple(h for h in hosts if h.startswith(("/", "@"))) if hosts else ("",),
-        addresses=tuple(_address(host, port) for host, port in addresses),
+        addresses=tuple(addresses),
         target_session_attrs=attrs,
     )
 

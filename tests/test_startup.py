@@ -336,11 +336,11 @@ def test_a_multi_host_url_keeps_every_host_and_port_in_order(service_env):
     )
     primary, replica = settings.database, settings.replica
     assert replica is not None
-    assert primary.addresses == ("db-a:5433", "[fd00::2]:5432", "db-c:6000")
+    assert primary.addresses == (("db-a", 5433), ("fd00::2", 5432), ("db-c", 6000))
     assert (primary.host, primary.port) == ("db-a", 5433)
     assert primary.target_session_attrs == "read-write"
     assert settings.direct_database.target_session_attrs == "read-write"
-    assert replica.addresses == ("db-b:5432", "db-a:5432")
+    assert replica.addresses == (("db-b", 5432), ("db-a", 5432))
     assert replica.target_session_attrs == "prefer-standby"
     assert "db-a:5433, [fd00::2]:5432, db-c:6000" in primary.describe()
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
 
 from service.db.codecs import register_codecs
+from service.db.hosts import connect_in_turn
 from service.errors import StartupError
 from service.settings import DatabaseTarget, Settings
 
@@ -169,6 +171,14 @@ def _connect_options(
     }
 
 
+def _connector(target: DatabaseTarget) -> Callable[..., Awaitable[asyncpg.Connection]]:
+    """asyncpg.connect, or for several hosts one at a time, each within its
+    share of the timeout (service/db/hosts.py)."""
+    if len(target.addresses) > 1:
+        return functools.partial(connect_in_turn, addresses=target.addresses)
+    return asyncpg.connect
+
+
 def _milliseconds(seconds: float) -> str:
     return str(max(1, round(seconds * 1000)))
 
@@ -176,9 +186,8 @@ def _milliseconds(seconds: float) -> str:
 async def connect_direct(settings: Settings) -> asyncpg.Connection:
     """A connection outside the pool, for session state such as LISTEN: to
     ORDERSTREAM_DIRECT_DATABASE_URL, past any transaction-pooling PgBouncer."""
-    conn = await asyncpg.connect(
-        **_connect_options(settings, settings.direct_database, direct=True)
-    )
+    target = settings.direct_database
+    conn = await _connector(target)(**_connect_options(settings, target, direct=True))
     await register_codecs(conn)
     return conn
 
@@ -251,6 +260,7 @@ async def open_replica_pool(settings: Settings, target: DatabaseTarget) -> async
 async def _create_pool(settings: Settings, target: DatabaseTarget, min_size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         **_connect_options(settings, target),
+        connect=_connector(target),
         min_size=min_size,
         max_size=settings.pool_max_size,
         max_inactive_connection_lifetime=settings.pool_max_idle,
