@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
+import asyncpg
 import grpc
 
 from orderstream.events.v1 import event_service_pb2
+from service.db.failures import NoConnection
 from service.db.runner import Database
 from service.errors import Reason, ServiceError
 from service.events import sql
@@ -115,8 +117,11 @@ class _Stream:
     async def write(self, message: Encoded, position: int) -> None:
         """Writes `message`, whose last event is at `position`; a reader
         that takes nothing within the stall timeout ends the stream
-        (READER_STALLED, docs/streams.md#quiet-callers)."""
+        (READER_STALLED, docs/streams.md#quiet-callers). The position
+        follows every write, so a follower whose table read failed halfway
+        goes on after the last event it sent."""
         await self._writes.write(message, position=position)
+        self.position = max(self.position, position)
 
     async def horizon(self) -> int:
         """The safe horizon now: every event with a lower id is final."""
@@ -217,15 +222,19 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
         if not (tail.live and tail.ready):
             # The feed's connection is down: look at the table every poll
             # interval, as the feed would.
-            horizon = await stream.horizon()
-            if stream.position < horizon - 1:
-                async with streams.queued():
-                    await stream.read_table(horizon)
+            with _while_the_database_is_down():
+                horizon = await stream.horizon()
+                if stream.position < horizon - 1:
+                    async with streams.queued():
+                        await stream.read_table(horizon)
             await tail.wait(seen, feed.poll_interval)
         elif stream.position < tail.floor:
             # Further back than the tail holds: the table up to it first.
-            async with streams.queued():
-                await stream.read_table(tail.floor + 1)
+            with _while_the_database_is_down():
+                async with streams.queued():
+                    await stream.read_table(tail.floor + 1)
+                continue
+            await tail.wait(seen, feed.poll_interval)
         elif stream.position < tail.horizon - 1:
             message, stream.position = tail.next_message(
                 stream.position, stream.filter, stream.budget
@@ -234,3 +243,28 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
                 await stream.write(message, stream.position)
         else:
             await tail.wait(seen)
+
+
+# The database gone or going (a restart, a failover, a network cut): the
+# connection lost, none to be had, or the server refusing to serve.
+_DATABASE_DOWN = (
+    OSError,  # TimeoutError among them: a statement the server did not answer in time
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # TargetServerAttributeNotMatched among them
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    NoConnection,
+)
+
+
+@contextlib.contextmanager
+def _while_the_database_is_down() -> Iterator[None]:
+    """A follower waits for the database as it waits for events: it tries
+    again at the next round (the caller's deadline still ends it), and
+    goes on after the last event it sent, with no gap and no duplicate.
+    Ending it would send every follower's client to reconnect at once,
+    for nothing the stream itself did wrong."""
+    with contextlib.suppress(*_DATABASE_DOWN):
+        yield
