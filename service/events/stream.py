@@ -148,13 +148,14 @@ class _Stream:
                 if not sql.page_is_cut(rows, limit):
                     await self.batches.add(rows)
                     break
-                # The next page is read while this one is encoded and written.
+                if first:  # out before the next page is asked for
+                    await self.batches.add(rows)
+                    await self.batches.flush()
                 limit = sql.next_limit(rows, limit)
                 pending = self._page(rows[-1][0], below, limit)
-                await self.batches.add(rows)
-                if first:
-                    await self.batches.flush()
-                    first = False
+                if not first:  # the next page is read while this one is written
+                    await self.batches.add(rows)
+                first = False
             await self.batches.flush()
         finally:
             if not pending.done():
