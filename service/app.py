@@ -38,6 +38,7 @@ from service.db.routing import ReadRouter
 from service.db.runner import Database
 from service.errors import StartupError
 from service.events.feed import EventFeed
+from service.events.lag import ConsumerLag
 from service.events.service import EventService
 from service.events.tail import Tail
 from service.ops.memory import trim_memory_forever
@@ -91,6 +92,7 @@ class App:
     health_task: asyncio.Task[None]
     trim_task: asyncio.Task[None]
     expiry_task: asyncio.Task[None]
+    lag_task: asyncio.Task[None]
     feed: EventFeed
     streams: StreamSlots
     followers: StreamSlots
@@ -149,6 +151,8 @@ class App:
     ) -> App:
         metrics = Metrics()
         metrics.watch_pool(pool)
+        lag = ConsumerLag()
+        metrics.registry.register(lag)
         tokens = _watched_tokens(settings)
         identities = _watched_identities(settings)
         certificate, credentials = _listener_credentials(settings)
@@ -198,6 +202,7 @@ class App:
             feed=feed,
             batch_bytes=settings.stream_batch_bytes,
             max_upload_events=settings.max_upload_events,
+            heartbeat_interval=settings.heartbeat_interval,
         )
         observer = Observer(
             metrics,
@@ -261,6 +266,10 @@ class App:
                 ),
                 name="idempotency-expiry",
             ),
+            lag_task=asyncio.create_task(
+                lag.refresh_forever(pool, interval=settings.consumer_lag_interval),
+                name="consumer-lag",
+            ),
             feed=feed,
             streams=streams,
             followers=followers,
@@ -297,7 +306,7 @@ class App:
         await self.feed.close()
         await stopping
         await self.health_task
-        tasks = [self.trim_task, self.expiry_task]
+        tasks = [self.trim_task, self.expiry_task, self.lag_task]
         if self.reload_task is not None:
             tasks.append(self.reload_task)
         for task in tasks:

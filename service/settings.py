@@ -129,6 +129,8 @@ class Settings:
     stream_batch_bytes: int
     max_upload_events: int
     follow_poll_interval: float
+    heartbeat_interval: float
+    consumer_lag_interval: float
     migrate_on_start: bool
     event_loop: str
     log_level: str
@@ -220,6 +222,8 @@ class Settings:
                 "ORDERSTREAM_STREAM_BATCH_BYTES", 1 << 20, low=1024, high=3 << 20
             ),
             follow_poll_interval=env.seconds("ORDERSTREAM_FOLLOW_POLL_INTERVAL", 1.0),
+            heartbeat_interval=env.seconds("ORDERSTREAM_HEARTBEAT_INTERVAL", 5.0),
+            consumer_lag_interval=env.seconds("ORDERSTREAM_CONSUMER_LAG_INTERVAL", 15.0),
             max_upload_events=env.integer(
                 "ORDERSTREAM_MAX_UPLOAD_EVENTS", 10_000_000, low=1, high=1_000_000_000
             ),

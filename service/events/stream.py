@@ -16,6 +16,14 @@ takes; when none is free it waits its turn instead of being refused, so
 followers that arrive together (after a rolling restart) are all served.
 The position moves past events the filter does not match too, so a
 follower never looks at the same range twice.
+
+A stream naming a durable consumer (service/events/consumers.py) starts,
+without `after_id`, right after the consumer's acknowledged position, and
+records each message's position as delivered before writing it. With
+`progress`, a stream whose filter has matched nothing for the heartbeat
+interval while its position moved says where it is (a consumer may
+acknowledge that far), and a follow stream says once when its history has
+caught up with the live end (docs/streams.md#progress).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import grpc
 from orderstream.events.v1 import event_service_pb2
 from service.db.runner import Database
 from service.errors import Reason, ServiceError
-from service.events import sql
+from service.events import consumers, sql
 from service.events.feed import EventFeed
 from service.events.tail import Filter
 from service.events.wire import encode_events
@@ -51,6 +59,8 @@ def _checked(request: event_service_pb2.StreamEventsRequest) -> None:
     for n, kind in enumerate(request.types[:MAX_TYPES]):
         v.text(f"types[{n}]", kind, max_length=256)
     v.text("subject", request.subject, max_length=1024, required=False)
+    if request.consumer:
+        consumers.check_name(v, "consumer", request.consumer)
     v.raise_if_any()
 
 
@@ -99,10 +109,15 @@ class _Stream:
         context: grpc.aio.ServicerContext,
         batch_bytes: int,
         writes: StallBound,
+        heartbeat_interval: float,
     ) -> None:
         self._db = db
         self._context = context
         self._writes = writes
+        self._consumer = request.consumer
+        self._progress = request.progress
+        self._heartbeat_interval = heartbeat_interval
+        self._loop = asyncio.get_running_loop()
         self.filter = Filter(frozenset(request.types), request.subject)
         types = sql.Types.of(request.types)
         self._query = sql.events_page(types=types, with_subject=bool(request.subject))
@@ -116,12 +131,58 @@ class _Stream:
         self.batches = _Batches(self.write, batch_bytes)
         self.budget = batch_bytes
         self.position = request.after_id
+        # The last position the caller was told of, by events or progress,
+        # and when: what a heartbeat is due on.
+        self._told = self.position
+        self._told_at = self._loop.time()
+        self.caught_up = False
+
+    async def start(self) -> None:
+        """Resumes a consumer's stream without `after_id` after its
+        acknowledged position."""
+        if self._consumer:
+            position = await consumers.open_consumer(self._db, self._context, self._consumer)
+            if not self.position:
+                self.position = self._told = position
 
     async def write(self, message: Encoded, position: int) -> None:
         """Writes `message`, whose last event is at `position`; a reader
         that takes nothing within the stall timeout ends the stream
-        (READER_STALLED, docs/streams.md#quiet-callers)."""
+        (READER_STALLED, docs/streams.md#quiet-callers). A consumer's
+        delivered position is stored first: the caller may acknowledge it
+        on any replica as soon as it has the message."""
+        if self._consumer:
+            await consumers.mark_delivered(self._db, self._context, self._consumer, position)
         await self._writes.write(message, position=position)
+        self._told = position
+        self._told_at = self._loop.time()
+
+    def heartbeat_due_in(self) -> float | None:
+        """Seconds until a heartbeat is due; None when none will be (no
+        progress asked for, or nothing untold)."""
+        if not self._progress or self.position <= self._told:
+            return None
+        return max(0.0, self._told_at + self._heartbeat_interval - self._loop.time())
+
+    async def heartbeat(self, *, now: bool = False) -> None:
+        """Tells the caller the stream's position if it moved past the last
+        one told and the filter has matched nothing for the heartbeat
+        interval (or `now`: a history stream's end)."""
+        due = self.heartbeat_due_in()
+        if due == 0.0 or (now and due is not None):
+            await self._report(self.position, caught_up=False)
+
+    async def at_live_end(self) -> None:
+        """The position reached the live end: said once, with progress."""
+        if self._progress and not self.caught_up:
+            await self._report(self.position, caught_up=True)
+        self.caught_up = True
+
+    async def _report(self, position: int, *, caught_up: bool) -> None:
+        response = event_service_pb2.StreamEventsResponse(
+            progress=event_service_pb2.StreamProgress(position=position, caught_up=caught_up)
+        )
+        await self.write(Encoded(response.SerializeToString(), 0), position)
 
     async def horizon(self) -> int:
         """The safe horizon now: every event with a lower id is final."""
@@ -177,13 +238,16 @@ async def stream_events(
     feed: EventFeed,
     batch_bytes: int,
     write_stall_timeout: float,
+    heartbeat_interval: float,
 ) -> None:
     _checked(request)
     with stall_bound(context, write_stall_timeout) as writes:
-        stream = _Stream(db, request, context, batch_bytes, writes)
+        stream = _Stream(db, request, context, batch_bytes, writes, heartbeat_interval)
+        await stream.start()
         if not request.follow:
             with streams.hold():
                 await stream.read_table(await stream.horizon())
+                await stream.heartbeat(now=True)
             return
         with followers.hold():
             await _follow(stream, feed, streams)
@@ -216,6 +280,8 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
             if stream.position < horizon - 1:
                 async with streams.queued():
                     await stream.read_table(horizon)
+            await stream.at_live_end()
+            await stream.heartbeat()
             await tail.wait(seen, feed.poll_interval)
         elif stream.position < tail.floor:
             # Further back than the tail holds: the table up to it first.
@@ -227,5 +293,9 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
             )
             if message is not None:
                 await stream.write(message, stream.position)
+            else:
+                await stream.heartbeat()
         else:
-            await tail.wait(seen)
+            await stream.at_live_end()
+            await stream.heartbeat()
+            await tail.wait(seen, stream.heartbeat_due_in())

@@ -3,13 +3,14 @@
 /* eslint-disable */
 
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import { file_orderstream_events_v1_event } from "./event_pb.js";
 
 /**
  * Describes the file orderstream/events/v1/event_service.proto.
  */
 export const file_orderstream_events_v1_event_service = /*@__PURE__*/
-  fileDesc("CilvcmRlcnN0cmVhbS9ldmVudHMvdjEvZXZlbnRfc2VydmljZS5wcm90bxIVb3JkZXJzdHJlYW0uZXZlbnRzLnYxIlgKFFB1Ymxpc2hFdmVudHNSZXF1ZXN0EiwKBmV2ZW50cxgBIAMoCzIcLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5FdmVudBISCgpyZXF1ZXN0X2lkGAIgASgJIiQKFVB1Ymxpc2hFdmVudHNSZXNwb25zZRILCgNpZHMYASADKAMiHQoPR2V0RXZlbnRSZXF1ZXN0EgoKAmlkGAEgASgDIlYKE1VwbG9hZEV2ZW50c1JlcXVlc3QSEQoJdXBsb2FkX2lkGAEgASgJEiwKBmV2ZW50cxgCIAMoCzIcLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5FdmVudCJaChRVcGxvYWRFdmVudHNSZXNwb25zZRITCgtldmVudF9jb3VudBgBIAEoAxIWCg5maXJzdF9ldmVudF9pZBgCIAEoAxIVCg1sYXN0X2V2ZW50X2lkGAMgASgDIlcKE1N0cmVhbUV2ZW50c1JlcXVlc3QSEAoIYWZ0ZXJfaWQYASABKAMSDQoFdHlwZXMYAiADKAkSDwoHc3ViamVjdBgDIAEoCRIOCgZmb2xsb3cYBCABKAgiRAoUU3RyZWFtRXZlbnRzUmVzcG9uc2USLAoGZXZlbnRzGAEgAygLMhwub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkV2ZW50MqIDCgxFdmVudFNlcnZpY2USagoNUHVibGlzaEV2ZW50cxIrLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5QdWJsaXNoRXZlbnRzUmVxdWVzdBosLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5QdWJsaXNoRXZlbnRzUmVzcG9uc2USUAoIR2V0RXZlbnQSJi5vcmRlcnN0cmVhbS5ldmVudHMudjEuR2V0RXZlbnRSZXF1ZXN0Ghwub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkV2ZW50EmkKDFVwbG9hZEV2ZW50cxIqLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5VcGxvYWRFdmVudHNSZXF1ZXN0Gisub3JkZXJzdHJlYW0uZXZlbnRzLnYxLlVwbG9hZEV2ZW50c1Jlc3BvbnNlKAESaQoMU3RyZWFtRXZlbnRzEioub3JkZXJzdHJlYW0uZXZlbnRzLnYxLlN0cmVhbUV2ZW50c1JlcXVlc3QaKy5vcmRlcnN0cmVhbS5ldmVudHMudjEuU3RyZWFtRXZlbnRzUmVzcG9uc2UwAWIGcHJvdG8z", [file_orderstream_events_v1_event]);
+  fileDesc("CilvcmRlcnN0cmVhbS9ldmVudHMvdjEvZXZlbnRfc2VydmljZS5wcm90bxIVb3JkZXJzdHJlYW0uZXZlbnRzLnYxIlgKFFB1Ymxpc2hFdmVudHNSZXF1ZXN0EiwKBmV2ZW50cxgBIAMoCzIcLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5FdmVudBISCgpyZXF1ZXN0X2lkGAIgASgJIiQKFVB1Ymxpc2hFdmVudHNSZXNwb25zZRILCgNpZHMYASADKAMiHQoPR2V0RXZlbnRSZXF1ZXN0EgoKAmlkGAEgASgDIlYKE1VwbG9hZEV2ZW50c1JlcXVlc3QSEQoJdXBsb2FkX2lkGAEgASgJEiwKBmV2ZW50cxgCIAMoCzIcLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5FdmVudCJaChRVcGxvYWRFdmVudHNSZXNwb25zZRITCgtldmVudF9jb3VudBgBIAEoAxIWCg5maXJzdF9ldmVudF9pZBgCIAEoAxIVCg1sYXN0X2V2ZW50X2lkGAMgASgDInsKE1N0cmVhbUV2ZW50c1JlcXVlc3QSEAoIYWZ0ZXJfaWQYASABKAMSDQoFdHlwZXMYAiADKAkSDwoHc3ViamVjdBgDIAEoCRIOCgZmb2xsb3cYBCABKAgSEAoIY29uc3VtZXIYBSABKAkSEAoIcHJvZ3Jlc3MYBiABKAgifQoUU3RyZWFtRXZlbnRzUmVzcG9uc2USLAoGZXZlbnRzGAEgAygLMhwub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkV2ZW50EjcKCHByb2dyZXNzGAIgASgLMiUub3JkZXJzdHJlYW0uZXZlbnRzLnYxLlN0cmVhbVByb2dyZXNzIjUKDlN0cmVhbVByb2dyZXNzEhAKCHBvc2l0aW9uGAEgASgDEhEKCWNhdWdodF91cBgCIAEoCCI2ChBBY2tFdmVudHNSZXF1ZXN0EhAKCGNvbnN1bWVyGAEgASgJEhAKCHBvc2l0aW9uGAIgASgDIiUKEUFja0V2ZW50c1Jlc3BvbnNlEhAKCHBvc2l0aW9uGAEgASgDIsUBCghDb25zdW1lchIMCgRuYW1lGAEgASgJEhAKCHBvc2l0aW9uGAIgASgDEhEKCWRlbGl2ZXJlZBgDIAEoAxISCgpsYWdfZXZlbnRzGAQgASgDEhMKC2xhZ19zZWNvbmRzGAUgASgBEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghhY2tfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiFgoUTGlzdENvbnN1bWVyc1JlcXVlc3QiSwoVTGlzdENvbnN1bWVyc1Jlc3BvbnNlEjIKCWNvbnN1bWVycxgBIAMoCzIfLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5Db25zdW1lciIiChJHZXRDb25zdW1lclJlcXVlc3QSDAoEbmFtZRgBIAEoCSI2ChRSZXNldENvbnN1bWVyUmVxdWVzdBIMCgRuYW1lGAEgASgJEhAKCHBvc2l0aW9uGAIgASgDMqgGCgxFdmVudFNlcnZpY2USagoNUHVibGlzaEV2ZW50cxIrLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5QdWJsaXNoRXZlbnRzUmVxdWVzdBosLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5QdWJsaXNoRXZlbnRzUmVzcG9uc2USUAoIR2V0RXZlbnQSJi5vcmRlcnN0cmVhbS5ldmVudHMudjEuR2V0RXZlbnRSZXF1ZXN0Ghwub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkV2ZW50EmkKDFVwbG9hZEV2ZW50cxIqLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5VcGxvYWRFdmVudHNSZXF1ZXN0Gisub3JkZXJzdHJlYW0uZXZlbnRzLnYxLlVwbG9hZEV2ZW50c1Jlc3BvbnNlKAESaQoMU3RyZWFtRXZlbnRzEioub3JkZXJzdHJlYW0uZXZlbnRzLnYxLlN0cmVhbUV2ZW50c1JlcXVlc3QaKy5vcmRlcnN0cmVhbS5ldmVudHMudjEuU3RyZWFtRXZlbnRzUmVzcG9uc2UwARJeCglBY2tFdmVudHMSJy5vcmRlcnN0cmVhbS5ldmVudHMudjEuQWNrRXZlbnRzUmVxdWVzdBooLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5BY2tFdmVudHNSZXNwb25zZRJqCg1MaXN0Q29uc3VtZXJzEisub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkxpc3RDb25zdW1lcnNSZXF1ZXN0Giwub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkxpc3RDb25zdW1lcnNSZXNwb25zZRJZCgtHZXRDb25zdW1lchIpLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5HZXRDb25zdW1lclJlcXVlc3QaHy5vcmRlcnN0cmVhbS5ldmVudHMudjEuQ29uc3VtZXISXQoNUmVzZXRDb25zdW1lchIrLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5SZXNldENvbnN1bWVyUmVxdWVzdBofLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5Db25zdW1lcmIGcHJvdG8z", [file_google_protobuf_timestamp, file_orderstream_events_v1_event]);
 
 /**
  * Describes the message orderstream.events.v1.PublishEventsRequest.
@@ -59,6 +60,62 @@ export const StreamEventsRequestSchema = /*@__PURE__*/
  */
 export const StreamEventsResponseSchema = /*@__PURE__*/
   messageDesc(file_orderstream_events_v1_event_service, 6);
+
+/**
+ * Describes the message orderstream.events.v1.StreamProgress.
+ * Use `create(StreamProgressSchema)` to create a new message.
+ */
+export const StreamProgressSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 7);
+
+/**
+ * Describes the message orderstream.events.v1.AckEventsRequest.
+ * Use `create(AckEventsRequestSchema)` to create a new message.
+ */
+export const AckEventsRequestSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 8);
+
+/**
+ * Describes the message orderstream.events.v1.AckEventsResponse.
+ * Use `create(AckEventsResponseSchema)` to create a new message.
+ */
+export const AckEventsResponseSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 9);
+
+/**
+ * Describes the message orderstream.events.v1.Consumer.
+ * Use `create(ConsumerSchema)` to create a new message.
+ */
+export const ConsumerSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 10);
+
+/**
+ * Describes the message orderstream.events.v1.ListConsumersRequest.
+ * Use `create(ListConsumersRequestSchema)` to create a new message.
+ */
+export const ListConsumersRequestSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 11);
+
+/**
+ * Describes the message orderstream.events.v1.ListConsumersResponse.
+ * Use `create(ListConsumersResponseSchema)` to create a new message.
+ */
+export const ListConsumersResponseSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 12);
+
+/**
+ * Describes the message orderstream.events.v1.GetConsumerRequest.
+ * Use `create(GetConsumerRequestSchema)` to create a new message.
+ */
+export const GetConsumerRequestSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 13);
+
+/**
+ * Describes the message orderstream.events.v1.ResetConsumerRequest.
+ * Use `create(ResetConsumerRequestSchema)` to create a new message.
+ */
+export const ResetConsumerRequestSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 14);
 
 /**
  * Writes and reads the global, ordered event feed.
