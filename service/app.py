@@ -39,6 +39,7 @@ from service.db.runner import Database
 from service.errors import StartupError
 from service.events.feed import EventFeed
 from service.events.lag import ConsumerLag
+from service.events.retention import Retention
 from service.events.service import EventService
 from service.events.tail import Tail
 from service.ops.memory import trim_memory_forever
@@ -107,6 +108,8 @@ class App:
     # Re-reads the tokens file and the listener's certificate when they change.
     reloader: Reloader | None = None
     reload_task: asyncio.Task[None] | None = None
+    # Deletes expired events, with ORDERSTREAM_EVENT_RETENTION.
+    retention_task: asyncio.Task[None] | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -290,6 +293,18 @@ class App:
                 if reloader is None
                 else asyncio.create_task(reloader.run(), name="reload-on-change")
             ),
+            retention_task=(
+                None
+                if settings.event_retention is None
+                else asyncio.create_task(
+                    Retention(
+                        pool,
+                        keep=settings.event_retention,
+                        hold_for_consumers=settings.retention_hold_for_consumers,
+                    ).run_forever(settings.retention_interval),
+                    name="event-retention",
+                )
+            ),
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -307,8 +322,9 @@ class App:
         await stopping
         await self.health_task
         tasks = [self.trim_task, self.expiry_task, self.lag_task]
-        if self.reload_task is not None:
-            tasks.append(self.reload_task)
+        for optional in (self.reload_task, self.retention_task):
+            if optional is not None:
+                tasks.append(optional)
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

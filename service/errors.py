@@ -56,6 +56,7 @@ class Reason(enum.StrEnum):
     # OUT_OF_RANGE
     ACK_PAST_DELIVERED = "ACK_PAST_DELIVERED"  # AckEvents past what the consumer was sent
     POSITION_NOT_FINAL = "POSITION_NOT_FINAL"  # ResetConsumer at or past the safe horizon
+    EVENTS_EXPIRED = "EVENTS_EXPIRED"  # StreamEvents after a position retention deleted past
     # ABORTED: retry
     VERSION_MISMATCH = "VERSION_MISMATCH"  # UpdateOrderStatus's expected_version is not current
     SERIALIZATION_FAILURE = "SERIALIZATION_FAILURE"  # 40001, also a standby's replication conflict

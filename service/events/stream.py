@@ -38,7 +38,7 @@ import grpc
 from orderstream.events.v1 import event_service_pb2
 from service.db.runner import Database
 from service.errors import Reason, ServiceError
-from service.events import consumers, sql
+from service.events import consumers, retention, sql
 from service.events.feed import EventFeed
 from service.events.tail import Filter
 from service.events.wire import encode_events
@@ -139,11 +139,19 @@ class _Stream:
 
     async def start(self) -> None:
         """Resumes a consumer's stream without `after_id` after its
-        acknowledged position."""
+        acknowledged position; a stream from the start (position 0) starts
+        at the feed's lower end, after what retention deleted."""
         if self._consumer:
             position = await consumers.open_consumer(self._db, self._context, self._consumer)
             if not self.position:
                 self.position = self._told = position
+        if not self.position:
+            self.position = self._told = await self._value(retention.TRUNCATED_UPTO)
+
+    async def _value(self, query: str, *args: object) -> Any:
+        row = await self._db.fetchrow(self._context, query, *args)
+        assert row is not None
+        return row[0]
 
     async def write(self, message: Encoded, position: int) -> None:
         """Writes `message`, whose last event is at `position`; a reader
@@ -195,16 +203,20 @@ class _Stream:
         the table, one page ahead of the writes; the position reaches
         below - 1."""
         limit = sql.PAGE_ROWS
-        pending = self._page(self.position, below, limit)
+        after = self.position
+        pending = self._page(after, below, limit)
         try:
             while True:
                 rows = await pending
+                # Retention may have deleted from under the page.
+                await retention.check_retained(self._value, after)
                 if not sql.page_is_cut(rows, limit):
                     await self.batches.add(rows)
                     break
                 # The next page is read while this one is encoded and written.
                 limit = sql.next_limit(rows, limit)
-                pending = self._page(rows[-1][0], below, limit)
+                after = rows[-1][0]
+                pending = self._page(after, below, limit)
                 await self.batches.add(rows)
             await self.batches.flush()
         finally:
@@ -287,6 +299,9 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
             # Further back than the tail holds: the table up to it first.
             async with streams.queued():
                 await stream.read_table(tail.floor + 1)
+        elif stream.position < tail.truncated_upto:
+            # The feed found events it had not read deleted by retention.
+            raise retention.expired(stream.position, tail.truncated_upto, None)
         elif stream.position < tail.horizon - 1:
             message, stream.position = tail.next_message(
                 stream.position, stream.filter, stream.budget

@@ -77,6 +77,9 @@ class Tail:
         self.live = False  # the feed's connection is reading for us
         self.followers = 0
         self.generation = 0
+        # Retention deleted every event up to it before the feed read them:
+        # followers further back must not read on past the gap.
+        self.truncated_upto = 0
         self._changed = asyncio.Event()
         # (position, filter, budget) -> the message that follows: built once
         # per generation for all followers that ask the same.
@@ -170,6 +173,12 @@ class Tail:
             self._uptos[-1] = upto
         self._horizon = upto + 1
         self._wake()
+
+    def truncated(self, upto: int) -> None:
+        """The feed found every event up to `upto` deleted by retention."""
+        if upto > self.truncated_upto:
+            self.truncated_upto = upto
+            self._wake()
 
     def close(self) -> None:
         self._wake()
