@@ -206,6 +206,7 @@ class App:
             batch_bytes=settings.stream_batch_bytes,
             max_upload_events=settings.max_upload_events,
             heartbeat_interval=settings.heartbeat_interval,
+            member_timeout=settings.group_member_timeout,
         )
         observer = Observer(
             metrics,

@@ -134,6 +134,7 @@ class Settings:
     max_upload_events: int
     follow_poll_interval: float
     heartbeat_interval: float
+    group_member_timeout: float
     consumer_lag_interval: float
     event_retention: float | None  # seconds; None keeps events for ever
     retention_hold_for_consumers: bool
@@ -230,6 +231,7 @@ class Settings:
             ),
             follow_poll_interval=env.seconds("ORDERSTREAM_FOLLOW_POLL_INTERVAL", 1.0),
             heartbeat_interval=env.seconds("ORDERSTREAM_HEARTBEAT_INTERVAL", 5.0),
+            group_member_timeout=env.seconds("ORDERSTREAM_GROUP_MEMBER_TIMEOUT", 10.0),
             consumer_lag_interval=env.seconds("ORDERSTREAM_CONSUMER_LAG_INTERVAL", 15.0),
             # An hour at least: a follower catching up after a restart must
             # not find its next events gone; ten years at most.

@@ -26,7 +26,7 @@ from orderstream.events.v1 import event_service_pb2
 from service.db.codecs import timestamp
 from service.db.runner import Database
 from service.errors import Reason, ServiceError
-from service.events import sql
+from service.events import groups, sql
 from service.rpc.validation import MAX_ID_LENGTH, Violations
 
 # Lag is counted, not estimated from ids (rolled-back writes leave gaps);
@@ -91,7 +91,15 @@ def check_name(v: Violations, field: str, name: str) -> None:
     v.text(field, name, max_length=MAX_ID_LENGTH)
 
 
-def consumer_not_found(name: str) -> ServiceError:
+def consumer_not_found(name: str, member: str = "") -> ServiceError:
+    if member:
+        return ServiceError(
+            grpc.StatusCode.NOT_FOUND,
+            Reason.CONSUMER_NOT_FOUND,
+            f"no stream has named the member {member!r} of the consumer {name!r}, "
+            "or it left the group",
+            metadata={"consumer": name, "member": member},
+        )
     return ServiceError(
         grpc.StatusCode.NOT_FOUND,
         Reason.CONSUMER_NOT_FOUND,
@@ -118,12 +126,19 @@ async def acknowledge(
 ) -> event_service_pb2.AckEventsResponse:
     v = Violations()
     check_name(v, "consumer", request.consumer)
+    if request.member:
+        check_name(v, "member", request.member)
     if request.position <= 0:
         v.add("position", f"must be a position (> 0), got {request.position}")
     v.raise_if_any()
-    row = await db.fetchrow(context, _ACK, request.consumer, request.position)
+    if request.member:
+        row = await db.fetchrow(
+            context, groups.ACK, request.consumer, request.member, request.position
+        )
+    else:
+        row = await db.fetchrow(context, _ACK, request.consumer, request.position)
     if row is None:
-        raise consumer_not_found(request.consumer)
+        raise consumer_not_found(request.consumer, request.member)
     if not row["acked"]:
         raise ServiceError(
             grpc.StatusCode.OUT_OF_RANGE,
@@ -136,7 +151,8 @@ async def acknowledge(
                 "delivered": str(row["delivered"]),
             },
         )
-    return event_service_pb2.AckEventsResponse(position=row["position"])
+    # A member without partitions moved none.
+    return event_service_pb2.AckEventsResponse(position=row["position"] or 0)
 
 
 async def _horizon(db: Database, context: grpc.aio.ServicerContext) -> int:
@@ -187,6 +203,9 @@ async def reset(
         )
     if await db.fetchrow(context, _RESET, request.name, request.position) is None:
         raise consumer_not_found(request.name)
+    # A group's partitions too; its members restart there when their
+    # partitions next change, or on their next stream.
+    await db.fetch(context, groups.RESET, request.name, request.position)
     return await describe(db, context, request.name)
 
 

@@ -73,10 +73,12 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         batch_bytes: int,
         max_upload_events: int,
         heartbeat_interval: float,
+        member_timeout: float,
     ) -> None:
         """`batch_bytes` bounds a StreamEvents message; `max_upload_events`
         an upload; `heartbeat_interval` is how long a stream with `progress`
-        stays silent while its filter matches nothing."""
+        stays silent while its filter matches nothing; `member_timeout` how long a
+        group member unseen stays in its group."""
         self._db = db
         self._streams = streams
         self._followers = followers
@@ -85,6 +87,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         self._batch_bytes = batch_bytes
         self._max_upload_events = max_upload_events
         self._heartbeat_interval = heartbeat_interval
+        self._member_timeout = member_timeout
 
     @rpc
     async def PublishEvents(
@@ -197,6 +200,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             batch_bytes=self._batch_bytes,
             write_stall_timeout=self._timeouts.write_stall,
             heartbeat_interval=self._heartbeat_interval,
+            member_timeout=self._member_timeout,
         )
 
     @rpc

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -38,7 +39,7 @@ import grpc
 from orderstream.events.v1 import event_service_pb2
 from service.db.runner import Database
 from service.errors import Reason, ServiceError
-from service.events import consumers, retention, sql
+from service.events import consumers, groups, retention, sql
 from service.events.feed import EventFeed
 from service.events.tail import Filter
 from service.events.wire import encode_events
@@ -61,6 +62,14 @@ def _checked(request: event_service_pb2.StreamEventsRequest) -> None:
     v.text("subject", request.subject, max_length=1024, required=False)
     if request.consumer:
         consumers.check_name(v, "consumer", request.consumer)
+    if request.member:
+        consumers.check_name(v, "member", request.member)
+        if not request.consumer:
+            v.add("member", "a member belongs to a consumer: set `consumer` too")
+        if request.after_id:
+            v.add(
+                "after_id", "must be 0 for a group member: it starts at its partitions' positions"
+            )
     v.raise_if_any()
 
 
@@ -110,11 +119,19 @@ class _Stream:
         batch_bytes: int,
         writes: StallBound,
         heartbeat_interval: float,
+        member_timeout: float,
     ) -> None:
         self._db = db
         self._context = context
         self._writes = writes
         self._consumer = request.consumer
+        self.membership = (
+            groups.Membership(db, context, request.consumer, request.member)
+            if request.member
+            else None
+        )
+        self._member_timeout = member_timeout
+        self._refresh_at = 0.0
         self._progress = request.progress
         self._heartbeat_interval = heartbeat_interval
         self._loop = asyncio.get_running_loop()
@@ -143,10 +160,44 @@ class _Stream:
         at the feed's lower end, after what retention deleted."""
         if self._consumer:
             position = await consumers.open_consumer(self._db, self._context, self._consumer)
-            if not self.position:
+            if self.membership is not None:
+                await self.membership.join()
+                await self.refresh_group()
+            elif not self.position:
                 self.position = self._told = position
         if not self.position:
             self.position = self._told = await self._value(retention.TRUNCATED_UPTO)
+
+    def refresh_due_in(self) -> float | None:
+        """Seconds until a group member looks at its group again."""
+        if self.membership is None:
+            return None
+        return max(0.0, self._refresh_at - self._loop.time())
+
+    async def refresh_group(self) -> None:
+        """Refreshes the member's row and, when its partitions changed,
+        restarts at their lowest acknowledged position (groups.py)."""
+        assert self.membership is not None
+        members = await self.membership.live_members(self._member_timeout)
+        self._refresh_at = self._loop.time() + self._member_timeout / 3
+        partitions = groups.assigned(members, self.membership.member)
+        if partitions == self.membership.partitions:
+            return
+        await self.batches.flush()  # nothing of the old share is left pending
+        group = await self.membership.reassign(partitions, restart_default=self.position)
+        self.filter = dataclasses.replace(self.filter, group=group)
+        self.position = self._told = group.lowest(default=self.position)
+        self.caught_up = False
+        if self._progress:
+            await self._report(self.position, partitions=partitions, members=len(members))
+
+    def wait_timeout(self, longest: float | None) -> float | None:
+        """How long a follower may wait for the tail before a heartbeat or
+        a look at its group is due."""
+        due = [
+            t for t in (longest, self.heartbeat_due_in(), self.refresh_due_in()) if t is not None
+        ]
+        return min(due) if due else None
 
     async def _value(self, query: str, *args: object) -> Any:
         row = await self._db.fetchrow(self._context, query, *args)
@@ -159,7 +210,9 @@ class _Stream:
         (READER_STALLED, docs/streams.md#quiet-callers). A consumer's
         delivered position is stored first: the caller may acknowledge it
         on any replica as soon as it has the message."""
-        if self._consumer:
+        if self.membership is not None:
+            await self.membership.mark_delivered(position)
+        elif self._consumer:
             await consumers.mark_delivered(self._db, self._context, self._consumer, position)
         await self._writes.write(message, position=position)
         self._told = position
@@ -178,7 +231,7 @@ class _Stream:
         interval (or `now`: a history stream's end)."""
         due = self.heartbeat_due_in()
         if due == 0.0 or (now and due is not None):
-            await self._report(self.position, caught_up=False)
+            await self._report(self.position)
 
     async def at_live_end(self) -> None:
         """The position reached the live end: said once, with progress."""
@@ -186,9 +239,18 @@ class _Stream:
             await self._report(self.position, caught_up=True)
         self.caught_up = True
 
-    async def _report(self, position: int, *, caught_up: bool) -> None:
+    async def _report(
+        self,
+        position: int,
+        *,
+        caught_up: bool = False,
+        partitions: list[int] | None = None,
+        members: int = 0,
+    ) -> None:
         response = event_service_pb2.StreamEventsResponse(
-            progress=event_service_pb2.StreamProgress(position=position, caught_up=caught_up)
+            progress=event_service_pb2.StreamProgress(
+                position=position, caught_up=caught_up, partitions=partitions, members=members
+            )
         )
         await self.write(Encoded(response.SerializeToString(), 0), position)
 
@@ -211,13 +273,13 @@ class _Stream:
                 # Retention may have deleted from under the page.
                 await retention.check_retained(self._value, after)
                 if not sql.page_is_cut(rows, limit):
-                    await self.batches.add(rows)
+                    await self.batches.add(self._share(rows))
                     break
                 # The next page is read while this one is encoded and written.
                 limit = sql.next_limit(rows, limit)
                 after = rows[-1][0]
                 pending = self._page(after, below, limit)
-                await self.batches.add(rows)
+                await self.batches.add(self._share(rows))
             await self.batches.flush()
         finally:
             if not pending.done():
@@ -225,6 +287,13 @@ class _Stream:
                 with contextlib.suppress(asyncio.CancelledError):
                     await pending
         self.position = max(self.position, below - 1)
+
+    def _share(self, rows: list[Any]) -> list[Any]:
+        """A group member's share of a page (read by the other filters)."""
+        group = self.filter.group
+        if group is None:
+            return rows
+        return [row for row in rows if group.accepts(row[0], row[3])]
 
     def _page(self, after: int, below: int, limit: int) -> asyncio.Future[list[Any]]:
         return asyncio.ensure_future(
@@ -251,18 +320,31 @@ async def stream_events(
     batch_bytes: int,
     write_stall_timeout: float,
     heartbeat_interval: float,
+    member_timeout: float,
 ) -> None:
     _checked(request)
     with stall_bound(context, write_stall_timeout) as writes:
-        stream = _Stream(db, request, context, batch_bytes, writes, heartbeat_interval)
-        await stream.start()
-        if not request.follow:
-            with streams.hold():
-                await stream.read_table(await stream.horizon())
-                await stream.heartbeat(now=True)
-            return
-        with followers.hold():
-            await _follow(stream, feed, streams)
+        stream = _Stream(
+            db, request, context, batch_bytes, writes, heartbeat_interval, member_timeout
+        )
+        # The slot first: a stream over the limit is refused before any
+        # database work.
+        try:
+            if not request.follow:
+                with streams.hold():
+                    await stream.start()
+                    await stream.read_table(await stream.horizon())
+                    await stream.heartbeat(now=True)
+                return
+            with followers.hold():
+                await stream.start()
+                await _follow(stream, feed, streams)
+        finally:
+            if stream.membership is not None:
+                # Its partitions move at once rather than after the member
+                # timeout; if this fails, the timeout moves them.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(stream.membership.leave())
 
 
 async def _follow(stream: _Stream, feed: EventFeed, streams: StreamSlots) -> None:
@@ -277,6 +359,8 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
     tail = feed.tail
     while True:
         seen = tail.generation
+        if stream.refresh_due_in() == 0.0:
+            await stream.refresh_group()
         if feed.closing:
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -294,7 +378,7 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
                     await stream.read_table(horizon)
             await stream.at_live_end()
             await stream.heartbeat()
-            await tail.wait(seen, feed.poll_interval)
+            await tail.wait(seen, stream.wait_timeout(feed.poll_interval))
         elif stream.position < tail.floor:
             # Further back than the tail holds: the table up to it first.
             async with streams.queued():
@@ -313,4 +397,4 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
         else:
             await stream.at_live_end()
             await stream.heartbeat()
-            await tail.wait(seen, stream.heartbeat_due_in())
+            await tail.wait(seen, stream.wait_timeout(None))

@@ -201,6 +201,20 @@ export declare type StreamEventsRequest = Message<"orderstream.events.v1.StreamE
    * @generated from field: bool progress = 6;
    */
   progress: boolean;
+
+  /**
+   * With `consumer`: this stream's member name in the consumer's group,
+   * 1..128 characters. Streams of one consumer with distinct member names
+   * split the feed by subject: each subject hashes to one of a fixed number
+   * of partitions, each partition belongs to one live member, and its
+   * events go to that member in id order. Members joining or leaving move
+   * partitions between members; a partition's events are sent again from
+   * its last acknowledged position (at least once). A member stream starts
+   * from its partitions' positions: `after_id` must be 0.
+   *
+   * @generated from field: string member = 7;
+   */
+  member: string;
 };
 
 /**
@@ -260,6 +274,23 @@ export declare type StreamProgress = Message<"orderstream.events.v1.StreamProgre
    * @generated from field: bool caught_up = 2;
    */
   caughtUp: boolean;
+
+  /**
+   * Set on a group member's stream (with `progress`) whenever its
+   * partitions change, the first time included: the partitions it now
+   * reads, ascending; empty when it has none (more members than
+   * partitions).
+   *
+   * @generated from field: repeated int32 partitions = 3;
+   */
+  partitions: number[];
+
+  /**
+   * Set with `partitions`: how many members the group has.
+   *
+   * @generated from field: int32 members = 4;
+   */
+  members: number;
 };
 
 /**
@@ -288,6 +319,15 @@ export declare type AckEventsRequest = Message<"orderstream.events.v1.AckEventsR
    * @generated from field: int64 position = 2;
    */
   position: bigint;
+
+  /**
+   * The member acknowledging, for a consumer group: the position applies
+   * to the partitions the member reads (capped at where its stream
+   * restarted, if its partitions changed since).
+   *
+   * @generated from field: string member = 3;
+   */
+  member: string;
 };
 
 /**
@@ -304,7 +344,8 @@ export declare const AckEventsRequestSchema: GenMessage<AckEventsRequest>;
 export declare type AckEventsResponse = Message<"orderstream.events.v1.AckEventsResponse"> & {
   /**
    * The consumer's acknowledged position after this call: `position`, or
-   * the higher one already stored.
+   * the higher one already stored. For a member, the lowest position of
+   * its partitions.
    *
    * @generated from field: int64 position = 1;
    */

@@ -172,6 +172,7 @@ class StreamEventsRequest(_message.Message):
     FOLLOW_FIELD_NUMBER: _builtins.int
     CONSUMER_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
     after_id: _builtins.int
     """Stream events with an id greater than this; 0 streams from the start."""
     subject: _builtins.str
@@ -194,6 +195,16 @@ class StreamEventsRequest(_message.Message):
     events. Off by default, so callers from before it existed never see a
     message without events.
     """
+    member: _builtins.str
+    """With `consumer`: this stream's member name in the consumer's group,
+    1..128 characters. Streams of one consumer with distinct member names
+    split the feed by subject: each subject hashes to one of a fixed number
+    of partitions, each partition belongs to one live member, and its
+    events go to that member in id order. Members joining or leaving move
+    partitions between members; a partition's events are sent again from
+    its last acknowledged position (at least once). A member stream starts
+    from its partitions' positions: `after_id` must be 0.
+    """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only events of these types, when any are given."""
@@ -207,10 +218,11 @@ class StreamEventsRequest(_message.Message):
         follow: _builtins.bool = ...,
         consumer: _builtins.str = ...,
         progress: _builtins.bool = ...,
+        member: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "consumer", b"consumer", "follow", b"follow", "progress", b"progress", "subject", b"subject", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "consumer", b"consumer", "follow", b"follow", "member", b"member", "progress", b"progress", "subject", b"subject", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -258,6 +270,8 @@ class StreamProgress(_message.Message):
 
     POSITION_FIELD_NUMBER: _builtins.int
     CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """Every event with an id up to this one that matches the stream's filter
     has been sent: a consumer may acknowledge this position even when
@@ -267,15 +281,27 @@ class StreamProgress(_message.Message):
     """Set once per follow stream: the history is read, and what follows is
     live events as they are committed.
     """
+    members: _builtins.int
+    """Set with `partitions`: how many members the group has."""
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Set on a group member's stream (with `progress`) whenever its
+        partitions change, the first time included: the partitions it now
+        reads, ascending; empty when it has none (more members than
+        partitions).
+        """
+
     def __init__(
         self,
         *,
         position: _builtins.int = ...,
         caught_up: _builtins.bool = ...,
+        partitions: _abc.Iterable[_builtins.int] | None = ...,
+        members: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "position", b"position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "members", b"members", "partitions", b"partitions", "position", b"position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -289,21 +315,28 @@ class AckEventsRequest(_message.Message):
 
     CONSUMER_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
     consumer: _builtins.str
     """Required. The durable consumer, as named in StreamEventsRequest."""
     position: _builtins.int
     """Required. Every event up to this id is processed; > 0, and no further
     than the consumer's streams were sent (events or progress).
     """
+    member: _builtins.str
+    """The member acknowledging, for a consumer group: the position applies
+    to the partitions the member reads (capped at where its stream
+    restarted, if its partitions changed since).
+    """
     def __init__(
         self,
         *,
         consumer: _builtins.str = ...,
         position: _builtins.int = ...,
+        member: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "position", b"position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "member", b"member", "position", b"position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -318,7 +351,8 @@ class AckEventsResponse(_message.Message):
     POSITION_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """The consumer's acknowledged position after this call: `position`, or
-    the higher one already stored.
+    the higher one already stored. For a member, the lowest position of
+    its partitions.
     """
     def __init__(
         self,
