@@ -131,7 +131,7 @@ class _Stream:
             else None
         )
         self._member_timeout = member_timeout
-        self._refresh_at = 0.0
+        self._refresh_at = self._kept_at = 0.0
         self._progress = request.progress
         self._heartbeat_interval = heartbeat_interval
         self._loop = asyncio.get_running_loop()
@@ -179,7 +179,7 @@ class _Stream:
         restarts at their lowest acknowledged position (groups.py)."""
         assert self.membership is not None
         members = await self.membership.live_members(self._member_timeout)
-        self._refresh_at = self._loop.time() + self._member_timeout / 3
+        self._refresh_at = self._kept_at = self._loop.time() + self._member_timeout / 3
         partitions = groups.assigned(members, self.membership.member)
         if partitions == self.membership.partitions:
             return
@@ -190,6 +190,14 @@ class _Stream:
         self.caught_up = False
         if self._progress:
             await self._report(self.position, partitions=partitions, members=len(members))
+
+    async def _keep_membership(self) -> None:
+        """A member reading a long history stays in its group: its row is
+        refreshed between pages (its partitions change only between reads,
+        at the follow loop's next look)."""
+        if self.membership is not None and self._loop.time() >= self._kept_at:
+            await self.membership.live_members(self._member_timeout)
+            self._kept_at = self._loop.time() + self._member_timeout / 3
 
     def wait_timeout(self, longest: float | None) -> float | None:
         """How long a follower may wait for the tail before a heartbeat or
@@ -280,6 +288,7 @@ class _Stream:
                 after = rows[-1][0]
                 pending = self._page(after, below, limit)
                 await self.batches.add(self._share(rows))
+                await self._keep_membership()
             await self.batches.flush()
         finally:
             if not pending.done():
