@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
+from service.events import sql
 from service.events.groups import PARTITIONS, partition_of
 from tests.support.apps import app_with_channel
 from tests.support.polling import eventually
@@ -101,6 +102,19 @@ def by_subject(events: list[event_pb2.Event]) -> dict[str, list[int]]:
     for event in events:
         found[event.subject].append(event.id)
     return found
+
+
+async def test_the_database_and_python_agree_on_partitions(admin_db):
+    """History pages filter partitions in SQL, the tail in Python."""
+    subjects = ["", "orders/1", "grouped/42", "ünïcode/€", *(f"s/{n}" for n in range(200))]
+    expression = sql.PARTITION_OF_SUBJECT.format(partitions=PARTITIONS)
+    rows = await admin_db.fetch(
+        f"SELECT subject, {expression} AS partition FROM unnest($1::text[]) AS subject",
+        subjects,
+    )
+    assert {row["subject"]: row["partition"] for row in rows} == {
+        subject: partition_of(subject) for subject in subjects
+    }
 
 
 async def test_three_members_split_30000_events_by_subject(service_env):

@@ -108,10 +108,17 @@ class Types(enum.Enum):
         return cls.ANY if not types else cls.ONE if len(types) == 1 else cls.SOME
 
 
-def events_page(*, types: Types, with_subject: bool) -> str:
+# A subject's partition of a consumer group, as service/events/groups.py's
+# `partition_of` computes it: the first four bytes of its MD5, big-endian
+# (a 32-bit bit string cast to bigint is unsigned), modulo the partitions.
+PARTITION_OF_SUBJECT = "(('x' || left(md5(subject), 8))::bit(32)::bigint % {partitions})::integer"
+
+
+def events_page(*, types: Types, with_subject: bool, partitions: int = 0) -> str:
     """Events with $1 < id < $2, ascending, then optional filters (type =
-    $3 or type = ANY($3), subject = $n), at most $n rows and, after the
-    first row, no more than $n bytes (PAGE_BYTES) as `row_bytes` counts them.
+    $3 or type = ANY($3), subject = $n, with `partitions` the subject's
+    partition = ANY($n)), at most $n rows and, after the first row, no more
+    than $n bytes (PAGE_BYTES) as `row_bytes` counts them.
 
     One type has its own statement: with `type = $3`, events_type_id_idx
     hands rows over in id order and the page stops at its limit; PostgreSQL
@@ -134,6 +141,11 @@ def events_page(*, types: Types, with_subject: bool) -> str:
         n += 1
     if with_subject:
         conditions.append(f"subject = ${n}")
+        n += 1
+    if partitions:
+        conditions.append(
+            f"{PARTITION_OF_SUBJECT.format(partitions=partitions)} = ANY(${n}::integer[])"
+        )
         n += 1
     return f"""
 SELECT {EVENT_COLUMNS}

@@ -137,7 +137,12 @@ class _Stream:
         self._loop = asyncio.get_running_loop()
         self.filter = Filter(frozenset(request.types), request.subject)
         types = sql.Types.of(request.types)
-        self._query = sql.events_page(types=types, with_subject=bool(request.subject))
+        self._query = sql.events_page(
+            types=types,
+            with_subject=bool(request.subject),
+            # A member reads only its partitions' rows from the table.
+            partitions=groups.PARTITIONS if request.member else 0,
+        )
         self._filter_args: list[object] = []
         if types is sql.Types.ONE:
             self._filter_args.append(request.types[0])
@@ -145,6 +150,8 @@ class _Stream:
             self._filter_args.append(list(request.types))
         if request.subject:
             self._filter_args.append(request.subject)
+        # A member's partitions, the last argument: set on each reassignment.
+        self._partitions: list[list[int]] = [[]] if request.member else []
         self.batches = _Batches(self.write, batch_bytes)
         self.budget = batch_bytes
         self.position = request.after_id
@@ -162,6 +169,12 @@ class _Stream:
             position = await consumers.open_consumer(self._db, self._context, self._consumer)
             if self.membership is not None:
                 await self.membership.join()
+                # Every member looks at the group within a third of the
+                # timeout: waiting that long, a new member finds the
+                # partitions it takes already given up by their old members
+                # (few events read twice), and members started together
+                # find each other at once.
+                await asyncio.sleep(self._member_timeout / 3)
                 await self.refresh_group()
             elif not self.position:
                 self.position = self._told = position
@@ -185,6 +198,7 @@ class _Stream:
             return
         await self.batches.flush()  # nothing of the old share is left pending
         group = await self.membership.reassign(partitions, restart_default=self.position)
+        self._partitions[0] = partitions
         self.filter = dataclasses.replace(self.filter, group=group)
         self.position = self._told = group.lowest(default=self.position)
         self.caught_up = False
@@ -298,7 +312,9 @@ class _Stream:
         self.position = max(self.position, below - 1)
 
     def _share(self, rows: list[Any]) -> list[Any]:
-        """A group member's share of a page (read by the other filters)."""
+        """A group member's share of a page: the statement left out other
+        partitions; this leaves out each partition's events up to its
+        acknowledged position."""
         group = self.filter.group
         if group is None:
             return rows
@@ -312,6 +328,7 @@ class _Stream:
                 after,
                 below,
                 *self._filter_args,
+                *self._partitions,
                 limit,
                 sql.PAGE_BYTES,
             )
