@@ -143,6 +143,33 @@ async def test_three_members_split_30000_events_by_subject(service_env):
     assert len(owners) == SUBJECTS
 
 
+async def test_members_on_two_service_processes_split_one_feed(service_env):
+    """Membership and positions live in the database: members served by
+    different replicas form one group."""
+    kind, prefix = unique("test.grouped"), unique("grouped")
+    consumer = unique("group")
+    async with (
+        app_with_channel(service_env, ORDERSTREAM_GROUP_MEMBER_TIMEOUT="0.6") as (_, one),
+        app_with_channel(service_env, ORDERSTREAM_GROUP_MEMBER_TIMEOUT="0.6") as (_, other),
+    ):
+        stubs = [event_service_pb2_grpc.EventServiceStub(c) for c in (one, other)]
+        members = [Member(stub, consumer, kind, f"member-{n}") for n, stub in enumerate(stubs)]
+        try:
+            await eventually(lambda: settled(members), timeout=30, what="the group to settle")
+            ids = await publish(stubs[0], kind, prefix, 2000)
+
+            async def all_received() -> bool:
+                return sum(len(m.received) for m in members) >= len(ids)
+
+            await eventually(all_received, timeout=60, what="every event to arrive")
+        finally:
+            for member in members:
+                await member.leave()
+    assert sorted(e.id for m in members for e in m.received) == ids
+    subjects = [set(by_subject(m.received)) for m in members]
+    assert subjects[0] and subjects[1] and not subjects[0] & subjects[1]
+
+
 async def test_a_member_leaving_midway_loses_nothing(service_env):
     kind, prefix = unique("test.grouped"), unique("grouped")
     async with (
