@@ -29,9 +29,10 @@ from service.errors import Reason, ServiceError
 from service.events import groups, sql
 from service.rpc.validation import MAX_ID_LENGTH, Violations
 
-# Lag is counted, not estimated from ids (rolled-back writes leave gaps);
-# the count stops here so that a consumer far behind costs a bounded scan.
-MAX_LAG_COUNT = 10_000_000
+# Lag is counted where it is small (rolled-back writes leave gaps in the
+# ids); further behind, counting would scan that many index entries per
+# consumer and reading, so the id distance stands in for it.
+MAX_LAG_COUNT = 100_000
 MAX_LISTED = 1000
 
 # Creates the consumer or reads it; DO UPDATE (a no-op change) rather than
@@ -70,13 +71,13 @@ RETURNING name
 """
 
 # Consumers ($2: one name, or NULL for all) with their lag below the
-# horizon $1: the final events after the position, and the age of the
-# oldest of them by its `time`.
+# horizon $1: the final events after the position (the id distance beyond
+# MAX_LAG_COUNT), and the age of the oldest of them by its `time`.
 DESCRIBE = f"""
 SELECT c.name, c.position, c.delivered, c.create_time, c.ack_time,
-       (SELECT count(*) FROM (
-            SELECT 1 FROM events e WHERE e.id > c.position AND e.id < $1
-            LIMIT {MAX_LAG_COUNT}) AS behind) AS lag_events,
+       CASE WHEN $1 - 1 - c.position > {MAX_LAG_COUNT} THEN $1 - 1 - c.position
+            ELSE (SELECT count(*) FROM events e WHERE e.id > c.position AND e.id < $1)
+       END AS lag_events,
        coalesce(greatest(0, extract(epoch FROM now() - (
             SELECT e.time FROM events e WHERE e.id > c.position AND e.id < $1
             ORDER BY e.id LIMIT 1))), 0)::float8 AS lag_seconds

@@ -29,8 +29,8 @@ class ConsumerLag(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         events = GaugeMetricFamily(
             "orderstream_consumer_lag_events",
-            "Final events after a durable consumer's acknowledged position "
-            f"(counted up to {consumers.MAX_LAG_COUNT}).",
+            "Final events after a durable consumer's acknowledged position (counted up to "
+            f"{consumers.MAX_LAG_COUNT}, the id distance beyond).",
             labels=("consumer",),
         )
         seconds = GaugeMetricFamily(

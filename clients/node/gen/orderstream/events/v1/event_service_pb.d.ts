@@ -387,7 +387,8 @@ export declare type Consumer = Message<"orderstream.events.v1.Consumer"> & {
   delivered: bigint;
 
   /**
-   * Final events after `position`, counted up to 10,000,000.
+   * Final events after `position`: counted up to 100,000 behind, beyond
+   * that the distance in ids (which includes ids of rolled-back writes).
    *
    * @generated from field: int64 lag_events = 4;
    */

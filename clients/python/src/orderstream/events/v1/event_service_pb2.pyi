@@ -389,7 +389,9 @@ class Consumer(_message.Message):
     up to it.
     """
     lag_events: _builtins.int
-    """Final events after `position`, counted up to 10,000,000."""
+    """Final events after `position`: counted up to 100,000 behind, beyond
+    that the distance in ids (which includes ids of rolled-back writes).
+    """
     lag_seconds: _builtins.float
     """How long ago (by its `time`) the oldest event after `position` was
     written; 0 when there is none.
