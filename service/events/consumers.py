@@ -1,7 +1,7 @@
 """Durable consumers: the position the service keeps for each named
 consumer of the event feed (docs/streams.md#durable-consumers).
 
-A consumer is a row of `consumers` (migrations/0007_consumers.sql): its
+A consumer is a row of `consumers` (migrations/0008_consumers.sql): its
 acknowledged `position`, and `delivered`, the furthest position any of its
 streams was sent. Every step is one statement on a pooled connection, so
 it works from any replica and through a transaction-pooling PgBouncer, and

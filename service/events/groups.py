@@ -4,7 +4,7 @@ names split the feed by subject (docs/streams.md#consumer-groups).
 Each subject hashes to one of `PARTITIONS` partitions (the first four bytes
 of its MD5, big-endian, modulo 16: any client can compute it). Each
 partition has its own acknowledged position (`consumer_partitions`,
-migrations/0009_consumer_groups.sql). The live members are the rows of
+migrations/0010_consumer_groups.sql). The live members are the rows of
 `consumer_members` seen within the member timeout; every member's stream
 refreshes its own row and reads that list every third of the timeout, and
 assigns itself the partitions p with p % len(members) == its index among

@@ -3,7 +3,7 @@ ORDERSTREAM_EVENT_RETENTION, in bounded batches, and nobody who needed
 them is silently skipped past the gap (docs/streams.md#retention).
 
 The feed's lower end is `feed_retention.truncated_upto`
-(migrations/0008_event_retention.sql): every event up to it is gone. Each
+(migrations/0009_event_retention.sql): every event up to it is gone. Each
 batch is one short transaction that locks that row (SKIP LOCKED: replicas
 and workers all run this, and none waits for another), deletes the oldest
 events after it in id order for as long as their `time` is past the window
