@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    serve on localhost:50051 (starts a local TLS PostgreSQL unless DATABASE_URL is set)"
 	@echo "make test   install what is missing and run the whole suite"
-	@echo "make gen    regenerate the Python and TypeScript stubs from protos/"
+	@echo "make gen    regenerate the Python, TypeScript and Go stubs from protos/"
 	@echo "make soak   the fault suite's soak for five minutes (SOAK_SECONDS=300)"
 	@echo "make bench  measure bulk streaming against psql COPY, unary calls against their limits, the change feed's fan-out, reads as the tables grow and consumer groups against a single follower (several minutes)"
 
@@ -37,7 +37,7 @@ define apt_install
 fi
 endef
 
-install: $(STAMPS)/system $(STAMPS)/python $(STAMPS)/node $(STAMPS)/kubectl
+install: $(STAMPS)/system $(STAMPS)/python $(STAMPS)/node $(STAMPS)/go $(STAMPS)/kubectl
 
 $(STAMPS)/system:
 	@mkdir -p $(STAMPS)
@@ -64,17 +64,37 @@ $(STAMPS)/node: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-gen: $(STAMPS)/python $(STAMPS)/node
+# Go and its protobuf/gRPC libraries and code generators, all from Debian:
+# the Go client (clients/go) builds offline in GOPATH mode against
+# /usr/share/gocode, since no Go module proxy is reachable from CI.
+# golang-github-golang-protobuf-1-5-dev replaces the 1.3 one that grpc-go
+# pulls in by default: grpc-go 1.33's codec marshals through
+# github.com/golang/protobuf, whose 1.3 panics on the messages protoc-gen-go
+# 1.28 generates (1.4 and later hand them to google.golang.org/protobuf).
+GO_MISSING := ! command -v go >/dev/null || ! command -v protoc-gen-go >/dev/null \
+  || ! command -v protoc-gen-go-grpc >/dev/null \
+  || [ ! -d /usr/share/gocode/src/google.golang.org/grpc ] \
+  || [ ! -d /usr/share/gocode/src/google.golang.org/protobuf ] \
+  || [ ! -f /usr/share/gocode/src/github.com/golang/protobuf/proto/registry.go ]
+$(STAMPS)/go:
+	@mkdir -p $(STAMPS)
+	$(call apt_install,$(GO_MISSING),golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc,Go with grpc-go and its code generators (clients/go))
+	@touch $@
+
+# Python, TypeScript and Go stubs.
+gen: $(STAMPS)/python $(STAMPS)/node $(STAMPS)/go
 	$(PY) clients/python/generate.py
 	$(BUF) generate --template buf.gen.yaml
 
-# The TypeScript stubs are regenerated into a scratch folder and compared.
-check-gen: $(STAMPS)/python $(STAMPS)/node
+# The TypeScript and Go stubs are regenerated into a scratch folder and compared.
+check-gen: $(STAMPS)/python $(STAMPS)/node $(STAMPS)/go
 	$(PY) clients/python/generate.py --check
 	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
 	  $(BUF) generate --template buf.gen.yaml -o "$$scratch" && \
-	  diff -r "$$scratch/clients/node/gen" clients/node/gen \
-	  || { echo "generated TypeScript is stale; run \`make gen\`" >&2; exit 1; }
+	  for gen in clients/node/gen clients/go/gen; do \
+	    diff -r "$$scratch/$$gen" "$$gen" \
+	    || { echo "generated code in $$gen is stale; run \`make gen\`" >&2; exit 1; }; \
+	  done
 
 # The contract callers rely on: a buf image of the last released protos/,
 # refreshed deliberately (at a release) so that `buf breaking` in `make lint`
@@ -113,6 +133,12 @@ lint: install deploy-check
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	$(PY) -m mypy --strict clients/python/src/orderstream/client
+	@# The Go client and the benchmark's followers: gofmt, then go vet
+	@# (GOPATH mode, as clients/go/README.md explains).
+	@unformatted=$$(gofmt -l clients/go bench) && [ -z "$$unformatted" ] \
+	  || { echo "not gofmt'd: $$unformatted" >&2; exit 1; }
+	GO111MODULE=off GOPATH=$(CURDIR)/clients/go:$(CURDIR)/clients/go/gen:/usr/share/gocode \
+	  go vet orderstream/client
 
 format: $(STAMPS)/python
 	$(PY) -m ruff check --fix .
@@ -141,11 +167,11 @@ devdb-down: $(STAMPS)/python
 	$(PY) -m devcluster down $(DEVDB)
 
 # h2load (Debian's nghttp2-client) drives the unary benchmark; the fan-out
-# benchmark's followers are a Go program built with Debian's Go and grpc-go.
-$(STAMPS)/bench:
+# benchmark's followers are a Go program built with Debian's Go and grpc-go
+# ($(STAMPS)/go).
+$(STAMPS)/bench: $(STAMPS)/go
 	@mkdir -p $(STAMPS)
 	$(call apt_install,! command -v h2load >/dev/null,nghttp2-client,h2load)
-	$(call apt_install,! command -v go >/dev/null || [ ! -d /usr/share/gocode/src/google.golang.org/grpc ],golang-go golang-google-grpc-dev golang-google-protobuf-dev,Go and grpc-go (bench/followers))
 	@touch $@
 
 bench: install $(STAMPS)/bench

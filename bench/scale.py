@@ -52,6 +52,7 @@ from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb
 from service.db.pool import close_pool, open_pool
 from service.events.sql import SAFE_HORIZON
 from service.orders.page_token import PageTokens
+from service.orders.sql import NO_END
 from service.settings import Settings
 
 POOL = 4
@@ -67,6 +68,8 @@ TARGET_SHAPE = "StreamEvents types, from near end"
 TARGET_GROWTH = 2.0
 TARGET_STREAM_P99_MS = 10.0
 DAY = 86_400
+# The sample's first day: a window that ends where most of the table follows.
+FIRST_DAY = sample_data.created_time(0)
 INGEST_CALLS = 200
 UPLOAD_EVENTS = 50_000
 
@@ -138,11 +141,17 @@ class Shapes:
                 {"status": pending, "created_after": day_ago}
             ),
             "ExportOrders created_after (last day)": self.export_call({"created_after": day_ago}),
+            "ExportOrders created range (first day)": self.export_call(
+                {"created_after": stamp(FIRST_DAY), "created_before": stamp(FIRST_DAY + DAY)}
+            ),
         }
         # About 0.3% of events: some 500 in NEAR_END ids.
         rare = ["com.example.t5"]
         for where, after in (("start", 0), ("near end", max(0, n - NEAR_END))):
             shapes[f"StreamEvents types, from {where}"] = self.stream_call(after, types=rare)
+            shapes[f"StreamEvents two types, from {where}"] = self.stream_call(
+                after, types=[*rare, "com.example.t6"]
+            )
             shapes[f"StreamEvents subject, from {where}"] = self.stream_call(after, subject=subject)
             shapes[f"StreamEvents types + subject, from {where}"] = self.stream_call(
                 after, types=["order.created"], subject=subject
@@ -163,7 +172,7 @@ class Shapes:
     def list_call(self, fields: dict[str, Any], after: int = 0) -> Call:
         request = order_service_pb2.ListOrdersRequest(page_size=50, **fields)
         if after:
-            request.page_token = self.tokens.encode(after, fingerprint(request))
+            request.page_token = self.tokens.encode(after, NO_END, fingerprint(request))
 
         async def call() -> int:
             return len((await self.orders.ListOrders(request)).orders)

@@ -404,6 +404,16 @@ def stop_cluster(cluster_or_base_dir: Cluster | Path | str, *, mode: str = "fast
             _pg_ctl_stop(data_dir, server_user, mode=mode)
 
 
+def promote_standby(standby: Cluster) -> None:
+    """`pg_ctl promote --wait`: the standby ends recovery and takes writes,
+    as an operator's failover tool does underneath."""
+    server_user = resolve_server_user()
+    with _base_dir_lock(standby.base_dir):
+        _pg_ctl(
+            standby.data_dir, server_user, "promote", "--wait", f"--timeout={_PG_CTL_WAIT_SECONDS}"
+        )
+
+
 def start_standby(
     primary: Cluster,
     base_dir: Path,

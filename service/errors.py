@@ -72,7 +72,8 @@ class Reason(enum.StrEnum):
     CLIENT_STREAM_IDLE = "CLIENT_STREAM_IDLE"
     # UNAVAILABLE: retry
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"  # no connection, a lost one, a database down
-    DATABASE_READ_ONLY = "DATABASE_READ_ONLY"  # the database is read-only (25006)
+    # the database is read-only (25006), or no host of DATABASE_URL was writable
+    DATABASE_READ_ONLY = "DATABASE_READ_ONLY"
     SHUTTING_DOWN = "SHUTTING_DOWN"  # StreamEvents ended by the server's shutdown; resume
     READER_STALLED = "READER_STALLED"  # a server stream's reader took no message in time; resume
     # UNAUTHENTICATED

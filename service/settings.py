@@ -41,6 +41,12 @@ _SSL_PARAMETERS = {
     "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
 }
 _LIBPQ_TLS_VARIABLE = re.compile(r"PGSSL[A-Z]*|PGREQUIRESSL")
+# libpq's target_session_attrs (PostgreSQL 14's set, which asyncpg has too):
+# which of a multi-host URL's servers a connection may stay on.
+SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+# The pool that writes, and the feed's LISTEN, need the primary: neither a
+# standby nor a server made read-only can do their work.
+PRIMARY_SESSION_ATTRS = ("read-write", "primary")
 # libpq also knows TLSv1 and TLSv1.1; neither is offered here.
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
@@ -76,8 +82,8 @@ class Secret:
 class DatabaseTarget:
     """Where the database is and how the connection is secured."""
 
-    dsn: Secret  # the URL without ssl* parameters; holds the password
-    host: str
+    dsn: Secret  # the URL without ssl* and target_session_attrs; holds the password
+    host: str  # the first of `addresses`
     port: int
     ssl_mode: str
     ssl_root_cert: Path | None
@@ -89,6 +95,11 @@ class DatabaseTarget:
     # Unix-socket directories among the hosts (or the default sockets, when
     # the URL names no host): libpq and asyncpg use no TLS over them.
     unix_sockets: tuple[str, ...] = ()
+    # Every host:port of a multi-host URL, tried in order (libpq's rule),
+    # each verified against its own name; the connection stays on the
+    # first whose session matches `target_session_attrs`.
+    addresses: tuple[tuple[str, int], ...] = ()
+    target_session_attrs: str = "read-write"
 
     @property
     def verifies_server(self) -> bool:
@@ -96,7 +107,10 @@ class DatabaseTarget:
 
     def describe(self) -> str:
         """Names the server for messages; never includes credentials."""
-        return f"{self.host}:{self.port} (sslmode={self.ssl_mode})"
+        where = ", ".join(_address(*a) for a in self.addresses) or f"{self.host}:{self.port}"
+        return (
+            f"{where} (sslmode={self.ssl_mode}, target_session_attrs={self.target_session_attrs})"
+        )
 
 
 @dataclass(frozen=True)
@@ -289,7 +303,12 @@ class Settings:
             # connection reconnects and lands anywhere, new pods included.
             max_connection_age=env.seconds("ORDERSTREAM_MAX_CONNECTION_AGE", 300.0),
             replica=(
-                _database_target(env, "ORDERSTREAM_REPLICA_DATABASE_URL")
+                _database_target(
+                    env,
+                    "ORDERSTREAM_REPLICA_DATABASE_URL",
+                    session_attrs=SESSION_ATTRS,
+                    default_session_attrs="prefer-standby",
+                )
                 if env.raw("ORDERSTREAM_REPLICA_DATABASE_URL") is not None
                 else None
             ),
@@ -480,8 +499,16 @@ def _direct_database_target(
     return database
 
 
-def _database_target(env: _Reader, name: str = "DATABASE_URL") -> DatabaseTarget:
-    """`name`'s URL; the PGSSL* variables apply to every database URL alike."""
+def _database_target(
+    env: _Reader,
+    name: str = "DATABASE_URL",
+    *,
+    session_attrs: tuple[str, ...] = PRIMARY_SESSION_ATTRS,
+    default_session_attrs: str = "read-write",
+) -> DatabaseTarget:
+    """`name`'s URL; the PGSSL* variables and PGTARGETSESSIONATTRS apply to
+    every database URL alike (the URL's parameters win, as in libpq), but
+    each URL allows only the `session_attrs` its connections can use."""
     url = env.raw(name)
     if url is None:
         raise SettingsError(f"{name} is required (postgresql://user:password@host:port/db)")
@@ -491,7 +518,13 @@ def _database_target(env: _Reader, name: str = "DATABASE_URL") -> DatabaseTarget
     query = parse_qsl(parts.query, keep_blank_values=True)
     _refuse_unsupported_ssl(env, name, [k for k, _ in query])
     from_url = {k: v for k, v in query if k in _SSL_PARAMETERS}
-    remaining = [(k, v) for k, v in query if k not in _SSL_PARAMETERS]
+    remaining = [(k, v) for k, v in query if k not in (*_SSL_PARAMETERS, _SESSION_ATTRS)]
+    attrs = _session_attrs(
+        name,
+        dict(query).get(_SESSION_ATTRS) or env.raw("PGTARGETSESSIONATTRS"),
+        session_attrs,
+        default_session_attrs,
+    )
 
     def ssl_parameter(key: str) -> str | None:
         return from_url.get(key) or env.raw(_SSL_PARAMETERS[key])
@@ -520,15 +553,12 @@ def _database_target(env: _Reader, name: str = "DATABASE_URL") -> DatabaseTarget
             f"{name}: ssl_max_protocol_version={maximum} is below "
             f"ssl_min_protocol_version={minimum}"
         )
-    try:
-        port = parts.port or 5432
-    except ValueError:
-        raise SettingsError(f"{name} has an invalid port") from None
-    hosts = _hosts(parts, dict(query).get("host") or None, env.raw("PGHOST"))
+    addresses = _addresses(name, parts, dict(query).get("host") or None, env.raw("PGHOST"))
+    hosts = [host for host, _ in addresses]
     return DatabaseTarget(
         dsn=Secret(urlunsplit(parts._replace(query=urlencode(remaining)))),
         host=hosts[0] if hosts else "localhost",
-        port=port,
+        port=addresses[0][1] if addresses else _DEFAULT_PORT,
         ssl_mode=ssl_mode,
         ssl_root_cert=path("sslrootcert"),
         ssl_cert=path("sslcert"),
@@ -537,7 +567,28 @@ def _database_target(env: _Reader, name: str = "DATABASE_URL") -> DatabaseTarget
         ssl_min_protocol_version=minimum,
         ssl_max_protocol_version=maximum,
         unix_sockets=tuple(h for h in hosts if h.startswith(("/", "@"))) if hosts else ("",),
+        addresses=tuple(addresses),
+        target_session_attrs=attrs,
     )
+
+
+_SESSION_ATTRS = "target_session_attrs"
+_DEFAULT_PORT = 5432
+
+
+def _session_attrs(name: str, value: str | None, allowed: tuple[str, ...], default: str) -> str:
+    if value is None:
+        return default
+    if value not in allowed:
+        raise SettingsError(
+            f"{name}: target_session_attrs (or PGTARGETSESSIONATTRS) must be one of: "
+            f"{', '.join(allowed)}, got {value!r}"
+        )
+    return value
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _refuse_unsupported_ssl(env: _Reader, name: str, url_keys: list[str]) -> None:
@@ -572,18 +623,31 @@ def _tls_version(value: str | None, parameter: str) -> str | None:
     return value
 
 
-def _hosts(parts: SplitResult, query_host: str | None, pg_host: str | None) -> list[str]:
-    """The hosts asyncpg will try, as libpq reads them: the URL's `host`
-    parameter, else its host part (percent-decoded, as a socket directory
-    must be), else PGHOST. Empty: none named, and asyncpg tries the default
-    Unix sockets first."""
+def _addresses(
+    name: str, parts: SplitResult, query_host: str | None, pg_host: str | None
+) -> list[tuple[str, int]]:
+    """The hosts asyncpg will try, in order, with their ports, as libpq
+    reads them: the URL's `host` parameter, else its host part
+    (`host1:port1,host2:port2`, percent-decoded, as a socket directory must
+    be), else PGHOST. Empty: none named, and asyncpg tries the default Unix
+    sockets first."""
     netloc_hosts = parts.netloc.rpartition("@")[2]
     spec = query_host or unquote(netloc_hosts) or pg_host or ""
-    hosts = []
+    addresses = []
     for host in filter(None, spec.split(",")):
+        port = ""
         if host.startswith("["):
-            host = host[1 : host.index("]")] if "]" in host else host
-        elif not host.startswith(("/", "@")) and host.rpartition(":")[2].isdigit():
-            host = host.rpartition(":")[0]
-        hosts.append(host)
-    return hosts
+            host, _, port = host[1:].partition("]")
+            port = port.removeprefix(":")
+        elif not host.startswith(("/", "@")):
+            host, _, port = host.partition(":")
+        addresses.append((host, _port(name, port)))
+    return addresses
+
+
+def _port(name: str, text: str) -> int:
+    if not text:
+        return _DEFAULT_PORT
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise SettingsError(f"{name} has an invalid port")
+    return int(text)

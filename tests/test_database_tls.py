@@ -2,7 +2,8 @@
 socket (no TLS whatever the sslmode) is refused before anything is sent
 unless ORDERSTREAM_ALLOW_INSECURE_DATABASE is set; `sslcrl` revokes the
 server's certificate; `ssl_min_protocol_version` and
-`ssl_max_protocol_version` bound the protocol PostgreSQL negotiates. (The
+`ssl_max_protocol_version` bound the protocol PostgreSQL negotiates; every
+host of a multi-host URL is verified against its own name. (The
 refusals of unsupported or invalid ssl* settings, in process and as a
 process, are in tests/test_startup.py.)"""
 
@@ -21,6 +22,7 @@ from service.db.pool import close_pool, open_pool
 from service.errors import StartupError
 from service.settings import Settings
 from tests.support.apps import running_app
+from tests.support.database import multi_host_dsn
 from tests.support.revocation import RevocableCertificates, write_revocable_certificates
 
 
@@ -103,6 +105,45 @@ async def test_the_tls_protocol_bounds_are_honoured(
     finally:
         await close_pool(pool, 5)
     assert version == negotiated
+
+
+# 127.0.0.2 reaches the same server, whose certificate names only localhost
+# and 127.0.0.1 (devcluster/cluster.py): verify-full must refuse it.
+MISMATCH = "127.0.0.2"
+
+
+async def test_a_multi_host_url_skips_a_host_whose_certificate_does_not_match(
+    service_env, pg_cluster
+):
+    env = {
+        **service_env,
+        "DATABASE_URL": multi_host_dsn(
+            pg_cluster, f"{MISMATCH}:{pg_cluster.port}", f"127.0.0.1:{pg_cluster.port}"
+        ),
+    }
+    pool = await open_pool(Settings.from_env(env))
+    try:
+        # The same server answers on both: only the address shows which host
+        # the connection stayed on.
+        address = await pool.fetchval("SELECT host(inet_server_addr())")
+    finally:
+        await close_pool(pool, 5)
+    assert address == "127.0.0.1"
+
+
+async def test_a_multi_host_url_whose_hosts_all_fail_verification_stops_startup(
+    service_env, pg_cluster
+):
+    env = {
+        **service_env,
+        "DATABASE_URL": multi_host_dsn(pg_cluster, *[f"{MISMATCH}:{pg_cluster.port}"] * 2),
+    }
+    with pytest.raises(StartupError) as raised:
+        await open_pool(Settings.from_env(env))
+    message = str(raised.value)
+    assert "cannot verify the database server's certificate" in message
+    assert f"{MISMATCH}:{pg_cluster.port}, {MISMATCH}:{pg_cluster.port}" in message
+    assert "IP address mismatch" in message
 
 
 # --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.app import App
+from service.events import sql as events_sql
 from service.settings import Settings
 from tests.support.apps import app_with_channel, pool_is_full
 from tests.support.calls import new_event, publish, read_all
@@ -70,6 +71,32 @@ async def test_types_filter(events):
         )
     )
     assert [e.id for e in received] == wanted
+
+
+async def test_every_form_of_types_filter_streams_the_same_events_in_order(events):
+    """One type, a few (read as one ordered scan per type, merged; a repeat
+    counts once) and more than that (`type = ANY`) each have a statement of
+    their own (service/events/sql.py); all must stream the same events. No
+    subject, so each reads the feed by type alone."""
+    kinds = [unique("test.kind") for _ in range(3)]
+    batch = [
+        event_pb2.Event(type=kinds[n % 3], source="/t", json_payload=json.dumps({"n": n}))
+        for n in range(30)
+    ]
+    response = await events.PublishEvents(event_service_pb2.PublishEventsRequest(events=batch))
+    of_kind = {
+        kind: [i for n, i in enumerate(response.ids) if n % 3 == k] for k, kind in enumerate(kinds)
+    }
+    absent = [unique("test.absent") for _ in range(events_sql.MERGED_TYPES)]
+
+    async def streamed(types: list[str]) -> list[int]:
+        request = event_service_pb2.StreamEventsRequest(after_id=response.ids[0] - 1, types=types)
+        return [e.id for e in (await read_all(events.StreamEvents(request)))[0]]
+
+    assert await streamed([kinds[1]]) == of_kind[kinds[1]]
+    both = sorted(of_kind[kinds[0]] + of_kind[kinds[2]])
+    assert await streamed([kinds[2], kinds[0], kinds[2]]) == both
+    assert await streamed([kinds[0], kinds[2], *absent]) == both
 
 
 async def test_many_events_per_message_within_the_byte_budget(service_env, events):

@@ -367,6 +367,27 @@ async def test_list_filters_by_status_and_time(orders):
     assert [o.id for o in earlier.orders] == [o.id for o in created[:2]]
 
 
+async def test_a_creation_window_pages_through_exactly_its_orders(orders):
+    """A listing by creation time walks the window's ids only (found on its
+    first page, carried by the token): one order a page, every order of a
+    closed window once, then the end, and the same for an open one."""
+    customer = unique("cust")
+    created = await create_orders(orders, customer, 5)
+    window = {"created_after": created[1].create_time, "created_before": created[3].create_time}
+    request = order_service_pb2.ListOrdersRequest(customer_id=customer, page_size=1, **window)
+    assert await walk(orders, request) == [o.id for o in created[1:3]]
+    request = order_service_pb2.ListOrdersRequest(
+        customer_id=customer, page_size=1, created_after=created[3].create_time
+    )
+    assert await walk(orders, request) == [o.id for o in created[3:]]
+    empty = order_service_pb2.ListOrdersRequest(
+        customer_id=customer,
+        created_after=created[4].create_time,
+        created_before=created[4].create_time,
+    )
+    assert await walk(orders, empty) == []
+
+
 async def test_list_walk_during_concurrent_inserts_never_repeats_or_skips(orders):
     customer = unique("cust")
     existing = await create_orders(orders, customer, 30)

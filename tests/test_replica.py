@@ -23,10 +23,11 @@ from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.app import App
 from service.db.migrate import migrate
+from service.db.pool import close_pool, open_replica_pool
 from service.errors import StartupError
 from service.settings import Settings
 from tests.support.apps import running_app
-from tests.support.database import ServerLog, admin_ssl_context, through_proxy
+from tests.support.database import ServerLog, admin_ssl_context, multi_host_dsn, through_proxy
 from tests.support.polling import eventually
 from tests.support.requests import create_request, stream, unique
 from tests.support.requests import order as order_to_import
@@ -470,3 +471,20 @@ async def test_an_unverified_replica_connection_is_refused(replica_env, standby)
         await App.start(
             Settings.from_env({**replica_env, "ORDERSTREAM_REPLICA_DATABASE_URL": unverified})
         )
+
+
+async def test_a_replica_url_listing_every_node_prefers_the_standby(service_env, primary, standby):
+    """After a failover the nodes trade places; a replica URL that names
+    both (the primary first here) stays on whichever is the standby
+    (target_session_attrs=prefer-standby, its default)."""
+    url = multi_host_dsn(primary, f"localhost:{primary.port}", f"localhost:{standby.port}")
+    settings = Settings.from_env(
+        {**service_env, **primary.service_env(), "ORDERSTREAM_REPLICA_DATABASE_URL": url}
+    )
+    assert settings.replica is not None
+    pool = await open_replica_pool(settings, settings.replica)
+    try:
+        for _ in range(3):
+            assert await pool.fetchval("SELECT pg_is_in_recovery()") is True
+    finally:
+        await close_pool(pool, 5)

@@ -149,6 +149,13 @@ REFUSALS = [
         ("no-such.crl", "does not exist"),
     ),
     Refusal(
+        # The pool writes and the feed LISTENs: a session on a standby can do neither.
+        "primary-url-that-accepts-a-standby",
+        lambda c, tmp: {"DATABASE_URL": _url(c, "target_session_attrs=prefer-standby")},
+        SettingsError,
+        ("DATABASE_URL", "target_session_attrs", "read-write, primary", "'prefer-standby'"),
+    ),
+    Refusal(
         "malformed-port",
         lambda c, tmp: {"ORDERSTREAM_PORT": "abc"},
         SettingsError,
@@ -314,6 +321,37 @@ def test_settings_and_database_target_never_show_the_password(pg_cluster, servic
     # ssl* parameters are taken out of the DSN handed to asyncpg; others stay.
     assert "sslmode" not in target.dsn.reveal()
     assert "connect_timeout=5" in target.dsn.reveal()
+
+
+def test_a_multi_host_url_keeps_every_host_and_port_in_order(service_env):
+    """libpq's form; asyncpg gets the URL as it is, the session attributes
+    as an argument (the primary's pool read-write by default, the
+    replica's preferring a standby)."""
+    settings = Settings.from_env(
+        {
+            **service_env,
+            "DATABASE_URL": "postgresql://u:p@db-a:5433,[fd00::2],db-c:6000/orders",
+            "ORDERSTREAM_REPLICA_DATABASE_URL": "postgresql://u:p@db-b,db-a/orders",
+        }
+    )
+    primary, replica = settings.database, settings.replica
+    assert replica is not None
+    assert primary.addresses == (("db-a", 5433), ("fd00::2", 5432), ("db-c", 6000))
+    assert (primary.host, primary.port) == ("db-a", 5433)
+    assert primary.target_session_attrs == "read-write"
+    assert settings.direct_database.target_session_attrs == "read-write"
+    assert replica.addresses == (("db-b", 5432), ("db-a", 5432))
+    assert replica.target_session_attrs == "prefer-standby"
+    assert "db-a:5433, [fd00::2]:5432, db-c:6000" in primary.describe()
+
+
+def test_target_session_attrs_come_from_the_url_before_the_variable(service_env):
+    env = {**service_env, "PGTARGETSESSIONATTRS": "primary"}
+    assert Settings.from_env(env).database.target_session_attrs == "primary"
+    env["DATABASE_URL"] = service_env["DATABASE_URL"] + "?target_session_attrs=read-write"
+    target = Settings.from_env(env).database
+    assert target.target_session_attrs == "read-write"
+    assert "target_session_attrs" not in target.dsn.reveal()
 
 
 def test_malformed_setting_names_the_variable(service_env):

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
 
 from service.db.codecs import register_codecs
+from service.db.hosts import connect_in_turn
 from service.errors import StartupError
 from service.settings import DatabaseTarget, Settings
 
@@ -158,12 +160,23 @@ def _connect_options(
         )
     return {
         "dsn": target.dsn.reveal(),
+        # Every host of a multi-host URL gets the same context: verify-full
+        # checks each against its own name (asyncpg passes it per host).
         "ssl": ssl_context_for(target, allow_insecure=settings.allow_insecure_database),
+        "target_session_attrs": target.target_session_attrs,
         "command_timeout": settings.command_timeout,
         "statement_cache_size": settings.statement_cache_size,
         "timeout": settings.pool_acquire_timeout,
         "server_settings": server_settings,
     }
+
+
+def _connector(target: DatabaseTarget) -> Callable[..., Awaitable[asyncpg.Connection]]:
+    """asyncpg.connect, or for several hosts one at a time, each within its
+    share of the timeout (service/db/hosts.py)."""
+    if len(target.addresses) > 1:
+        return functools.partial(connect_in_turn, addresses=target.addresses)
+    return asyncpg.connect
 
 
 def _milliseconds(seconds: float) -> str:
@@ -173,9 +186,8 @@ def _milliseconds(seconds: float) -> str:
 async def connect_direct(settings: Settings) -> asyncpg.Connection:
     """A connection outside the pool, for session state such as LISTEN: to
     ORDERSTREAM_DIRECT_DATABASE_URL, past any transaction-pooling PgBouncer."""
-    conn = await asyncpg.connect(
-        **_connect_options(settings, settings.direct_database, direct=True)
-    )
+    target = settings.direct_database
+    conn = await _connector(target)(**_connect_options(settings, target, direct=True))
     await register_codecs(conn)
     return conn
 
@@ -248,12 +260,23 @@ async def open_replica_pool(settings: Settings, target: DatabaseTarget) -> async
 async def _create_pool(settings: Settings, target: DatabaseTarget, min_size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         **_connect_options(settings, target),
+        connect=_connector(target),
         min_size=min_size,
         max_size=settings.pool_max_size,
         max_inactive_connection_lifetime=settings.pool_max_idle,
         init=register_codecs,
         reset=_keep_session,
     )
+
+
+async def left_the_primary(pool: asyncpg.Pool) -> None:
+    """A connection of `pool` found its server read-only (a standby, or a
+    primary since demoted or fenced): every connection made before is
+    closed instead of being used again (the one in hand on its release),
+    and new ones are made with target_session_attrs, which skips a server
+    that cannot write."""
+    log.warning("the database server is read-only: reconnecting the pool to a writable one")
+    await pool.expire_connections()
 
 
 def was_connecting(pool: asyncpg.Pool) -> bool:

@@ -77,7 +77,13 @@ class ReplicaMonitor:
         try:
             primary_at = await self._position(self._primary, PRIMARY_POSITION)
         except DATABASE_FAILURES:
-            return  # says nothing about the replica; the primary's health reports it
+            # Says nothing about the replica; the primary's health reports
+            # it. But the positions seen so far may be of a primary that is
+            # gone: after a failover the new one's WAL goes on from what its
+            # standby had replayed, behind them, and a replica measured
+            # against them would lag forever.
+            self._positions.clear()
+            return
         now = asyncio.get_running_loop().time()
         try:
             replayed = await self._position(self.pool, REPLICA_POSITION)

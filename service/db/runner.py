@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import asyncpg
 
 from service.db.failures import CallDeadlineReached, DatabaseNotAnswering, PoolExhausted
-from service.db.pool import was_connecting
+from service.db.pool import left_the_primary, was_connecting
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,26 @@ class Database:
         except Exception as exc:
             log.warning("a connection failed its release and was closed", exc_info=exc)
 
-    async def fetchrow(self, context: Call, query: str, *args: Any) -> asyncpg.Record | None:
+    @contextlib.asynccontextmanager
+    async def connection(self, context: Call) -> AsyncIterator[asyncpg.Connection]:
+        """`acquire` and `release` around a block. A statement that finds
+        the server read-only (25006: the primary was demoted, or an address
+        now leads to a standby) drops the connection and every other one
+        of the pool: they would all fail the same way, and new ones are
+        made with target_session_attrs, which finds the writable server.
+        The caller still gets the error (UNAVAILABLE, retryable)."""
         conn = await self.acquire(context)
         try:
-            return await conn.fetchrow(query, *args, timeout=self.query_timeout(context))
+            yield conn
+        except asyncpg.ReadOnlySQLTransactionError:
+            await left_the_primary(self.pool)
+            raise
         finally:
             await self.release(conn)
+
+    async def fetchrow(self, context: Call, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self.connection(context) as conn:
+            return await conn.fetchrow(query, *args, timeout=self.query_timeout(context))
 
     async def fetch_by_id(
         self, context: Call, query: str, ident: int, not_found: Callable[[int], Exception]
@@ -98,8 +113,5 @@ class Database:
         return row
 
     async def fetch(self, context: Call, query: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await self.acquire(context)
-        try:
+        async with self.connection(context) as conn:
             return await conn.fetch(query, *args, timeout=self.query_timeout(context))
-        finally:
-            await self.release(conn)

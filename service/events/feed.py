@@ -100,7 +100,9 @@ class EventFeed:
             except DATABASE_FAILURES as exc:
                 log.warning("event feed cannot connect: %s", type(exc).__name__)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                # At most a second: a failover's promotion takes seconds,
+                # and the feed should be back within one of it.
+                backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.1
             lost = asyncio.Event()
@@ -109,6 +111,7 @@ class EventFeed:
                 await conn.add_listener(CHANNEL, self._on_notification)
                 self.tail.start_at(await conn.fetchval(sql.SAFE_HORIZON, timeout=STATEMENT_TIMEOUT))
                 self.tail.set_live(True)
+                log.info("event feed listening")
                 await self._read_until_lost(conn, lost)
             except DATABASE_FAILURES as exc:
                 log.warning("event feed lost its connection: %s", type(exc).__name__)

@@ -70,6 +70,8 @@ SAFE_HORIZON = "SELECT events_safe_horizon()"
 # may hold: a stream holds one page and reads the next meanwhile.
 PAGE_ROWS = 5000
 PAGE_BYTES = 1 << 20
+# The rows of a history read's first page (service/events/stream.py).
+FIRST_PAGE_ROWS = 512
 
 
 def row_bytes(row: Sequence[Any]) -> int:
@@ -96,16 +98,31 @@ def next_limit(rows: Sequence[Sequence[Any]], limit: int) -> int:
     return min(PAGE_ROWS, max(64, 2 * len(rows)))
 
 
+# The most distinct types a page reads as one ordered scan per type, merged.
+MERGED_TYPES = 8
+
+
 class Types(enum.Enum):
-    """How many event types a page is filtered by: each has its statement."""
+    """How a page is filtered by event type: each has its statement."""
 
     ANY = "any"  # no type filter
     ONE = "one"  # type = $3
-    SOME = "some"  # type = ANY($3)
+    SOME = "some"  # 2..MERGED_TYPES types, $3 padded with NULLs: one scan each, merged
+    MANY = "many"  # more: type = ANY($3)
 
-    @classmethod
-    def of(cls, types: Sequence[str]) -> "Types":
-        return cls.ANY if not types else cls.ONE if len(types) == 1 else cls.SOME
+
+def type_filter(types: Sequence[str]) -> tuple[Types, list[object]]:
+    """How a page filters by `types` (repeats count once), and the
+    parameters that filter takes: none, a type, or an array of them."""
+    distinct = sorted(set(types))
+    if not distinct:
+        return Types.ANY, []
+    if len(distinct) == 1:
+        return Types.ONE, [distinct[0]]
+    if len(distinct) <= MERGED_TYPES:
+        padded: list[str | None] = [*distinct, *[None] * (MERGED_TYPES - len(distinct))]
+        return Types.SOME, [padded]
+    return Types.MANY, [distinct]
 
 
 # A subject's partition of a consumer group, as service/events/groups.py's
@@ -120,11 +137,12 @@ def events_page(*, types: Types, with_subject: bool, partitions: int = 0) -> str
     partition = ANY($n)), at most $n rows and, after the first row, no more
     than $n bytes (PAGE_BYTES) as `row_bytes` counts them.
 
-    One type has its own statement: with `type = $3`, events_type_id_idx
-    hands rows over in id order and the page stops at its limit; PostgreSQL
-    15 does not read that index in id order for `type = ANY($3)`, so such a
-    page reads and sorts every matching event of its range (docs/scaling.md,
-    "Query plans"), a cost that grows with the feed.
+    PostgreSQL 15 reads events_type_id_idx in id order for `type = $3`,
+    stopping at the page's limit, but not for `type = ANY($3)`: such a page
+    reads and sorts every matching event of its range, a cost that grows
+    with the feed (docs/scaling.md, "Query plans"). So one type has its own
+    statement, and up to MERGED_TYPES types are read as one ordered scan
+    per type (`_merged_types`); only more than that pay the `ANY` form.
 
     Memory is bounded in bytes, not rows: a page of small events holds
     thousands, a page of 1 MiB events one. Its columns are EVENT_COLUMNS.
@@ -133,11 +151,14 @@ def events_page(*, types: Types, with_subject: bool, partitions: int = 0) -> str
     610k rows/s against 510k (a plain LIMIT reads about 765k)."""
     conditions = ["id > $1", "id < $2"]
     n = 3
+    types_at = n
     if types is Types.ONE:
         conditions.append(f"type = ${n}")
         n += 1
-    elif types is Types.SOME:
+    elif types is Types.MANY:
         conditions.append(f"type = ANY(${n}::text[])")
+        n += 1
+    elif types is Types.SOME:
         n += 1
     if with_subject:
         conditions.append(f"subject = ${n}")
@@ -147,6 +168,9 @@ def events_page(*, types: Types, with_subject: bool, partitions: int = 0) -> str
             f"{PARTITION_OF_SUBJECT.format(partitions=partitions)} = ANY(${n}::integer[])"
         )
         n += 1
+    source = "events"
+    if types is Types.SOME:
+        source = _merged_types(conditions, types_at=types_at, limit_at=n)
     return f"""
 SELECT {EVENT_COLUMNS}
 FROM (
@@ -157,7 +181,7 @@ FROM (
            payload_bytes
                + 4 * (char_length(type) + char_length(source) + char_length(subject))
                + 32 AS own
-    FROM events
+    FROM {source}
     WHERE {" AND ".join(conditions)}
     ORDER BY id
     LIMIT ${n}
@@ -165,3 +189,22 @@ FROM (
 WHERE running - own < ${n + 1}
 ORDER BY id
 """
+
+
+def _merged_types(conditions: list[str], *, types_at: int, limit_at: int) -> str:
+    """The events matching `conditions` whose type is one of the array
+    ${types_at}'s MERGED_TYPES elements, as a table named `events` in id
+    order: one branch per element, each reading its type's events in id
+    order up to the page's limit (${limit_at}), merged (Merge Append) so
+    that only the rows the page keeps are read. PostgreSQL plans each
+    branch for its own type (every execution is planned for its values:
+    docs/scaling.md), so a rare type reads events_type_id_idx and a common
+    one may walk the primary key, where it is dense; a NULL element makes
+    its branch read nothing."""
+    branches = [
+        f"""(SELECT * FROM events
+          WHERE {" AND ".join([f"type = (${types_at}::text[])[{i}]", *conditions])}
+          ORDER BY id LIMIT ${limit_at})"""
+        for i in range(1, MERGED_TYPES + 1)
+    ]
+    return "(\n        " + "\n        UNION ALL\n        ".join(branches) + "\n    ) AS events"

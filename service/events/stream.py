@@ -31,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
+import asyncpg
 import grpc
 
 from orderstream.events.v1 import event_service_pb2
+from service.db.failures import NoConnection
 from service.db.runner import Database
 from service.errors import Reason, ServiceError
 from service.events import consumers, groups, retention, sql
@@ -136,18 +138,13 @@ class _Stream:
         self._heartbeat_interval = heartbeat_interval
         self._loop = asyncio.get_running_loop()
         self.filter = Filter(frozenset(request.types), request.subject)
-        types = sql.Types.of(request.types)
+        types, self._filter_args = sql.type_filter(request.types)
         self._query = sql.events_page(
             types=types,
             with_subject=bool(request.subject),
             # A member reads only its partitions' rows from the table.
             partitions=groups.PARTITIONS if request.member else 0,
         )
-        self._filter_args: list[object] = []
-        if types is sql.Types.ONE:
-            self._filter_args.append(request.types[0])
-        elif types is sql.Types.SOME:
-            self._filter_args.append(list(request.types))
         if request.subject:
             self._filter_args.append(request.subject)
         # A member's partitions, the last argument: set on each reassignment.
@@ -191,8 +188,9 @@ class _Stream:
         """Refreshes the member's row and, when its partitions changed,
         restarts at their lowest acknowledged position (groups.py)."""
         assert self.membership is not None
-        members = await self.membership.live_members(self._member_timeout)
+        # Due again a third of the timeout on, even if this look fails.
         self._refresh_at = self._kept_at = self._loop.time() + self._member_timeout / 3
+        members = await self.membership.live_members(self._member_timeout)
         partitions = groups.assigned(members, self.membership.member)
         if partitions == self.membership.partitions:
             return
@@ -231,12 +229,15 @@ class _Stream:
         that takes nothing within the stall timeout ends the stream
         (READER_STALLED, docs/streams.md#quiet-callers). A consumer's
         delivered position is stored first: the caller may acknowledge it
-        on any replica as soon as it has the message."""
+        on any replica as soon as it has the message. The position follows
+        every write, so a follower whose table read failed halfway goes on
+        after the last event it sent."""
         if self.membership is not None:
             await self.membership.mark_delivered(position)
         elif self._consumer:
             await consumers.mark_delivered(self._db, self._context, self._consumer, position)
         await self._writes.write(message, position=position)
+        self.position = max(self.position, position)
         self._told = position
         self._told_at = self._loop.time()
 
@@ -285,10 +286,17 @@ class _Stream:
     async def read_table(self, below: int) -> None:
         """Streams the matching events with position < id < `below` from
         the table, one page ahead of the writes; the position reaches
-        below - 1."""
-        limit = sql.PAGE_ROWS
+        below - 1.
+
+        The first page is small and goes out at once, whatever the batch
+        budget: a reader starting far back in a large feed gets its first
+        events after a few hundred rows are read, not after a full page of
+        events scattered over the table (the pages after it grow back to
+        PAGE_ROWS: sql.next_limit)."""
+        limit = sql.FIRST_PAGE_ROWS
         after = self.position
         pending = self._page(after, below, limit)
+        first = True
         try:
             while True:
                 rows = await pending
@@ -302,6 +310,9 @@ class _Stream:
                 after = rows[-1][0]
                 pending = self._page(after, below, limit)
                 await self.batches.add(self._share(rows))
+                if first:
+                    await self.batches.flush()
+                    first = False
                 await self._keep_membership()
             await self.batches.flush()
         finally:
@@ -386,7 +397,8 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
     while True:
         seen = tail.generation
         if stream.refresh_due_in() == 0.0:
-            await stream.refresh_group()
+            with _while_the_database_is_down():
+                await stream.refresh_group()
         if feed.closing:
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -398,17 +410,21 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
         if not (tail.live and tail.ready):
             # The feed's connection is down: look at the table every poll
             # interval, as the feed would.
-            horizon = await stream.horizon()
-            if stream.position < horizon - 1:
-                async with streams.queued():
-                    await stream.read_table(horizon)
+            with _while_the_database_is_down():
+                horizon = await stream.horizon()
+                if stream.position < horizon - 1:
+                    async with streams.queued():
+                        await stream.read_table(horizon)
             await stream.at_live_end()
             await stream.heartbeat()
             await tail.wait(seen, stream.wait_timeout(feed.poll_interval))
         elif stream.position < tail.floor:
             # Further back than the tail holds: the table up to it first.
-            async with streams.queued():
-                await stream.read_table(tail.floor + 1)
+            with _while_the_database_is_down():
+                async with streams.queued():
+                    await stream.read_table(tail.floor + 1)
+                continue
+            await tail.wait(seen, stream.wait_timeout(feed.poll_interval))
         elif stream.position < tail.truncated_upto:
             # The feed found events it had not read deleted by retention.
             raise retention.expired(stream.position, tail.truncated_upto, None)
@@ -424,3 +440,28 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
             await stream.at_live_end()
             await stream.heartbeat()
             await tail.wait(seen, stream.wait_timeout(None))
+
+
+# The database gone or going (a restart, a failover, a network cut): the
+# connection lost, none to be had, or the server refusing to serve.
+_DATABASE_DOWN = (
+    OSError,  # TimeoutError among them: a statement the server did not answer in time
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # TargetServerAttributeNotMatched among them
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    NoConnection,
+)
+
+
+@contextlib.contextmanager
+def _while_the_database_is_down() -> Iterator[None]:
+    """A follower waits for the database as it waits for events: it tries
+    again at the next round (the caller's deadline still ends it), and
+    goes on after the last event it sent, with no gap and no duplicate.
+    Ending it would send every follower's client to reconnect at once,
+    for nothing the stream itself did wrong."""
+    with contextlib.suppress(*_DATABASE_DOWN):
+        yield

@@ -16,7 +16,7 @@ from service.db.routing import Sent
 from service.db.runner import Database
 from service.orders import sql
 from service.orders.convert import order_from_row
-from service.orders.filters import order_filters
+from service.orders.filters import order_filters, window_query
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
 from service.streams.writes import stall_bound
@@ -42,11 +42,20 @@ async def export_orders(
                 query = sql.export_page(tuple(filters))
                 response = order_service_pb2.ExportOrdersResponse()
                 size = 0
-                after, limit = 0, sql.EXPORT_PAGE_ROWS
+                after, end, limit = 0, sql.NO_END, sql.EXPORT_PAGE_ROWS
+                if window := window_query(filters):
+                    statement, window_args = window
+                    ids = await conn.fetchrow(
+                        statement, *window_args, timeout=db.query_timeout(context)
+                    )
+                    if ids is None or ids["after"] is None or ids["end_id"] is None:
+                        return  # no order was created in the window
+                    after, end = ids["after"], ids["end_id"]
                 while rows := await conn.fetch(
                     query,
                     *filters.values(),
                     after,
+                    end,
                     limit,
                     sql.EXPORT_PAGE_BYTES,
                     timeout=db.query_timeout(context),

@@ -21,7 +21,7 @@ from service.errors import (
 from service.orders import sql
 from service.orders.convert import STATUS_NAMES, created_order, fill_order, order_from_row
 from service.orders.export import export_orders
-from service.orders.filters import order_filters
+from service.orders.filters import order_filters, window_query
 from service.orders.imports import import_orders
 from service.orders.page_token import InvalidPageToken, PageTokens
 from service.orders.rules import body_digest, checked_create, item_columns
@@ -140,19 +140,30 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         v.raise_if_any()
 
         fingerprint = _filter_fingerprint(request)
-        after_id = 0
+        after_id, end_id = 0, sql.NO_END
         if request.page_token:
             try:
-                after_id = self._page_tokens.decode(request.page_token, fingerprint)
+                after_id, end_id = self._page_tokens.decode(request.page_token, fingerprint)
             except InvalidPageToken as exc:
                 raise invalid_argument([FieldViolation("page_token", str(exc))]) from None
         page_size = request.page_size or DEFAULT_PAGE_SIZE
         # One row beyond the page tells whether another page exists.
         query = sql.list_orders(tuple(filters))
-        args = (*filters.values(), after_id, page_size + 1)
+        # The first page finds the creation-time window's ids; the token
+        # carries its end to the pages that follow.
+        window = None if request.page_token else window_query(filters)
 
         async def page(db: Database, _sent: Sent) -> list[asyncpg.Record]:
-            return await db.fetch(context, query, *args)
+            nonlocal after_id, end_id
+            if window is not None:
+                statement, window_args = window
+                ids = await db.fetchrow(context, statement, *window_args)
+                if ids is None or ids["after"] is None or ids["end_id"] is None:
+                    return []  # no order was created in the window
+                after_id, end_id = ids["after"], ids["end_id"]
+            return await db.fetch(
+                context, query, *filters.values(), after_id, end_id, page_size + 1
+            )
 
         rows = await self._reads.read("ListOrders", page)
         response = order_service_pb2.ListOrdersResponse()
@@ -161,7 +172,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             fill_order(add_order(), row)
         if len(rows) > page_size:
             response.next_page_token = self._page_tokens.encode(
-                rows[page_size - 1]["id"], fingerprint
+                rows[page_size - 1]["id"], end_id, fingerprint
             )
         return response
 

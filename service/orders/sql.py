@@ -5,6 +5,8 @@ that each combination gets its own plan that can use its index."""
 
 from __future__ import annotations
 
+import enum
+
 # Columns of an order plus its items as three parallel arrays, in line order.
 _ORDER_COLUMNS = """
     o.id, o.customer_id, o.currency, o.status, o.total_cents, o.version,
@@ -91,13 +93,84 @@ ORDER_STATE = "SELECT status, version FROM orders WHERE id = $1"
 
 STATUS_REQUEST = "SELECT request_hash, order_id FROM status_requests WHERE request_id = $1"
 
-# ListOrders: filter name -> fragment with a placeholder slot.
+# ListOrders: filter name -> fragment with a placeholder slot. The creation
+# times are written as `(...) IS TRUE`, which no index serves: a listing by
+# creation time walks the ids between its window's first and last
+# (`window_ids`), and its times only filter. Left indexable, they let
+# PostgreSQL, which takes times and ids for independent and so expects a
+# handful of the window's orders after a page's start, read the rest of the
+# window from orders_create_time_id_idx and sort it, on every page.
 LIST_FILTERS = {
     "customer_id": "o.customer_id = ${}",
     "status": "o.status = ${}",
-    "created_after": "o.create_time >= ${}",
-    "created_before": "o.create_time < ${}",
+    "created_after": "(o.create_time >= ${}) IS TRUE",
+    "created_before": "(o.create_time < ${}) IS TRUE",
 }
+
+
+# How many orders, from either end of the table in id order, `window_ids`
+# looks at before it reads a window from the creation-time index instead.
+WINDOW_EDGE_ROWS = 10_000
+# The end of a listing whose ids are not bounded above: the largest bigint.
+NO_END = 2**63 - 1
+
+
+class Window(enum.Enum):
+    """Which bounds a creation-time window has: its filters, in order."""
+
+    AFTER = ("created_after",)
+    BEFORE = ("created_before",)
+    BOTH = ("created_after", "created_before")
+
+
+def window_ids(window: Window) -> str:
+    """Where a listing of the orders created in `window` (at or after
+    created_after, before created_before, in parameters in that order)
+    walks the ids: one row, the id to start after and the last id to read,
+    with WINDOW_EDGE_ROWS in the last parameter. A NULL in either means no
+    order was created in the window. Without created_after it starts after
+    0; without created_before, or with a bound still ahead of the
+    database's clock (orders may yet be created before it), it reads to
+    NO_END.
+
+    Creation times rise with the id, so PostgreSQL, which takes the two for
+    independent, expects a window's orders anywhere in id order: it walks
+    the primary key from the first order to reach a recent window, and
+    after an old one on to the last order before it can tell that no more
+    follow. Both walks grow with the table; bounding the listing by the
+    window's first and last ids bounds them. Each is found exactly,
+    whichever is cheaper of two ways: among the WINDOW_EDGE_ROWS orders at
+    that end of the table in id order (a window that reaches that end, or
+    near it), else from the window's own entries in
+    orders_create_time_id_idx, without the table. `id + 0` keeps
+    PostgreSQL from turning min() and max() back into walks of the primary
+    key; COALESCE and CASE run a subquery only when its answer is needed."""
+    with_after, with_before = window is not Window.BEFORE, window is not Window.AFTER
+    edge = len(window.value) + 1
+    conditions = {
+        "created_after": "create_time >= $1",
+        "created_before": f"create_time < ${edge - 1}",
+    }
+    matches = " AND ".join(conditions[name] for name in window.value)
+
+    def edge_or_index(direction: str, aggregate: str) -> str:
+        return f"""coalesce(
+        (SELECT id
+         FROM (SELECT id, create_time FROM orders ORDER BY id {direction} LIMIT ${edge}) AS edge
+         WHERE {matches}
+         ORDER BY id {direction}
+         LIMIT 1),
+        (SELECT {aggregate}(id + 0) FROM orders WHERE {matches}))"""
+
+    after = f"{edge_or_index('ASC', 'min')} - 1" if with_after else "0"
+    end = f"{NO_END}"
+    if with_before:
+        end = (
+            f"CASE WHEN ${edge - 1} <= now() THEN {edge_or_index('DESC', 'max')} ELSE {NO_END} END"
+        )
+    return f"""
+SELECT {after} AS after, {end} AS end_id
+"""
 
 
 def _filtered_orders(filters: tuple[str, ...], extra: list[str]) -> str:
@@ -111,10 +184,13 @@ ORDER BY o.id
 
 
 def list_orders(filters: tuple[str, ...]) -> str:
-    """SELECT for the given set filters, in LIST_FILTERS order; the last two
-    parameters are always the id to start after and the row limit."""
-    after, limit = len(filters) + 1, len(filters) + 2
-    return _filtered_orders(filters, [f"o.id > ${after}"]) + f"LIMIT ${limit}\n"
+    """SELECT for the given set filters, in LIST_FILTERS order; the last
+    three parameters are always the id to start after, the last id to read
+    (NO_END, or the end of a creation-time window: `window_ids`) and the
+    row limit."""
+    after, end, limit = range(len(filters) + 1, len(filters) + 4)
+    ids = [f"o.id > ${after}", f"o.id <= ${end}"]
+    return _filtered_orders(filters, ids) + f"LIMIT ${limit}\n"
 
 
 # The most orders and bytes (as `export_page` counts them: characters as
@@ -125,13 +201,13 @@ EXPORT_PAGE_BYTES = 1 << 20
 
 def export_page(filters: tuple[str, ...]) -> str:
     """The next orders matching the set filters after the id in the
-    parameter after theirs, ascending, at most the row limit in the next
-    one and, after the first order, no more than the bytes in the last.
-    Orders hold up to 1,000 items, so a page is bounded in bytes, not
-    rows."""
-    after = len(filters) + 1
+    parameter after theirs and up to the id in the next (as in
+    `list_orders`), ascending, at most the row limit in the next one and,
+    after the first order, no more than the bytes in the last. Orders hold
+    up to 1,000 items, so a page is bounded in bytes, not rows."""
+    after, end, limit, max_bytes = range(len(filters) + 1, len(filters) + 5)
     conditions = [LIST_FILTERS[name].format(n) for n, name in enumerate(filters, start=1)]
-    conditions.append(f"o.id > ${after}")
+    conditions += [f"o.id > ${after}", f"o.id <= ${end}"]
     return f"""
 SELECT id, customer_id, currency, status, total_cents, version,
        create_time, update_time, skus, quantities, prices, own
@@ -146,8 +222,8 @@ FROM (
     ) size
     WHERE {" AND ".join(conditions)}
     ORDER BY o.id
-    LIMIT ${after + 1}
+    LIMIT ${limit}
 ) AS page
-WHERE running - own < ${after + 2}
+WHERE running - own < ${max_bytes}
 ORDER BY id
 """

@@ -1,11 +1,17 @@
 """Standard grpc.health.v1 status that follows the database.
 
-SERVING while a trivial query succeeds, NOT_SERVING while it does not, and
-NOT_SERVING for good once shutdown begins. A check that cannot even get a
-pooled connection in time because every connection is in use says nothing
-about the database (the pool is just busy), so it leaves the status as it
-was; one that could have opened a connection and did not in time, or whose
-connection cannot be returned, found the database not answering.
+SERVING while a pooled connection answers from a writable server,
+NOT_SERVING while none does, and NOT_SERVING for good once shutdown begins.
+A server in recovery (a standby, reached through an address not yet
+re-pointed after a failover) or made read-only answers but cannot take a
+write: the check reports NOT_SERVING and drops the pool's connections, so
+the next ones look for the writable server again (target_session_attrs).
+
+A check that cannot even get a pooled connection in time because every
+connection is in use says nothing about the database (the pool is just
+busy), so it leaves the status as it was; one that could have opened a
+connection and did not in time, or whose connection cannot be returned,
+found the database not answering.
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from service.db.pool import DATABASE_FAILURES, was_connecting
+from service.db.pool import DATABASE_FAILURES, left_the_primary, was_connecting
 from service.errors import Reason, ServiceError
 from service.rpc.status_map import abort
 
 log = logging.getLogger(__name__)
 
 
+# A standby's sessions are read-only too, but pg_is_in_recovery() names the
+# failover case outright; transaction_read_only also catches a primary
+# fenced with default_transaction_read_only.
+READ_ONLY = "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -68,13 +78,15 @@ class DatabaseHealth:
         except DATABASE_FAILURES:
             return False
         try:
-            await conn.fetchval("SELECT 1", timeout=self._timeout)
-            answered = True
+            writable = not await conn.fetchval(READ_ONLY, timeout=self._timeout)
         except DATABASE_FAILURES:
-            answered = False
+            writable = False
+        else:
+            if not writable:
+                await left_the_primary(pool)
         finally:
             released = await self._released(conn)
-        return answered and released
+        return writable and released
 
     async def _released(self, conn: asyncpg.Connection) -> bool:
         """Returns the check's connection. On a stalled network the check's

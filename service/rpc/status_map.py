@@ -152,6 +152,15 @@ def from_exception(exc: BaseException, method: str) -> ServiceError:
         if entry is not None:
             code, reason, message, retry_after = entry
             return ServiceError(code, reason, message, retry_after=retry_after)
+    if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        # Every host answered, none as a writable primary: a failover whose
+        # promotion has not finished, or an address still on the old node.
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            Reason.DATABASE_READ_ONLY,
+            "no database server that takes writes is reachable",
+            retry_after=1.0,
+        )
     if isinstance(
         exc, (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, ConnectionError, OSError)
     ):

@@ -132,14 +132,10 @@ async def run_load(
         )
         key = getattr(first, spec.key_name)
         check_key(key, f"messages[0].{spec.key_name}")
-        conn = await db.acquire(context)
-        try:
-            async with all_or_nothing(conn):
-                response, outcome = await _load(
-                    spec, conn, db, context, first, requests, key, max_rows, timeouts.client_idle
-                )
-        finally:
-            await db.release(conn)
+        async with db.connection(context) as conn, all_or_nothing(conn):
+            response, outcome = await _load(
+                spec, conn, db, context, first, requests, key, max_rows, timeouts.client_idle
+            )
         if outcome is _Outcome.STORED:
             # Without a connection: the caller may still be sending.
             await _discard_rest(spec, first, requests, context, key, max_rows, timeouts.client_idle)

@@ -66,6 +66,13 @@ class FaultCluster:
         self.base_dir = base_dir
         self.cluster: Cluster | None = None
 
+    @classmethod
+    def running(cls, cluster: Cluster) -> FaultCluster:
+        """The controls of a cluster started elsewhere (a promoted standby)."""
+        faults = cls(cluster.base_dir)
+        faults.cluster = cluster
+        return faults
+
     @property
     def current(self) -> Cluster:
         assert self.cluster is not None, "the fault cluster is not running"
@@ -89,6 +96,35 @@ class FaultCluster:
         every other backend and recovers (like a segfault in production).
         The test runs as root or as the server's own user, so it may."""
         os.kill(pid, signal.SIGKILL)
+
+
+def kill_server(cluster: Cluster) -> None:
+    """SIGKILL the whole server at one instant, postmaster and every child
+    (backends, WAL sender, ...), as a lost machine would end it: no
+    shutdown, nothing more sent to anyone. Each child leads a process group
+    of its own (PostgreSQL's InitPostmasterChild), so one killpg would end
+    the postmaster alone and leave backends to finish what they were
+    doing. All are stopped first, the postmaster before it can fork again,
+    so none acts while the others die."""
+    postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGSTOP)
+    server = [postmaster, *_children(postmaster)]
+    for pid in server:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in server:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _children(parent: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == parent:
+                children.append(int(stat.parent.name))
+    return children
 
 
 class Admin:

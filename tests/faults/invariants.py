@@ -20,7 +20,7 @@ from tests.support.polling import eventually
 
 # What a healthy idle service runs on its own: the health check and the
 # feed's horizon poll (service/rpc/health.py, service/events/feed.py).
-_BACKGROUND_QUERIES = ("SELECT 1", "events_safe_horizon")
+_BACKGROUND_QUERIES = ("pg_is_in_recovery", "events_safe_horizon")
 _SETTLE_SECONDS = 30.0
 
 
@@ -51,6 +51,12 @@ async def check_invariants(
     target: Target, admin: Admin, ledger: Ledger, channel: grpc.aio.Channel
 ) -> Totals:
     totals = await ledger.settle(channel, admin)
+    await check_at_rest(target, admin)
+    return totals
+
+
+async def check_at_rest(target: Target, admin: Admin) -> None:
+    """Invariants 2 and 3: the pool at its baseline, no leftover backends."""
     try:
         await eventually(
             lambda: pool_at_baseline(target),
@@ -69,4 +75,3 @@ async def check_invariants(
         await eventually(no_leftovers, timeout=_SETTLE_SECONDS, what="no leftover backends")
     except AssertionError:
         raise AssertionError(f"leftover backends: {await leftover_backends(admin)}") from None
-    return totals

@@ -21,6 +21,8 @@ class Tally:
     finished: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     totals: Totals = field(default_factory=Totals)
+    # Figures a scenario measured (the failover's unavailability window).
+    notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         t = self.totals
@@ -56,3 +58,5 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if TALLY.finished:
         terminalreporter.write_line(TALLY.line())
+    for note in TALLY.notes:
+        terminalreporter.write_line(note)

@@ -28,6 +28,14 @@ def through_proxy(cluster: Cluster, port: int) -> Cluster:
     return dataclasses.replace(cluster, host="127.0.0.1", port=port)
 
 
+def multi_host_dsn(cluster: Cluster, *addresses: str) -> str:
+    """`cluster`'s URL with libpq's list of `addresses` ("host:port") in
+    place of its one host."""
+    return cluster.dsn().replace(
+        f"@{cluster.host}:{cluster.port}/", "@" + ",".join(addresses) + "/"
+    )
+
+
 @contextlib.asynccontextmanager
 async def admin_pool(
     cluster: Cluster, *, min_size: int, max_size: int

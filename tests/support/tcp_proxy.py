@@ -6,6 +6,8 @@ are accepted as before: a dropped connection, not a dead host.
 directions, new connections included, until `resume()`: a stalled network,
 where nothing fails until somebody's timeout does. Dropped bytes stay
 dropped, so a TLS session that lost some is broken for good after `resume()`.
+`repoint()` sends new connections to another port and leaves open ones
+where they are: a DNS name or an endpoint flipped to another server.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class TcpProxy:
         for writer in self._writers:
             writer.transport.abort()
         self._writers.clear()
+
+    def repoint(self, upstream_port: int) -> None:
+        """New connections go to `upstream_port` from now on; open ones stay."""
+        self._upstream = (self._upstream[0], upstream_port)
 
     def blackhole(self) -> None:
         """From now on, every byte either side sends is dropped."""
