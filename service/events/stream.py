@@ -43,6 +43,7 @@ from service.db.runner import Database
 from service.errors import Reason, ServiceError
 from service.events import consumers, groups, retention, sql
 from service.events.feed import EventFeed
+from service.events.progress import Progress
 from service.events.tail import Filter
 from service.events.wire import encode_events
 from service.rpc.encoded import Encoded
@@ -134,8 +135,6 @@ class _Stream:
         )
         self._member_timeout = member_timeout
         self._refresh_at = self._kept_at = 0.0
-        self._progress = request.progress
-        self._heartbeat_interval = heartbeat_interval
         self._loop = asyncio.get_running_loop()
         self.filter = Filter(frozenset(request.types), request.subject)
         types, self._filter_args = sql.type_filter(request.types)
@@ -152,11 +151,9 @@ class _Stream:
         self.batches = _Batches(self.write, batch_bytes)
         self.budget = batch_bytes
         self.position = request.after_id
-        # The last position the caller was told of, by events or progress,
-        # and when: what a heartbeat is due on.
-        self._told = self.position
-        self._told_at = self._loop.time()
-        self.caught_up = False
+        self.progress = Progress(
+            asked=request.progress, interval=heartbeat_interval, position=self.position
+        )
 
     async def start(self) -> None:
         """Resumes a consumer's stream without `after_id` after its
@@ -174,9 +171,10 @@ class _Stream:
                 await asyncio.sleep(self._member_timeout / 3)
                 await self.refresh_group()
             elif not self.position:
-                self.position = self._told = position
+                self.position = position
         if not self.position:
-            self.position = self._told = await self._value(retention.TRUNCATED_UPTO)
+            self.position = await self._value(retention.TRUNCATED_UPTO)
+        self.progress.restart(self.position)
 
     def refresh_due_in(self) -> float | None:
         """Seconds until a group member looks at its group again."""
@@ -198,10 +196,9 @@ class _Stream:
         group = await self.membership.reassign(partitions, restart_default=self.position)
         self._partitions[0] = partitions
         self.filter = dataclasses.replace(self.filter, group=group)
-        self.position = self._told = group.lowest(default=self.position)
-        self.caught_up = False
-        if self._progress:
-            await self._report(self.position, partitions=partitions, members=len(members))
+        self.position = group.lowest(default=self.position)
+        self.progress.restart(self.position)
+        await self._tell(self.progress.partitions(self.position, partitions, len(members)))
 
     async def _keep_membership(self) -> None:
         """A member reading a long history stays in its group: its row is
@@ -214,10 +211,8 @@ class _Stream:
     def wait_timeout(self, longest: float | None) -> float | None:
         """How long a follower may wait for the tail before a heartbeat or
         a look at its group is due."""
-        due = [
-            t for t in (longest, self.heartbeat_due_in(), self.refresh_due_in()) if t is not None
-        ]
-        return min(due) if due else None
+        due = (longest, self.progress.due_in(self.position), self.refresh_due_in())
+        return min((t for t in due if t is not None), default=None)
 
     async def _value(self, query: str, *args: object) -> Any:
         row = await self._db.fetchrow(self._context, query, *args)
@@ -238,44 +233,22 @@ class _Stream:
             await consumers.mark_delivered(self._db, self._context, self._consumer, position)
         await self._writes.write(message, position=position)
         self.position = max(self.position, position)
-        self._told = position
-        self._told_at = self._loop.time()
+        self.progress.told(position)
 
-    def heartbeat_due_in(self) -> float | None:
-        """Seconds until a heartbeat is due; None when none will be (no
-        progress asked for, or nothing untold)."""
-        if not self._progress or self.position <= self._told:
-            return None
-        return max(0.0, self._told_at + self._heartbeat_interval - self._loop.time())
+    async def _tell(self, message: Encoded | None) -> None:
+        """Writes a progress message, if there is one (at the position)."""
+        if message is not None:
+            await self.write(message, self.position)
 
     async def heartbeat(self, *, now: bool = False) -> None:
         """Tells the caller the stream's position if it moved past the last
         one told and the filter has matched nothing for the heartbeat
         interval (or `now`: a history stream's end)."""
-        due = self.heartbeat_due_in()
-        if due == 0.0 or (now and due is not None):
-            await self._report(self.position)
+        await self._tell(self.progress.heartbeat(self.position, now=now))
 
     async def at_live_end(self) -> None:
         """The position reached the live end: said once, with progress."""
-        if self._progress and not self.caught_up:
-            await self._report(self.position, caught_up=True)
-        self.caught_up = True
-
-    async def _report(
-        self,
-        position: int,
-        *,
-        caught_up: bool = False,
-        partitions: list[int] | None = None,
-        members: int = 0,
-    ) -> None:
-        response = event_service_pb2.StreamEventsResponse(
-            progress=event_service_pb2.StreamProgress(
-                position=position, caught_up=caught_up, partitions=partitions, members=members
-            )
-        )
-        await self.write(Encoded(response.SerializeToString(), 0), position)
+        await self._tell(self.progress.live_end(self.position))
 
     async def horizon(self) -> int:
         """The safe horizon now: every event with a lower id is final."""
