@@ -70,7 +70,8 @@ def assigned(members: Sequence[str], member: str) -> list[int]:
 
 
 # The partitions start where the consumer is, the first time a member
-# joins; the member's row is created or refreshed.
+# joins; the member's row is created or refreshed; rows of members gone
+# for a day (whose process died: a stream that ends deletes its own) go.
 _JOIN = f"""
 WITH parts AS (
     INSERT INTO consumer_partitions (consumer, partition, position)
@@ -78,6 +79,9 @@ WITH parts AS (
     FROM consumers c, generate_series(0, {PARTITIONS - 1}) AS p
     WHERE c.name = $1
     ON CONFLICT DO NOTHING
+), gone AS (
+    DELETE FROM consumer_members
+    WHERE consumer = $1 AND member <> $2 AND seen < now() - interval '1 day'
 )
 INSERT INTO consumer_members AS m (consumer, member) VALUES ($1, $2)
 ON CONFLICT (consumer, member) DO UPDATE SET seen = now()
