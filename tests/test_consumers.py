@@ -129,6 +129,26 @@ async def test_progress_marks_the_live_end_and_beats_while_nothing_matches(servi
         assert acked.position == message.progress.position
 
 
+async def test_a_history_stream_ends_by_telling_its_position(events):
+    """Without `follow`, a stream whose last event was not its position
+    ends with one progress message: where a consumer may acknowledge."""
+    consumer, subject = unique("history"), unique("consumed/")
+    ids = await publish(events, subject, 3)
+    call = events.StreamEvents(
+        Request(consumer=consumer, types=[unique("never.written")], progress=True)
+    )
+    messages = [message async for message in call]
+    assert len(messages) == 1 and not messages[0].events
+    assert messages[0].progress.position >= ids[-1]
+    assert not messages[0].progress.caught_up
+    acked = await events.AckEvents(
+        event_service_pb2.AckEventsRequest(
+            consumer=consumer, position=messages[0].progress.position
+        )
+    )
+    assert acked.position == messages[0].progress.position
+
+
 async def test_a_stream_without_progress_sends_only_events(events):
     """Callers from before `progress` never see a message without events."""
     subject = unique("consumed/")
