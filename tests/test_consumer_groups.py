@@ -39,7 +39,7 @@ class Member:
             consumer=consumer, member=name, types=[kind], follow=True, progress=True
         )
         self._call = stub.StreamEvents(request, timeout=300)
-        self._stub, self._consumer = stub, consumer
+        self._stub, self.consumer = stub, consumer
         self._task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -49,7 +49,7 @@ class Member:
                     self.received.extend(message.events)
                     await self._stub.AckEvents(
                         event_service_pb2.AckEventsRequest(
-                            consumer=self._consumer,
+                            consumer=self.consumer,
                             member=self.name,
                             position=message.events[-1].id,
                         )
@@ -125,6 +125,12 @@ async def test_three_members_split_30000_events_by_subject(service_env):
         stub = event_service_pb2_grpc.EventServiceStub(channel)
         async with group(stub, kind, 3) as members:
             await eventually(lambda: settled(members), timeout=30, what="the group to settle")
+            described = await stub.GetConsumer(
+                event_service_pb2.GetConsumerRequest(name=members[0].consumer)
+            )
+            assert {m.name: list(m.partitions) for m in described.members} == {
+                m.name: m.partitions for m in members
+            }
             ids = await publish(stub, kind, prefix, 30_000)
 
             async def all_received() -> bool:

@@ -171,7 +171,7 @@ async def list_consumers(
 
 
 async def describe(
-    db: Database, context: grpc.aio.ServicerContext, name: str
+    db: Database, context: grpc.aio.ServicerContext, name: str, *, member_timeout: float
 ) -> event_service_pb2.Consumer:
     v = Violations()
     check_name(v, "name", name)
@@ -180,13 +180,23 @@ async def describe(
     rows = await db.fetch(context, DESCRIBE, horizon, name)
     if not rows:
         raise consumer_not_found(name)
-    return _consumer(rows[0])
+    consumer = _consumer(rows[0])
+    for row in await db.fetch(context, groups.MEMBERS, name, member_timeout):
+        consumer.members.add(
+            name=row["member"],
+            partitions=row["partitions"],
+            delivered=row["delivered"],
+            seen_time=timestamp(row["seen"]),
+        )
+    return consumer
 
 
 async def reset(
     db: Database,
     context: grpc.aio.ServicerContext,
     request: event_service_pb2.ResetConsumerRequest,
+    *,
+    member_timeout: float,
 ) -> event_service_pb2.Consumer:
     v = Violations()
     check_name(v, "name", request.name)
@@ -207,7 +217,7 @@ async def reset(
     # A group's partitions too; its members restart there when their
     # partitions next change, or on their next stream.
     await db.fetch(context, groups.RESET, request.name, request.position)
-    return await describe(db, context, request.name)
+    return await describe(db, context, request.name, member_timeout=member_timeout)
 
 
 def _consumer(row: Mapping[str, Any]) -> event_service_pb2.Consumer:

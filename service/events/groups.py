@@ -146,6 +146,13 @@ SELECT m.max_delivered AS delivered, $3 <= m.max_delivered AS acked,
 FROM m
 """
 
+# GetConsumer: the live members ($2: the timeout in seconds).
+MEMBERS = """
+SELECT member, partitions, delivered, seen FROM consumer_members
+WHERE consumer = $1 AND seen > now() - make_interval(secs => $2)
+ORDER BY member
+"""
+
 # ResetConsumer moves every partition too.
 RESET = "UPDATE consumer_partitions SET position = $2 WHERE consumer = $1"
 

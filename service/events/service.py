@@ -219,10 +219,14 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def GetConsumer(
         self, request: event_service_pb2.GetConsumerRequest, context: grpc.aio.ServicerContext
     ) -> event_service_pb2.Consumer:
-        return await consumers.describe(self._db, context, request.name)
+        return await consumers.describe(
+            self._db, context, request.name, member_timeout=self._member_timeout
+        )
 
     @rpc
     async def ResetConsumer(
         self, request: event_service_pb2.ResetConsumerRequest, context: grpc.aio.ServicerContext
     ) -> event_service_pb2.Consumer:
-        return await consumers.reset(self._db, context, request)
+        return await consumers.reset(
+            self._db, context, request, member_timeout=self._member_timeout
+        )

@@ -415,6 +415,14 @@ export declare type Consumer = Message<"orderstream.events.v1.Consumer"> & {
    * @generated from field: google.protobuf.Timestamp ack_time = 7;
    */
   ackTime?: Timestamp | undefined;
+
+  /**
+   * GetConsumer only: the members of its group seen within the member
+   * timeout, by name; none for a consumer read without member names.
+   *
+   * @generated from field: repeated orderstream.events.v1.ConsumerMember members = 8;
+   */
+  members: ConsumerMember[];
 };
 
 /**
@@ -422,6 +430,48 @@ export declare type Consumer = Message<"orderstream.events.v1.Consumer"> & {
  * Use `create(ConsumerSchema)` to create a new message.
  */
 export declare const ConsumerSchema: GenMessage<Consumer>;
+
+/**
+ * A live member of a consumer group.
+ *
+ * @generated from message orderstream.events.v1.ConsumerMember
+ */
+export declare type ConsumerMember = Message<"orderstream.events.v1.ConsumerMember"> & {
+  /**
+   * Its member name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The partitions its stream reads, ascending.
+   *
+   * @generated from field: repeated int32 partitions = 2;
+   */
+  partitions: number[];
+
+  /**
+   * The furthest position its stream was sent since its partitions last
+   * changed.
+   *
+   * @generated from field: int64 delivered = 3;
+   */
+  delivered: bigint;
+
+  /**
+   * When its stream last refreshed its membership.
+   *
+   * @generated from field: google.protobuf.Timestamp seen_time = 4;
+   */
+  seenTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message orderstream.events.v1.ConsumerMember.
+ * Use `create(ConsumerMemberSchema)` to create a new message.
+ */
+export declare const ConsumerMemberSchema: GenMessage<ConsumerMember>;
 
 /**
  * Request for EventService.ListConsumers.

@@ -380,6 +380,7 @@ class Consumer(_message.Message):
     LAG_SECONDS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     ACK_TIME_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Its name."""
     position: _builtins.int
@@ -404,6 +405,12 @@ class Consumer(_message.Message):
     def ack_time(self) -> _timestamp_pb2.Timestamp:
         """When it was last acknowledged or reset; unset if never."""
 
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerMember]:
+        """GetConsumer only: the members of its group seen within the member
+        timeout, by name; none for a consumer read without member names.
+        """
+
     def __init__(
         self,
         *,
@@ -414,14 +421,55 @@ class Consumer(_message.Message):
         lag_seconds: _builtins.float = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         ack_time: _timestamp_pb2.Timestamp | None = ...,
+        members: _abc.Iterable[Global___ConsumerMember] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ack_time", b"ack_time", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_time", b"ack_time", "create_time", b"create_time", "delivered", b"delivered", "lag_events", b"lag_events", "lag_seconds", b"lag_seconds", "name", b"name", "position", b"position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_time", b"ack_time", "create_time", b"create_time", "delivered", b"delivered", "lag_events", b"lag_events", "lag_seconds", b"lag_seconds", "members", b"members", "name", b"name", "position", b"position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Consumer: _TypeAlias = Consumer  # noqa: Y015
+
+@_typing.final
+class ConsumerMember(_message.Message):
+    """A live member of a consumer group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    SEEN_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its member name."""
+    delivered: _builtins.int
+    """The furthest position its stream was sent since its partitions last
+    changed.
+    """
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The partitions its stream reads, ascending."""
+
+    @_builtins.property
+    def seen_time(self) -> _timestamp_pb2.Timestamp:
+        """When its stream last refreshed its membership."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        partitions: _abc.Iterable[_builtins.int] | None = ...,
+        delivered: _builtins.int = ...,
+        seen_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["seen_time", b"seen_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "name", b"name", "partitions", b"partitions", "seen_time", b"seen_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumerMember: _TypeAlias = ConsumerMember  # noqa: Y015
 
 @_typing.final
 class ListConsumersRequest(_message.Message):
