@@ -23,7 +23,7 @@ help:
 	@echo "make test   install what is missing and run the whole suite"
 	@echo "make gen    regenerate the Python, TypeScript and Go stubs from protos/"
 	@echo "make soak   the fault suite's soak for five minutes (SOAK_SECONDS=300)"
-	@echo "make bench  measure bulk streaming against psql COPY, unary calls against their limits, the change feed's fan-out and reads as the tables grow (several minutes)"
+	@echo "make bench  measure bulk streaming against psql COPY, unary calls against their limits, the change feed's fan-out, reads as the tables grow and consumer groups against a single follower (several minutes)"
 
 # $(call apt_install,MISSING,PACKAGES,WHAT): when the shell test MISSING
 # holds, apt-installs the Debian PACKAGES as root, else fails naming them.
@@ -179,3 +179,4 @@ bench: install $(STAMPS)/bench
 	$(PY) -m bench.unary
 	$(PY) -m bench.fanout
 	$(PY) -m bench.scale
+	$(PY) -m bench.groups

@@ -38,6 +38,8 @@ from service.db.routing import ReadRouter
 from service.db.runner import Database
 from service.errors import StartupError
 from service.events.feed import EventFeed
+from service.events.lag import ConsumerLag
+from service.events.retention import Retention
 from service.events.service import EventService
 from service.events.tail import Tail
 from service.ops.memory import trim_memory_forever
@@ -91,6 +93,7 @@ class App:
     health_task: asyncio.Task[None]
     trim_task: asyncio.Task[None]
     expiry_task: asyncio.Task[None]
+    lag_task: asyncio.Task[None]
     feed: EventFeed
     streams: StreamSlots
     followers: StreamSlots
@@ -105,6 +108,8 @@ class App:
     # Re-reads the tokens file and the listener's certificate when they change.
     reloader: Reloader | None = None
     reload_task: asyncio.Task[None] | None = None
+    # Deletes expired events, with ORDERSTREAM_EVENT_RETENTION.
+    retention_task: asyncio.Task[None] | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -149,6 +154,8 @@ class App:
     ) -> App:
         metrics = Metrics()
         metrics.watch_pool(pool)
+        lag = ConsumerLag()
+        metrics.registry.register(lag)
         tokens = _watched_tokens(settings)
         identities = _watched_identities(settings)
         certificate, credentials = _listener_credentials(settings)
@@ -198,6 +205,8 @@ class App:
             feed=feed,
             batch_bytes=settings.stream_batch_bytes,
             max_upload_events=settings.max_upload_events,
+            heartbeat_interval=settings.heartbeat_interval,
+            member_timeout=settings.group_member_timeout,
         )
         observer = Observer(
             metrics,
@@ -261,6 +270,10 @@ class App:
                 ),
                 name="idempotency-expiry",
             ),
+            lag_task=asyncio.create_task(
+                lag.refresh_forever(pool, interval=settings.consumer_lag_interval),
+                name="consumer-lag",
+            ),
             feed=feed,
             streams=streams,
             followers=followers,
@@ -281,6 +294,18 @@ class App:
                 if reloader is None
                 else asyncio.create_task(reloader.run(), name="reload-on-change")
             ),
+            retention_task=(
+                None
+                if settings.event_retention is None
+                else asyncio.create_task(
+                    Retention(
+                        pool,
+                        keep=settings.event_retention,
+                        hold_for_consumers=settings.retention_hold_for_consumers,
+                    ).run_forever(settings.retention_interval),
+                    name="event-retention",
+                )
+            ),
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -297,9 +322,10 @@ class App:
         await self.feed.close()
         await stopping
         await self.health_task
-        tasks = [self.trim_task, self.expiry_task]
-        if self.reload_task is not None:
-            tasks.append(self.reload_task)
+        tasks = [self.trim_task, self.expiry_task, self.lag_task]
+        for optional in (self.reload_task, self.retention_task):
+            if optional is not None:
+                tasks.append(optional)
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

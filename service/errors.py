@@ -45,6 +45,7 @@ class Reason(enum.StrEnum):
     # NOT_FOUND
     ORDER_NOT_FOUND = "ORDER_NOT_FOUND"  # GetOrder / UpdateOrderStatus of an id that does not exist
     EVENT_NOT_FOUND = "EVENT_NOT_FOUND"  # GetEvent of an id that does not exist
+    CONSUMER_NOT_FOUND = "CONSUMER_NOT_FOUND"  # a durable consumer no stream has created
     # ALREADY_EXISTS
     ALREADY_EXISTS = "ALREADY_EXISTS"  # a unique constraint refused the row (23505)
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"  # a write's request_id came with another body
@@ -52,6 +53,10 @@ class Reason(enum.StrEnum):
     ILLEGAL_TRANSITION = "ILLEGAL_TRANSITION"  # the order's status may not move to the one asked
     REFERENCE_MISSING = "REFERENCE_MISSING"  # a foreign key found no row (23503)
     CONSTRAINT_VIOLATED = "CONSTRAINT_VIOLATED"  # any other integrity constraint (class 23)
+    # OUT_OF_RANGE
+    ACK_PAST_DELIVERED = "ACK_PAST_DELIVERED"  # AckEvents past what the consumer was sent
+    POSITION_NOT_FINAL = "POSITION_NOT_FINAL"  # ResetConsumer at or past the safe horizon
+    EVENTS_EXPIRED = "EVENTS_EXPIRED"  # StreamEvents after a position retention deleted past
     # ABORTED: retry
     VERSION_MISMATCH = "VERSION_MISMATCH"  # UpdateOrderStatus's expected_version is not current
     SERIALIZATION_FAILURE = "SERIALIZATION_FAILURE"  # 40001, also a standby's replication conflict

@@ -22,6 +22,10 @@ T = TypeVar("T")
 # history, not a retry's key, and their tables would grow without need.
 IDEMPOTENCY_WINDOW_LIMIT = 90 * 86_400.0
 
+# The longest event retention, ten years; longer is keeping them for ever
+# (the setting unset).
+EVENT_RETENTION_LIMIT = 3650 * 86_400.0
+
 SSL_MODES = ("disable", "require", "verify-ca", "verify-full")
 # Modes that would fall back to plain text without telling anyone.
 _SILENT_FALLBACK_MODES = ("allow", "prefer")
@@ -143,6 +147,12 @@ class Settings:
     stream_batch_bytes: int
     max_upload_events: int
     follow_poll_interval: float
+    heartbeat_interval: float
+    group_member_timeout: float
+    consumer_lag_interval: float
+    event_retention: float | None  # seconds; None keeps events for ever
+    retention_hold_for_consumers: bool
+    retention_interval: float
     migrate_on_start: bool
     event_loop: str
     log_level: str
@@ -234,6 +244,25 @@ class Settings:
                 "ORDERSTREAM_STREAM_BATCH_BYTES", 1 << 20, low=1024, high=3 << 20
             ),
             follow_poll_interval=env.seconds("ORDERSTREAM_FOLLOW_POLL_INTERVAL", 1.0),
+            heartbeat_interval=env.seconds("ORDERSTREAM_HEARTBEAT_INTERVAL", 5.0),
+            group_member_timeout=env.seconds("ORDERSTREAM_GROUP_MEMBER_TIMEOUT", 10.0),
+            consumer_lag_interval=env.seconds("ORDERSTREAM_CONSUMER_LAG_INTERVAL", 15.0),
+            # An hour at least: a follower catching up after a restart must
+            # not find its next events gone; ten years at most.
+            event_retention=(
+                env.seconds(
+                    "ORDERSTREAM_EVENT_RETENTION",
+                    0.0,
+                    at_least=3_600.0,
+                    below=EVENT_RETENTION_LIMIT,
+                )
+                if env.raw("ORDERSTREAM_EVENT_RETENTION") is not None
+                else None
+            ),
+            retention_hold_for_consumers=env.boolean(
+                "ORDERSTREAM_RETENTION_HOLD_FOR_CONSUMERS", False
+            ),
+            retention_interval=env.seconds("ORDERSTREAM_RETENTION_INTERVAL", 60.0),
             max_upload_events=env.integer(
                 "ORDERSTREAM_MAX_UPLOAD_EVENTS", 10_000_000, low=1, high=1_000_000_000
             ),

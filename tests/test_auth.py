@@ -28,11 +28,11 @@ from service.ops.metrics import Metrics
 from service.rpc import auth
 from service.rpc.auth import METHOD_SCOPES, SCOPES, TokenAuth, Tokens
 from service.settings import Settings
-from tests.support.apps import running_app
+from tests.support.apps import app_with_channel, running_app
 from tests.support.database import table_counts
 from tests.support.requests import create_request, unique
 from tests.support.shell import run_shell
-from tests.support.status import StatusDetails, details
+from tests.support.status import StatusDetails, details, rpc_error
 from tests.support.tokens import TokenSet, bearer, digest, write_tokens_file
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -239,6 +239,29 @@ async def test_a_token_with_the_scope_is_served(auth_channel, tokens, order_id, 
         assert await call(auth_channel, bearer(token), order_id) is not None
 
 
+async def test_consumers_are_administered_with_the_admin_scope_alone(service_env, tmp_path, tokens):
+    """A consumer acknowledges with `read`; listing, describing and resetting
+    consumers needs `admin`, which neither `read` nor `write` grants."""
+    admin = secrets.token_urlsafe(32)
+    path = tmp_path / "tokens"
+    path.write_text(tokens.file.read_text() + f"ops {digest(admin)} admin\n")
+    async with app_with_channel(service_env, ORDERSTREAM_AUTH_TOKENS_FILE=str(path)) as (
+        _,
+        channel,
+    ):
+        stub = event_service_pb2_grpc.EventServiceStub(channel)
+        listing = event_service_pb2.ListConsumersRequest()
+        for token in tokens.all():
+            error = await rpc_error(stub.ListConsumers(listing, metadata=bearer(token)))
+            assert error.code == grpc.StatusCode.PERMISSION_DENIED
+            assert error.error_info is not None
+            assert dict(error.error_info.metadata)["scope"] == "admin"
+        assert await stub.ListConsumers(listing, metadata=bearer(admin)) is not None
+        ack = event_service_pb2.AckEventsRequest(consumer=unique("nobody"), position=1)
+        error = await rpc_error(stub.AckEvents(ack, metadata=bearer(tokens.reader)))
+        assert error.code == grpc.StatusCode.NOT_FOUND  # let through, then not found
+
+
 async def test_the_scheme_is_case_insensitive(auth_channel, tokens):
     metadata = (("authorization", f"bearer {tokens.writer}"),)
     assert await create_order(auth_channel, metadata, 0) is not None
@@ -315,7 +338,7 @@ async def test_a_method_missing_from_the_table_is_denied(tokens):
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ("billing {digest} read,admin\n", "line 1: scopes must be"),
+        ("billing {digest} read,root\n", "line 1: scopes must be"),
         ("billing {digest}\n", "line 1: expected 'NAME SHA256_HEX SCOPES'"),
         ("# only a comment\n", "lists no token"),
         ("a {digest} read\nb {digest} write\n", "lists a token twice"),
@@ -346,7 +369,7 @@ def test_lookup_compares_digests(tokens):
     table = Tokens.load(tokens.file)
     found = table.find(tokens.both)
     assert found is not None and found.name == "billing"
-    assert found.scopes == frozenset(SCOPES)
+    assert found.scopes == frozenset({"read", "write"})
     assert table.find(tokens.both + "x") is None
     assert table.find(digest(tokens.both)) is None  # the file's digest is no token
     assert auth.OPEN_SERVICES == ("grpc.health.v1.Health",)

@@ -214,7 +214,7 @@ async def test_a_token_decides_over_the_certificate(mtls_app, server_certs, read
     [
         ("billing write", "expected 'NAME SCOPES KIND:IDENTITY'"),
         ("billing write cn:billing", "the identity must be one of"),
-        ("billing admin uri:spiffe://x", "scopes must be"),
+        ("billing root uri:spiffe://x", "scopes must be"),
         ("bill/ing read uri:spiffe://x", "the name must be"),
     ],
 )

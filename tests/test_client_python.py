@@ -4,6 +4,7 @@ dropped connection (cut by a TCP proxy between client and server)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 
@@ -11,6 +12,7 @@ import grpc
 import pytest
 
 from orderstream.client import (
+    consume_events,
     create_channel,
     create_order,
     publish_events,
@@ -21,6 +23,7 @@ from orderstream.client import (
 )
 from orderstream.events.v1 import event_pb2, event_service_pb2
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
+from tests.support.polling import eventually
 from tests.support.requests import create_request, unique
 from tests.support.tcp_proxy import TcpProxy
 
@@ -163,6 +166,42 @@ async def test_stream_events_resumes_after_a_dropped_connection(app, events):
                     break
     assert received == published
     assert proxy.connections >= 2
+
+
+async def test_consume_events_resumes_after_what_it_acknowledged(events):
+    """Every `ack_every` events the last processed one is acknowledged: a
+    consumer that stops after 7 of 12 events (5 acknowledged) gets the 6th
+    on; one that reaches the live end is acknowledged that far."""
+    consumer, subject = unique("client-consumer"), unique("client-stream/")
+    ids = await publish(events, subject, 12)
+    received: list[int] = []
+
+    async def consume(count: int | None) -> None:
+        stream = consume_events(events, consumer, subject=subject, ack_every=5)
+        async with contextlib.aclosing(stream):
+            async for event in stream:
+                received.append(event.id)
+                if len(received) == count:
+                    return
+
+    async def position() -> int:
+        request = event_service_pb2.GetConsumerRequest(name=consumer)
+        return (await events.GetConsumer(request)).position
+
+    await consume(7)
+    assert received == ids[:7]
+    assert await position() == ids[4]
+    received.clear()
+    following = asyncio.create_task(consume(None))
+    try:
+
+        async def at_the_end() -> bool:
+            return await position() == ids[-1]
+
+        await eventually(at_the_end, what="the live end to be acknowledged")
+    finally:
+        following.cancel()
+    assert received == ids[5:]
 
 
 async def test_stream_events_raises_what_a_reconnect_cannot_fix(events):

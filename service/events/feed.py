@@ -39,6 +39,7 @@ import asyncpg
 
 from service.db.pool import DATABASE_FAILURES
 from service.events import sql
+from service.events.retention import TRUNCATED_UPTO
 from service.events.tail import Tail
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,12 @@ class EventFeed:
             rows = await conn.fetch(
                 query, position, horizon, limit, sql.PAGE_BYTES, timeout=STATEMENT_TIMEOUT
             )
+            # Events after `position` deleted by retention before this read
+            # (a connection down for longer than a retention round): the
+            # followers behind the gap are told, not skipped past it.
+            truncated = await conn.fetchval(TRUNCATED_UPTO, timeout=STATEMENT_TIMEOUT)
+            if truncated > position:
+                tail.truncated(truncated)
             cut = sql.page_is_cut(rows, limit)
             upto = rows[-1][0] if cut else horizon - 1
             tail.append(position, upto, rows)

@@ -11,7 +11,7 @@ from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb
 from service.db.codecs import unix_micros
 from service.db.runner import Database
 from service.errors import FieldViolation, ServiceError, event_not_found, invalid_argument
-from service.events import sql
+from service.events import consumers, sql
 from service.events.convert import event_from_row
 from service.events.feed import EventFeed
 from service.events.origin import refusal
@@ -72,9 +72,13 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         feed: EventFeed,
         batch_bytes: int,
         max_upload_events: int,
+        heartbeat_interval: float,
+        member_timeout: float,
     ) -> None:
         """`batch_bytes` bounds a StreamEvents message; `max_upload_events`
-        an upload."""
+        an upload; `heartbeat_interval` is how long a stream with `progress`
+        stays silent while its filter matches nothing; `member_timeout` how long a
+        group member unseen stays in its group."""
         self._db = db
         self._streams = streams
         self._followers = followers
@@ -82,6 +86,8 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         self._feed = feed
         self._batch_bytes = batch_bytes
         self._max_upload_events = max_upload_events
+        self._heartbeat_interval = heartbeat_interval
+        self._member_timeout = member_timeout
 
     @rpc
     async def PublishEvents(
@@ -193,4 +199,34 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             feed=self._feed,
             batch_bytes=self._batch_bytes,
             write_stall_timeout=self._timeouts.write_stall,
+            heartbeat_interval=self._heartbeat_interval,
+            member_timeout=self._member_timeout,
+        )
+
+    @rpc
+    async def AckEvents(
+        self, request: event_service_pb2.AckEventsRequest, context: grpc.aio.ServicerContext
+    ) -> event_service_pb2.AckEventsResponse:
+        return await consumers.acknowledge(self._db, context, request)
+
+    @rpc
+    async def ListConsumers(
+        self, request: event_service_pb2.ListConsumersRequest, context: grpc.aio.ServicerContext
+    ) -> event_service_pb2.ListConsumersResponse:
+        return await consumers.list_consumers(self._db, context)
+
+    @rpc
+    async def GetConsumer(
+        self, request: event_service_pb2.GetConsumerRequest, context: grpc.aio.ServicerContext
+    ) -> event_service_pb2.Consumer:
+        return await consumers.describe(
+            self._db, context, request.name, member_timeout=self._member_timeout
+        )
+
+    @rpc
+    async def ResetConsumer(
+        self, request: event_service_pb2.ResetConsumerRequest, context: grpc.aio.ServicerContext
+    ) -> event_service_pb2.Consumer:
+        return await consumers.reset(
+            self._db, context, request, member_timeout=self._member_timeout
         )

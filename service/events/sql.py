@@ -125,10 +125,17 @@ def type_filter(types: Sequence[str]) -> tuple[Types, list[object]]:
     return Types.MANY, [distinct]
 
 
-def events_page(*, types: Types, with_subject: bool) -> str:
+# A subject's partition of a consumer group, as service/events/groups.py's
+# `partition_of` computes it: the first four bytes of its MD5, big-endian
+# (a 32-bit bit string cast to bigint is unsigned), modulo the partitions.
+PARTITION_OF_SUBJECT = "(('x' || left(md5(subject), 8))::bit(32)::bigint % {partitions})::integer"
+
+
+def events_page(*, types: Types, with_subject: bool, partitions: int = 0) -> str:
     """Events with $1 < id < $2, ascending, then optional filters (type =
-    $3 or type = ANY($3), subject = $n), at most $n rows and, after the
-    first row, no more than $n bytes (PAGE_BYTES) as `row_bytes` counts them.
+    $3 or type = ANY($3), subject = $n, with `partitions` the subject's
+    partition = ANY($n)), at most $n rows and, after the first row, no more
+    than $n bytes (PAGE_BYTES) as `row_bytes` counts them.
 
     PostgreSQL 15 reads events_type_id_idx in id order for `type = $3`,
     stopping at the page's limit, but not for `type = ANY($3)`: such a page
@@ -155,6 +162,11 @@ def events_page(*, types: Types, with_subject: bool) -> str:
         n += 1
     if with_subject:
         conditions.append(f"subject = ${n}")
+        n += 1
+    if partitions:
+        conditions.append(
+            f"{PARTITION_OF_SUBJECT.format(partitions=partitions)} = ANY(${n}::integer[])"
+        )
         n += 1
     source = "events"
     if types is Types.SOME:

@@ -16,12 +16,21 @@ takes; when none is free it waits its turn instead of being refused, so
 followers that arrive together (after a rolling restart) are all served.
 The position moves past events the filter does not match too, so a
 follower never looks at the same range twice.
+
+A stream naming a durable consumer (service/events/consumers.py) starts,
+without `after_id`, right after the consumer's acknowledged position, and
+records each message's position as delivered before writing it. With
+`progress`, a stream whose filter has matched nothing for the heartbeat
+interval while its position moved says where it is (a consumer may
+acknowledge that far), and a follow stream says once when its history has
+caught up with the live end (docs/streams.md#progress).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,8 +41,9 @@ from orderstream.events.v1 import event_service_pb2
 from service.db.failures import NoConnection
 from service.db.runner import Database
 from service.errors import Reason, ServiceError
-from service.events import sql
+from service.events import consumers, groups, retention, sql
 from service.events.feed import EventFeed
+from service.events.progress import Progress
 from service.events.tail import Filter
 from service.events.wire import encode_events
 from service.rpc.encoded import Encoded
@@ -53,6 +63,16 @@ def _checked(request: event_service_pb2.StreamEventsRequest) -> None:
     for n, kind in enumerate(request.types[:MAX_TYPES]):
         v.text(f"types[{n}]", kind, max_length=256)
     v.text("subject", request.subject, max_length=1024, required=False)
+    if request.consumer:
+        consumers.check_name(v, "consumer", request.consumer)
+    if request.member:
+        consumers.check_name(v, "member", request.member)
+        if not request.consumer:
+            v.add("member", "a member belongs to a consumer: set `consumer` too")
+        if request.after_id:
+            v.add(
+                "after_id", "must be 0 for a group member: it starts at its partitions' positions"
+            )
     v.raise_if_any()
 
 
@@ -101,27 +121,134 @@ class _Stream:
         context: grpc.aio.ServicerContext,
         batch_bytes: int,
         writes: StallBound,
+        heartbeat_interval: float,
+        member_timeout: float,
     ) -> None:
         self._db = db
         self._context = context
         self._writes = writes
+        self._consumer = request.consumer
+        self.membership = (
+            groups.Membership(db, context, request.consumer, request.member)
+            if request.member
+            else None
+        )
+        self._member_timeout = member_timeout
+        self._refresh_at = self._kept_at = 0.0
+        self._loop = asyncio.get_running_loop()
         self.filter = Filter(frozenset(request.types), request.subject)
         types, self._filter_args = sql.type_filter(request.types)
-        self._query = sql.events_page(types=types, with_subject=bool(request.subject))
+        self._query = sql.events_page(
+            types=types,
+            with_subject=bool(request.subject),
+            # A member reads only its partitions' rows from the table.
+            partitions=groups.PARTITIONS if request.member else 0,
+        )
         if request.subject:
             self._filter_args.append(request.subject)
+        # A member's partitions, the last argument: set on each reassignment.
+        self._partitions: list[list[int]] = [[]] if request.member else []
         self.batches = _Batches(self.write, batch_bytes)
         self.budget = batch_bytes
         self.position = request.after_id
+        self.progress = Progress(
+            asked=request.progress, interval=heartbeat_interval, position=self.position
+        )
+
+    async def start(self) -> None:
+        """Resumes a consumer's stream without `after_id` after its
+        acknowledged position; a stream from the start (position 0) starts
+        at the feed's lower end, after what retention deleted."""
+        if self._consumer:
+            position = await consumers.open_consumer(self._db, self._context, self._consumer)
+            if self.membership is not None:
+                await self.membership.join()
+                # Every member looks at the group within a third of the
+                # timeout: waiting that long, a new member finds the
+                # partitions it takes already given up by their old members
+                # (few events read twice), and members started together
+                # find each other at once.
+                await asyncio.sleep(self._member_timeout / 3)
+                await self.refresh_group()
+            elif not self.position:
+                self.position = position
+        if not self.position:
+            self.position = await self._value(retention.TRUNCATED_UPTO)
+        self.progress.restart(self.position)
+
+    def refresh_due_in(self) -> float | None:
+        """Seconds until a group member looks at its group again."""
+        if self.membership is None:
+            return None
+        return max(0.0, self._refresh_at - self._loop.time())
+
+    async def refresh_group(self) -> None:
+        """Refreshes the member's row and, when its partitions changed,
+        restarts at their lowest acknowledged position (groups.py)."""
+        assert self.membership is not None
+        # Due again a third of the timeout on, even if this look fails.
+        self._refresh_at = self._kept_at = self._loop.time() + self._member_timeout / 3
+        members = await self.membership.live_members(self._member_timeout)
+        partitions = groups.assigned(members, self.membership.member)
+        if partitions == self.membership.partitions:
+            return
+        await self.batches.flush()  # nothing of the old share is left pending
+        group = await self.membership.reassign(partitions, restart_default=self.position)
+        self._partitions[0] = partitions
+        self.filter = dataclasses.replace(self.filter, group=group)
+        self.position = group.lowest(default=self.position)
+        self.progress.restart(self.position)
+        await self._tell(self.progress.partitions(self.position, partitions, len(members)))
+
+    async def _keep_membership(self) -> None:
+        """A member reading a long history stays in its group: its row is
+        refreshed between pages (its partitions change only between reads,
+        at the follow loop's next look)."""
+        if self.membership is not None and self._loop.time() >= self._kept_at:
+            await self.membership.live_members(self._member_timeout)
+            self._kept_at = self._loop.time() + self._member_timeout / 3
+
+    def wait_timeout(self, longest: float | None) -> float | None:
+        """How long a follower may wait for the tail before a heartbeat or
+        a look at its group is due."""
+        due = (longest, self.progress.due_in(self.position), self.refresh_due_in())
+        return min((t for t in due if t is not None), default=None)
+
+    async def _value(self, query: str, *args: object) -> Any:
+        row = await self._db.fetchrow(self._context, query, *args)
+        assert row is not None
+        return row[0]
 
     async def write(self, message: Encoded, position: int) -> None:
         """Writes `message`, whose last event is at `position`; a reader
         that takes nothing within the stall timeout ends the stream
-        (READER_STALLED, docs/streams.md#quiet-callers). The position
-        follows every write, so a follower whose table read failed halfway
-        goes on after the last event it sent."""
+        (READER_STALLED, docs/streams.md#quiet-callers). A consumer's
+        delivered position is stored first: the caller may acknowledge it
+        on any replica as soon as it has the message. The position follows
+        every write, so a follower whose table read failed halfway goes on
+        after the last event it sent."""
+        if self.membership is not None:
+            await self.membership.mark_delivered(position)
+        elif self._consumer:
+            await consumers.mark_delivered(self._db, self._context, self._consumer, position)
         await self._writes.write(message, position=position)
         self.position = max(self.position, position)
+        self.progress.told(position)
+
+    async def _tell(self, message: Encoded | None) -> None:
+        """Writes a progress message, if there is one (at the position)."""
+        if message is not None:
+            await self.write(message, self.position)
+
+    async def heartbeat(self, *, now: bool = False) -> None:
+        """Tells the caller the stream's position if it moved past the last
+        one told and the filter has matched nothing for the heartbeat
+        interval (or `now`: a history stream's end)."""
+        await self._tell(self.progress.heartbeat(self.position, now=now))
+
+    async def at_live_end(self) -> None:
+        """The position reached the live end: said once, with progress."""
+        await self._tell(self.progress.live_end(self.position))
 
     async def horizon(self) -> int:
         """The safe horizon now: every event with a lower id is final."""
@@ -140,22 +267,27 @@ class _Stream:
         events scattered over the table (the pages after it grow back to
         PAGE_ROWS: sql.next_limit)."""
         limit = sql.FIRST_PAGE_ROWS
-        pending = self._page(self.position, below, limit)
+        after = self.position
+        pending = self._page(after, below, limit)
         first = True
         try:
             while True:
                 rows = await pending
+                # Retention may have deleted from under the page.
+                await retention.check_retained(self._value, after)
                 if not sql.page_is_cut(rows, limit):
-                    await self.batches.add(rows)
+                    await self.batches.add(self._share(rows))
                     break
                 if first:  # out before the next page is asked for
-                    await self.batches.add(rows)
+                    await self.batches.add(self._share(rows))
                     await self.batches.flush()
                 limit = sql.next_limit(rows, limit)
-                pending = self._page(rows[-1][0], below, limit)
+                after = rows[-1][0]
+                pending = self._page(after, below, limit)
                 if not first:  # the next page is read while this one is written
-                    await self.batches.add(rows)
+                    await self.batches.add(self._share(rows))
                 first = False
+                await self._keep_membership()
             await self.batches.flush()
         finally:
             if not pending.done():
@@ -163,6 +295,15 @@ class _Stream:
                 with contextlib.suppress(asyncio.CancelledError):
                     await pending
         self.position = max(self.position, below - 1)
+
+    def _share(self, rows: list[Any]) -> list[Any]:
+        """A group member's share of a page: the statement left out other
+        partitions; this leaves out each partition's events up to its
+        acknowledged position."""
+        group = self.filter.group
+        if group is None:
+            return rows
+        return [row for row in rows if group.accepts(row[0], row[3])]
 
     def _page(self, after: int, below: int, limit: int) -> asyncio.Future[list[Any]]:
         return asyncio.ensure_future(
@@ -172,6 +313,7 @@ class _Stream:
                 after,
                 below,
                 *self._filter_args,
+                *self._partitions,
                 limit,
                 sql.PAGE_BYTES,
             )
@@ -188,16 +330,32 @@ async def stream_events(
     feed: EventFeed,
     batch_bytes: int,
     write_stall_timeout: float,
+    heartbeat_interval: float,
+    member_timeout: float,
 ) -> None:
     _checked(request)
     with stall_bound(context, write_stall_timeout) as writes:
-        stream = _Stream(db, request, context, batch_bytes, writes)
-        if not request.follow:
-            with streams.hold():
-                await stream.read_table(await stream.horizon())
-            return
-        with followers.hold():
-            await _follow(stream, feed, streams)
+        stream = _Stream(
+            db, request, context, batch_bytes, writes, heartbeat_interval, member_timeout
+        )
+        # The slot first: a stream over the limit is refused before any
+        # database work.
+        try:
+            if not request.follow:
+                with streams.hold():
+                    await stream.start()
+                    await stream.read_table(await stream.horizon())
+                    await stream.heartbeat(now=True)
+                return
+            with followers.hold():
+                await stream.start()
+                await _follow(stream, feed, streams)
+        finally:
+            if stream.membership is not None:
+                # Its partitions move at once rather than after the member
+                # timeout; if this fails, the timeout moves them.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(stream.membership.leave())
 
 
 async def _follow(stream: _Stream, feed: EventFeed, streams: StreamSlots) -> None:
@@ -212,6 +370,9 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
     tail = feed.tail
     while True:
         seen = tail.generation
+        if stream.refresh_due_in() == 0.0:
+            with _while_the_database_is_down():
+                await stream.refresh_group()
         if feed.closing:
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -228,22 +389,31 @@ async def _follow_tail(stream: _Stream, feed: EventFeed, streams: StreamSlots) -
                 if stream.position < horizon - 1:
                     async with streams.queued():
                         await stream.read_table(horizon)
-            await tail.wait(seen, feed.poll_interval)
+            await stream.at_live_end()
+            await stream.heartbeat()
+            await tail.wait(seen, stream.wait_timeout(feed.poll_interval))
         elif stream.position < tail.floor:
             # Further back than the tail holds: the table up to it first.
             with _while_the_database_is_down():
                 async with streams.queued():
                     await stream.read_table(tail.floor + 1)
                 continue
-            await tail.wait(seen, feed.poll_interval)
+            await tail.wait(seen, stream.wait_timeout(feed.poll_interval))
+        elif stream.position < tail.truncated_upto:
+            # The feed found events it had not read deleted by retention.
+            raise retention.expired(stream.position, tail.truncated_upto, None)
         elif stream.position < tail.horizon - 1:
             message, stream.position = tail.next_message(
                 stream.position, stream.filter, stream.budget
             )
             if message is not None:
                 await stream.write(message, stream.position)
+            else:
+                await stream.heartbeat()
         else:
-            await tail.wait(seen)
+            await stream.at_live_end()
+            await stream.heartbeat()
+            await tail.wait(seen, stream.wait_timeout(None))
 
 
 # The database gone or going (a restart, a failover, a network cut): the

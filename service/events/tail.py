@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from service.events.groups import GroupFilter
 from service.events.wire import encode_events
 from service.rpc.encoded import Encoded
 
@@ -49,9 +50,11 @@ class Filter:
 
     types: frozenset[str] = frozenset()
     subject: str = ""
+    # A consumer group member's partitions (service/events/groups.py).
+    group: GroupFilter | None = None
 
-    def key(self) -> tuple[frozenset[str], str]:
-        return (self.types, self.subject)
+    def key(self) -> tuple[frozenset[str], str, GroupFilter | None]:
+        return (self.types, self.subject, self.group)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +80,15 @@ class Tail:
         self.live = False  # the feed's connection is reading for us
         self.followers = 0
         self.generation = 0
+        # Retention deleted every event up to it before the feed read them:
+        # followers further back must not read on past the gap.
+        self.truncated_upto = 0
         self._changed = asyncio.Event()
         # (position, filter, budget) -> the message that follows: built once
         # per generation for all followers that ask the same.
-        self._shared: dict[tuple[int, tuple[frozenset[str], str], int], tuple[Any, int]] = {}
+        self._shared: dict[
+            tuple[int, tuple[frozenset[str], str, GroupFilter | None], int], tuple[Any, int]
+        ] = {}
 
     @property
     def ready(self) -> bool:
@@ -171,6 +179,12 @@ class Tail:
         self._horizon = upto + 1
         self._wake()
 
+    def truncated(self, upto: int) -> None:
+        """The feed found every event up to `upto` deleted by retention."""
+        if upto > self.truncated_upto:
+            self.truncated_upto = upto
+            self._wake()
+
     def close(self) -> None:
         self._wake()
 
@@ -204,15 +218,17 @@ class Tail:
         size = 0
         scanned = 0
         last = position  # the id of the last event put in the message
-        types, subject = wanted.types, wanted.subject
+        types, subject, group = wanted.types, wanted.subject, wanted.group
         first = bisect.bisect_right(self._uptos, position)
         for index in range(first, len(self._segments)):
             segment = self._segments[index]
             ids = segment.ids
             start = bisect.bisect_right(ids, position)
             for n in range(start, len(ids)):
-                if (types and segment.types[n] not in types) or (
-                    subject and segment.subjects[n] != subject
+                if (
+                    (types and segment.types[n] not in types)
+                    or (subject and segment.subjects[n] != subject)
+                    or (group and not group.accepts(ids[n], segment.subjects[n]))
                 ):
                     scanned += 1
                     if scanned >= SCAN_ROWS and not chunks:

@@ -60,7 +60,10 @@ log = logging.getLogger(__name__)
 
 READ = "read"
 WRITE = "write"
-SCOPES = (READ, WRITE)
+# Durable consumers' administration: listing, describing and moving any
+# consumer's position, which a consumer's own `read` token must not do.
+ADMIN = "admin"
+SCOPES = (READ, WRITE, ADMIN)
 
 _ORDERS = "/orderstream.orders.v1.OrderService/"
 _EVENTS = "/orderstream.events.v1.EventService/"
@@ -76,6 +79,11 @@ METHOD_SCOPES: dict[str, str] = {
     _EVENTS + "GetEvent": READ,
     _EVENTS + "UploadEvents": WRITE,
     _EVENTS + "StreamEvents": READ,
+    # A consumer acknowledges what it read with the scope it read with.
+    _EVENTS + "AckEvents": READ,
+    _EVENTS + "ListConsumers": ADMIN,
+    _EVENTS + "GetConsumer": ADMIN,
+    _EVENTS + "ResetConsumer": ADMIN,
 }
 # Served to anyone: kubelet's probes cannot send a token.
 OPEN_SERVICES = ("grpc.health.v1.Health",)
@@ -149,7 +157,9 @@ def _caller(fields: list[str], where: str) -> Caller:
         raise StartupError(f"{where}: the digest must be 64 lowercase hex digits (sha256sum)")
     granted = frozenset(scopes.split(","))
     if not granted <= set(SCOPES):
-        raise StartupError(f"{where}: scopes must be a comma-separated list of: read, write")
+        raise StartupError(
+            f"{where}: scopes must be a comma-separated list of: {', '.join(SCOPES)}"
+        )
     try:
         limits = write_limits.parse(name, fields[3:])
     except ValueError as exc:

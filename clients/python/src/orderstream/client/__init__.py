@@ -1,6 +1,6 @@
 """Hand-written helpers over the generated stubs: a channel with sensible
 defaults, writes that always carry an idempotency key, batched idempotent
-uploads and resumable event streams.
+uploads, resumable event streams and durable consumers.
 
     import asyncio
     from orderstream.client import create_channel, stream_events
@@ -17,6 +17,7 @@ this package only imports from there.
 """
 
 from orderstream.client._channel import DEFAULT_SERVICE_CONFIG, create_channel, keepalive_options
+from orderstream.client._consumers import consume_events
 from orderstream.client._streams import stream_events
 from orderstream.client._uploads import DEFAULT_BATCH_BYTES, upload_events, upload_requests
 from orderstream.client._writes import create_order, publish_events, update_order_status
@@ -24,6 +25,7 @@ from orderstream.client._writes import create_order, publish_events, update_orde
 __all__ = [
     "DEFAULT_BATCH_BYTES",
     "DEFAULT_SERVICE_CONFIG",
+    "consume_events",
     "create_channel",
     "create_order",
     "keepalive_options",

@@ -5,6 +5,7 @@
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
 import type { Event, EventSchema } from "./event_pb.js";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
 
 /**
  * Describes the file orderstream/events/v1/event_service.proto.
@@ -178,6 +179,42 @@ export declare type StreamEventsRequest = Message<"orderstream.events.v1.StreamE
    * @generated from field: bool follow = 4;
    */
   follow: boolean;
+
+  /**
+   * The durable consumer this stream reads for, 1..128 characters; created
+   * at position 0 by its first stream. With it and `after_id` 0 the stream
+   * starts right after the consumer's acknowledged position (AckEvents);
+   * with `after_id` set, after that instead. Its position is not moved by
+   * streaming, only by AckEvents.
+   *
+   * @generated from field: string consumer = 5;
+   */
+  consumer: string;
+
+  /**
+   * Send `progress` messages besides the events: a heartbeat with the
+   * stream's position when the filter has matched nothing for a while, and,
+   * with `follow`, one marking that the history has caught up with live
+   * events. Off by default, so callers from before it existed never see a
+   * message without events.
+   *
+   * @generated from field: bool progress = 6;
+   */
+  progress: boolean;
+
+  /**
+   * With `consumer`: this stream's member name in the consumer's group,
+   * 1..128 characters. Streams of one consumer with distinct member names
+   * split the feed by subject: each subject hashes to one of a fixed number
+   * of partitions, each partition belongs to one live member, and its
+   * events go to that member in id order. Members joining or leaving move
+   * partitions between members; a partition's events are sent again from
+   * its last acknowledged position (at least once). A member stream starts
+   * from its partitions' positions: `after_id` must be 0.
+   *
+   * @generated from field: string member = 7;
+   */
+  member: string;
 };
 
 /**
@@ -187,7 +224,8 @@ export declare type StreamEventsRequest = Message<"orderstream.events.v1.StreamE
 export declare const StreamEventsRequestSchema: GenMessage<StreamEventsRequest>;
 
 /**
- * One message of the StreamEvents stream.
+ * One message of the StreamEvents stream: events, or (only when the
+ * request asked for `progress`) progress.
  *
  * @generated from message orderstream.events.v1.StreamEventsResponse
  */
@@ -198,6 +236,13 @@ export declare type StreamEventsResponse = Message<"orderstream.events.v1.Stream
    * @generated from field: repeated orderstream.events.v1.Event events = 1;
    */
   events: Event[];
+
+  /**
+   * Set on a message without events.
+   *
+   * @generated from field: orderstream.events.v1.StreamProgress progress = 2;
+   */
+  progress?: StreamProgress | undefined;
 };
 
 /**
@@ -205,6 +250,310 @@ export declare type StreamEventsResponse = Message<"orderstream.events.v1.Stream
  * Use `create(StreamEventsResponseSchema)` to create a new message.
  */
 export declare const StreamEventsResponseSchema: GenMessage<StreamEventsResponse>;
+
+/**
+ * Where a StreamEvents stream is, sent when the request asked for
+ * `progress`.
+ *
+ * @generated from message orderstream.events.v1.StreamProgress
+ */
+export declare type StreamProgress = Message<"orderstream.events.v1.StreamProgress"> & {
+  /**
+   * Every event with an id up to this one that matches the stream's filter
+   * has been sent: a consumer may acknowledge this position even when
+   * nothing it received came near it. Below the feed's safe horizon.
+   *
+   * @generated from field: int64 position = 1;
+   */
+  position: bigint;
+
+  /**
+   * Set once per follow stream: the history is read, and what follows is
+   * live events as they are committed.
+   *
+   * @generated from field: bool caught_up = 2;
+   */
+  caughtUp: boolean;
+
+  /**
+   * Set on a group member's stream (with `progress`) whenever its
+   * partitions change, the first time included: the partitions it now
+   * reads, ascending; empty when it has none (more members than
+   * partitions).
+   *
+   * @generated from field: repeated int32 partitions = 3;
+   */
+  partitions: number[];
+
+  /**
+   * Set with `partitions`: how many members the group has.
+   *
+   * @generated from field: int32 members = 4;
+   */
+  members: number;
+};
+
+/**
+ * Describes the message orderstream.events.v1.StreamProgress.
+ * Use `create(StreamProgressSchema)` to create a new message.
+ */
+export declare const StreamProgressSchema: GenMessage<StreamProgress>;
+
+/**
+ * Request for EventService.AckEvents.
+ *
+ * @generated from message orderstream.events.v1.AckEventsRequest
+ */
+export declare type AckEventsRequest = Message<"orderstream.events.v1.AckEventsRequest"> & {
+  /**
+   * Required. The durable consumer, as named in StreamEventsRequest.
+   *
+   * @generated from field: string consumer = 1;
+   */
+  consumer: string;
+
+  /**
+   * Required. Every event up to this id is processed; > 0, and no further
+   * than the consumer's streams were sent (events or progress).
+   *
+   * @generated from field: int64 position = 2;
+   */
+  position: bigint;
+
+  /**
+   * The member acknowledging, for a consumer group: the position applies
+   * to the partitions the member reads (capped at where its stream
+   * restarted, if its partitions changed since).
+   *
+   * @generated from field: string member = 3;
+   */
+  member: string;
+};
+
+/**
+ * Describes the message orderstream.events.v1.AckEventsRequest.
+ * Use `create(AckEventsRequestSchema)` to create a new message.
+ */
+export declare const AckEventsRequestSchema: GenMessage<AckEventsRequest>;
+
+/**
+ * Response for EventService.AckEvents.
+ *
+ * @generated from message orderstream.events.v1.AckEventsResponse
+ */
+export declare type AckEventsResponse = Message<"orderstream.events.v1.AckEventsResponse"> & {
+  /**
+   * The consumer's acknowledged position after this call: `position`, or
+   * the higher one already stored. For a member, the lowest position of
+   * its partitions.
+   *
+   * @generated from field: int64 position = 1;
+   */
+  position: bigint;
+};
+
+/**
+ * Describes the message orderstream.events.v1.AckEventsResponse.
+ * Use `create(AckEventsResponseSchema)` to create a new message.
+ */
+export declare const AckEventsResponseSchema: GenMessage<AckEventsResponse>;
+
+/**
+ * A durable consumer, as the service keeps it.
+ *
+ * @generated from message orderstream.events.v1.Consumer
+ */
+export declare type Consumer = Message<"orderstream.events.v1.Consumer"> & {
+  /**
+   * Its name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Its acknowledged position: every event up to this id is processed.
+   *
+   * @generated from field: int64 position = 2;
+   */
+  position: bigint;
+
+  /**
+   * The furthest position its streams were sent; acknowledgements may go
+   * up to it.
+   *
+   * @generated from field: int64 delivered = 3;
+   */
+  delivered: bigint;
+
+  /**
+   * Final events after `position`: counted up to 100,000 behind, beyond
+   * that the distance in ids (which includes ids of rolled-back writes).
+   *
+   * @generated from field: int64 lag_events = 4;
+   */
+  lagEvents: bigint;
+
+  /**
+   * How long ago (by its `time`) the oldest event after `position` was
+   * written; 0 when there is none.
+   *
+   * @generated from field: double lag_seconds = 5;
+   */
+  lagSeconds: number;
+
+  /**
+   * When it was created.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 6;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When it was last acknowledged or reset; unset if never.
+   *
+   * @generated from field: google.protobuf.Timestamp ack_time = 7;
+   */
+  ackTime?: Timestamp | undefined;
+
+  /**
+   * GetConsumer only: the members of its group seen within the member
+   * timeout, by name; none for a consumer read without member names.
+   *
+   * @generated from field: repeated orderstream.events.v1.ConsumerMember members = 8;
+   */
+  members: ConsumerMember[];
+};
+
+/**
+ * Describes the message orderstream.events.v1.Consumer.
+ * Use `create(ConsumerSchema)` to create a new message.
+ */
+export declare const ConsumerSchema: GenMessage<Consumer>;
+
+/**
+ * A live member of a consumer group.
+ *
+ * @generated from message orderstream.events.v1.ConsumerMember
+ */
+export declare type ConsumerMember = Message<"orderstream.events.v1.ConsumerMember"> & {
+  /**
+   * Its member name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The partitions its stream reads, ascending.
+   *
+   * @generated from field: repeated int32 partitions = 2;
+   */
+  partitions: number[];
+
+  /**
+   * The furthest position its stream was sent since its partitions last
+   * changed.
+   *
+   * @generated from field: int64 delivered = 3;
+   */
+  delivered: bigint;
+
+  /**
+   * When its stream last refreshed its membership.
+   *
+   * @generated from field: google.protobuf.Timestamp seen_time = 4;
+   */
+  seenTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message orderstream.events.v1.ConsumerMember.
+ * Use `create(ConsumerMemberSchema)` to create a new message.
+ */
+export declare const ConsumerMemberSchema: GenMessage<ConsumerMember>;
+
+/**
+ * Request for EventService.ListConsumers.
+ *
+ * @generated from message orderstream.events.v1.ListConsumersRequest
+ */
+export declare type ListConsumersRequest = Message<"orderstream.events.v1.ListConsumersRequest"> & {
+};
+
+/**
+ * Describes the message orderstream.events.v1.ListConsumersRequest.
+ * Use `create(ListConsumersRequestSchema)` to create a new message.
+ */
+export declare const ListConsumersRequestSchema: GenMessage<ListConsumersRequest>;
+
+/**
+ * Response for EventService.ListConsumers.
+ *
+ * @generated from message orderstream.events.v1.ListConsumersResponse
+ */
+export declare type ListConsumersResponse = Message<"orderstream.events.v1.ListConsumersResponse"> & {
+  /**
+   * Every consumer, by name (at most 1,000).
+   *
+   * @generated from field: repeated orderstream.events.v1.Consumer consumers = 1;
+   */
+  consumers: Consumer[];
+};
+
+/**
+ * Describes the message orderstream.events.v1.ListConsumersResponse.
+ * Use `create(ListConsumersResponseSchema)` to create a new message.
+ */
+export declare const ListConsumersResponseSchema: GenMessage<ListConsumersResponse>;
+
+/**
+ * Request for EventService.GetConsumer.
+ *
+ * @generated from message orderstream.events.v1.GetConsumerRequest
+ */
+export declare type GetConsumerRequest = Message<"orderstream.events.v1.GetConsumerRequest"> & {
+  /**
+   * Required. The consumer's name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message orderstream.events.v1.GetConsumerRequest.
+ * Use `create(GetConsumerRequestSchema)` to create a new message.
+ */
+export declare const GetConsumerRequestSchema: GenMessage<GetConsumerRequest>;
+
+/**
+ * Request for EventService.ResetConsumer.
+ *
+ * @generated from message orderstream.events.v1.ResetConsumerRequest
+ */
+export declare type ResetConsumerRequest = Message<"orderstream.events.v1.ResetConsumerRequest"> & {
+  /**
+   * Required. The consumer's name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The new position, >= 0 (0: from the start of the feed) and below the
+   * feed's safe horizon.
+   *
+   * @generated from field: int64 position = 2;
+   */
+  position: bigint;
+};
+
+/**
+ * Describes the message orderstream.events.v1.ResetConsumerRequest.
+ * Use `create(ResetConsumerRequestSchema)` to create a new message.
+ */
+export declare const ResetConsumerRequestSchema: GenMessage<ResetConsumerRequest>;
 
 /**
  * Writes and reads the global, ordered event feed.
@@ -256,6 +605,9 @@ export declare const EventService: GenService<{
   /**
    * Streams events after a position, in position order, many per message;
    * with `follow`, keeps streaming new events as they are committed.
+   * With `consumer`, the stream reads for a durable consumer whose position
+   * the service keeps: without `after_id` it resumes right after the
+   * consumer's acknowledged position.
    *
    * @generated from rpc orderstream.events.v1.EventService.StreamEvents
    */
@@ -263,6 +615,53 @@ export declare const EventService: GenService<{
     methodKind: "server_streaming";
     input: typeof StreamEventsRequestSchema;
     output: typeof StreamEventsResponseSchema;
+  },
+  /**
+   * Acknowledges, for a durable consumer, every event up to `position`.
+   * The stored position never moves backwards: a lower position leaves it
+   * where it was (so a repeated or late acknowledgement is harmless), and
+   * the response says where it is. A position past what the consumer's
+   * streams were sent is OUT_OF_RANGE (ACK_PAST_DELIVERED); an unknown
+   * consumer is NOT_FOUND (CONSUMER_NOT_FOUND). Any replica may answer it.
+   *
+   * @generated from rpc orderstream.events.v1.EventService.AckEvents
+   */
+  ackEvents: {
+    methodKind: "unary";
+    input: typeof AckEventsRequestSchema;
+    output: typeof AckEventsResponseSchema;
+  },
+  /**
+   * Lists the durable consumers, by name. Needs the `admin` scope.
+   *
+   * @generated from rpc orderstream.events.v1.EventService.ListConsumers
+   */
+  listConsumers: {
+    methodKind: "unary";
+    input: typeof ListConsumersRequestSchema;
+    output: typeof ListConsumersResponseSchema;
+  },
+  /**
+   * Describes one durable consumer. Needs the `admin` scope.
+   *
+   * @generated from rpc orderstream.events.v1.EventService.GetConsumer
+   */
+  getConsumer: {
+    methodKind: "unary";
+    input: typeof GetConsumerRequestSchema;
+    output: typeof ConsumerSchema;
+  },
+  /**
+   * Moves a durable consumer's position to `position`, backwards or
+   * forwards (the one way a position moves backwards): its next stream
+   * without `after_id` starts after it. Needs the `admin` scope.
+   *
+   * @generated from rpc orderstream.events.v1.EventService.ResetConsumer
+   */
+  resetConsumer: {
+    methodKind: "unary";
+    input: typeof ResetConsumerRequestSchema;
+    output: typeof ConsumerSchema;
   },
 }>;
 

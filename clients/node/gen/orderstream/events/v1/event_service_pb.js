@@ -3,13 +3,14 @@
 /* eslint-disable */
 
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import { file_orderstream_events_v1_event } from "./event_pb.js";
 
 /**
  * Describes the file orderstream/events/v1/event_service.proto.
  */
 export const file_orderstream_events_v1_event_service = /*@__PURE__*/
-  fileDesc("CilvcmRlcnN0cmVhbS9ldmVudHMvdjEvZXZlbnRfc2VydmljZS5wcm90bxIVb3JkZXJzdHJlYW0uZXZlbnRzLnYxIlgKFFB1Ymxpc2hFdmVudHNSZXF1ZXN0EiwKBmV2ZW50cxgBIAMoCzIcLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5FdmVudBISCgpyZXF1ZXN0X2lkGAIgASgJIiQKFVB1Ymxpc2hFdmVudHNSZXNwb25zZRILCgNpZHMYASADKAMiHQoPR2V0RXZlbnRSZXF1ZXN0EgoKAmlkGAEgASgDIlYKE1VwbG9hZEV2ZW50c1JlcXVlc3QSEQoJdXBsb2FkX2lkGAEgASgJEiwKBmV2ZW50cxgCIAMoCzIcLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5FdmVudCJaChRVcGxvYWRFdmVudHNSZXNwb25zZRITCgtldmVudF9jb3VudBgBIAEoAxIWCg5maXJzdF9ldmVudF9pZBgCIAEoAxIVCg1sYXN0X2V2ZW50X2lkGAMgASgDIlcKE1N0cmVhbUV2ZW50c1JlcXVlc3QSEAoIYWZ0ZXJfaWQYASABKAMSDQoFdHlwZXMYAiADKAkSDwoHc3ViamVjdBgDIAEoCRIOCgZmb2xsb3cYBCABKAgiRAoUU3RyZWFtRXZlbnRzUmVzcG9uc2USLAoGZXZlbnRzGAEgAygLMhwub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkV2ZW50MqIDCgxFdmVudFNlcnZpY2USagoNUHVibGlzaEV2ZW50cxIrLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5QdWJsaXNoRXZlbnRzUmVxdWVzdBosLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5QdWJsaXNoRXZlbnRzUmVzcG9uc2USUAoIR2V0RXZlbnQSJi5vcmRlcnN0cmVhbS5ldmVudHMudjEuR2V0RXZlbnRSZXF1ZXN0Ghwub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkV2ZW50EmkKDFVwbG9hZEV2ZW50cxIqLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5VcGxvYWRFdmVudHNSZXF1ZXN0Gisub3JkZXJzdHJlYW0uZXZlbnRzLnYxLlVwbG9hZEV2ZW50c1Jlc3BvbnNlKAESaQoMU3RyZWFtRXZlbnRzEioub3JkZXJzdHJlYW0uZXZlbnRzLnYxLlN0cmVhbUV2ZW50c1JlcXVlc3QaKy5vcmRlcnN0cmVhbS5ldmVudHMudjEuU3RyZWFtRXZlbnRzUmVzcG9uc2UwAWIGcHJvdG8z", [file_orderstream_events_v1_event]);
+  fileDesc("CilvcmRlcnN0cmVhbS9ldmVudHMvdjEvZXZlbnRfc2VydmljZS5wcm90bxIVb3JkZXJzdHJlYW0uZXZlbnRzLnYxIlgKFFB1Ymxpc2hFdmVudHNSZXF1ZXN0EiwKBmV2ZW50cxgBIAMoCzIcLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5FdmVudBISCgpyZXF1ZXN0X2lkGAIgASgJIiQKFVB1Ymxpc2hFdmVudHNSZXNwb25zZRILCgNpZHMYASADKAMiHQoPR2V0RXZlbnRSZXF1ZXN0EgoKAmlkGAEgASgDIlYKE1VwbG9hZEV2ZW50c1JlcXVlc3QSEQoJdXBsb2FkX2lkGAEgASgJEiwKBmV2ZW50cxgCIAMoCzIcLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5FdmVudCJaChRVcGxvYWRFdmVudHNSZXNwb25zZRITCgtldmVudF9jb3VudBgBIAEoAxIWCg5maXJzdF9ldmVudF9pZBgCIAEoAxIVCg1sYXN0X2V2ZW50X2lkGAMgASgDIosBChNTdHJlYW1FdmVudHNSZXF1ZXN0EhAKCGFmdGVyX2lkGAEgASgDEg0KBXR5cGVzGAIgAygJEg8KB3N1YmplY3QYAyABKAkSDgoGZm9sbG93GAQgASgIEhAKCGNvbnN1bWVyGAUgASgJEhAKCHByb2dyZXNzGAYgASgIEg4KBm1lbWJlchgHIAEoCSJ9ChRTdHJlYW1FdmVudHNSZXNwb25zZRIsCgZldmVudHMYASADKAsyHC5vcmRlcnN0cmVhbS5ldmVudHMudjEuRXZlbnQSNwoIcHJvZ3Jlc3MYAiABKAsyJS5vcmRlcnN0cmVhbS5ldmVudHMudjEuU3RyZWFtUHJvZ3Jlc3MiWgoOU3RyZWFtUHJvZ3Jlc3MSEAoIcG9zaXRpb24YASABKAMSEQoJY2F1Z2h0X3VwGAIgASgIEhIKCnBhcnRpdGlvbnMYAyADKAUSDwoHbWVtYmVycxgEIAEoBSJGChBBY2tFdmVudHNSZXF1ZXN0EhAKCGNvbnN1bWVyGAEgASgJEhAKCHBvc2l0aW9uGAIgASgDEg4KBm1lbWJlchgDIAEoCSIlChFBY2tFdmVudHNSZXNwb25zZRIQCghwb3NpdGlvbhgBIAEoAyL9AQoIQ29uc3VtZXISDAoEbmFtZRgBIAEoCRIQCghwb3NpdGlvbhgCIAEoAxIRCglkZWxpdmVyZWQYAyABKAMSEgoKbGFnX2V2ZW50cxgEIAEoAxITCgtsYWdfc2Vjb25kcxgFIAEoARIvCgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIYWNrX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjYKB21lbWJlcnMYCCADKAsyJS5vcmRlcnN0cmVhbS5ldmVudHMudjEuQ29uc3VtZXJNZW1iZXIidAoOQ29uc3VtZXJNZW1iZXISDAoEbmFtZRgBIAEoCRISCgpwYXJ0aXRpb25zGAIgAygFEhEKCWRlbGl2ZXJlZBgDIAEoAxItCglzZWVuX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIhYKFExpc3RDb25zdW1lcnNSZXF1ZXN0IksKFUxpc3RDb25zdW1lcnNSZXNwb25zZRIyCgljb25zdW1lcnMYASADKAsyHy5vcmRlcnN0cmVhbS5ldmVudHMudjEuQ29uc3VtZXIiIgoSR2V0Q29uc3VtZXJSZXF1ZXN0EgwKBG5hbWUYASABKAkiNgoUUmVzZXRDb25zdW1lclJlcXVlc3QSDAoEbmFtZRgBIAEoCRIQCghwb3NpdGlvbhgCIAEoAzKoBgoMRXZlbnRTZXJ2aWNlEmoKDVB1Ymxpc2hFdmVudHMSKy5vcmRlcnN0cmVhbS5ldmVudHMudjEuUHVibGlzaEV2ZW50c1JlcXVlc3QaLC5vcmRlcnN0cmVhbS5ldmVudHMudjEuUHVibGlzaEV2ZW50c1Jlc3BvbnNlElAKCEdldEV2ZW50EiYub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkdldEV2ZW50UmVxdWVzdBocLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5FdmVudBJpCgxVcGxvYWRFdmVudHMSKi5vcmRlcnN0cmVhbS5ldmVudHMudjEuVXBsb2FkRXZlbnRzUmVxdWVzdBorLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5VcGxvYWRFdmVudHNSZXNwb25zZSgBEmkKDFN0cmVhbUV2ZW50cxIqLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5TdHJlYW1FdmVudHNSZXF1ZXN0Gisub3JkZXJzdHJlYW0uZXZlbnRzLnYxLlN0cmVhbUV2ZW50c1Jlc3BvbnNlMAESXgoJQWNrRXZlbnRzEicub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkFja0V2ZW50c1JlcXVlc3QaKC5vcmRlcnN0cmVhbS5ldmVudHMudjEuQWNrRXZlbnRzUmVzcG9uc2USagoNTGlzdENvbnN1bWVycxIrLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5MaXN0Q29uc3VtZXJzUmVxdWVzdBosLm9yZGVyc3RyZWFtLmV2ZW50cy52MS5MaXN0Q29uc3VtZXJzUmVzcG9uc2USWQoLR2V0Q29uc3VtZXISKS5vcmRlcnN0cmVhbS5ldmVudHMudjEuR2V0Q29uc3VtZXJSZXF1ZXN0Gh8ub3JkZXJzdHJlYW0uZXZlbnRzLnYxLkNvbnN1bWVyEl0KDVJlc2V0Q29uc3VtZXISKy5vcmRlcnN0cmVhbS5ldmVudHMudjEuUmVzZXRDb25zdW1lclJlcXVlc3QaHy5vcmRlcnN0cmVhbS5ldmVudHMudjEuQ29uc3VtZXJiBnByb3RvMw", [file_google_protobuf_timestamp, file_orderstream_events_v1_event]);
 
 /**
  * Describes the message orderstream.events.v1.PublishEventsRequest.
@@ -59,6 +60,69 @@ export const StreamEventsRequestSchema = /*@__PURE__*/
  */
 export const StreamEventsResponseSchema = /*@__PURE__*/
   messageDesc(file_orderstream_events_v1_event_service, 6);
+
+/**
+ * Describes the message orderstream.events.v1.StreamProgress.
+ * Use `create(StreamProgressSchema)` to create a new message.
+ */
+export const StreamProgressSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 7);
+
+/**
+ * Describes the message orderstream.events.v1.AckEventsRequest.
+ * Use `create(AckEventsRequestSchema)` to create a new message.
+ */
+export const AckEventsRequestSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 8);
+
+/**
+ * Describes the message orderstream.events.v1.AckEventsResponse.
+ * Use `create(AckEventsResponseSchema)` to create a new message.
+ */
+export const AckEventsResponseSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 9);
+
+/**
+ * Describes the message orderstream.events.v1.Consumer.
+ * Use `create(ConsumerSchema)` to create a new message.
+ */
+export const ConsumerSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 10);
+
+/**
+ * Describes the message orderstream.events.v1.ConsumerMember.
+ * Use `create(ConsumerMemberSchema)` to create a new message.
+ */
+export const ConsumerMemberSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 11);
+
+/**
+ * Describes the message orderstream.events.v1.ListConsumersRequest.
+ * Use `create(ListConsumersRequestSchema)` to create a new message.
+ */
+export const ListConsumersRequestSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 12);
+
+/**
+ * Describes the message orderstream.events.v1.ListConsumersResponse.
+ * Use `create(ListConsumersResponseSchema)` to create a new message.
+ */
+export const ListConsumersResponseSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 13);
+
+/**
+ * Describes the message orderstream.events.v1.GetConsumerRequest.
+ * Use `create(GetConsumerRequestSchema)` to create a new message.
+ */
+export const GetConsumerRequestSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 14);
+
+/**
+ * Describes the message orderstream.events.v1.ResetConsumerRequest.
+ * Use `create(ResetConsumerRequestSchema)` to create a new message.
+ */
+export const ResetConsumerRequestSchema = /*@__PURE__*/
+  messageDesc(file_orderstream_events_v1_event_service, 15);
 
 /**
  * Writes and reads the global, ordered event feed.

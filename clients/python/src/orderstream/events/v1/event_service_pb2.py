@@ -23,30 +23,49 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from orderstream.events.v1 import event_pb2 as orderstream_dot_events_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)orderstream/events/v1/event_service.proto\x12\x15orderstream.events.v1\x1a!orderstream/events/v1/event.proto\"X\n\x14PublishEventsRequest\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.orderstream.events.v1.Event\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"$\n\x15PublishEventsResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x1d\n\x0fGetEventRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"V\n\x13UploadEventsRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.orderstream.events.v1.Event\"Z\n\x14UploadEventsResponse\x12\x13\n\x0b\x65vent_count\x18\x01 \x01(\x03\x12\x16\n\x0e\x66irst_event_id\x18\x02 \x01(\x03\x12\x15\n\rlast_event_id\x18\x03 \x01(\x03\"W\n\x13StreamEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x03\x12\r\n\x05types\x18\x02 \x03(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"D\n\x14StreamEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.orderstream.events.v1.Event2\xa2\x03\n\x0c\x45ventService\x12j\n\rPublishEvents\x12+.orderstream.events.v1.PublishEventsRequest\x1a,.orderstream.events.v1.PublishEventsResponse\x12P\n\x08GetEvent\x12&.orderstream.events.v1.GetEventRequest\x1a\x1c.orderstream.events.v1.Event\x12i\n\x0cUploadEvents\x12*.orderstream.events.v1.UploadEventsRequest\x1a+.orderstream.events.v1.UploadEventsResponse(\x01\x12i\n\x0cStreamEvents\x12*.orderstream.events.v1.StreamEventsRequest\x1a+.orderstream.events.v1.StreamEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)orderstream/events/v1/event_service.proto\x12\x15orderstream.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!orderstream/events/v1/event.proto\"X\n\x14PublishEventsRequest\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.orderstream.events.v1.Event\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"$\n\x15PublishEventsResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x1d\n\x0fGetEventRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"V\n\x13UploadEventsRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.orderstream.events.v1.Event\"Z\n\x14UploadEventsResponse\x12\x13\n\x0b\x65vent_count\x18\x01 \x01(\x03\x12\x16\n\x0e\x66irst_event_id\x18\x02 \x01(\x03\x12\x15\n\rlast_event_id\x18\x03 \x01(\x03\"\x8b\x01\n\x13StreamEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x03\x12\r\n\x05types\x18\x02 \x03(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x10\n\x08\x63onsumer\x18\x05 \x01(\t\x12\x10\n\x08progress\x18\x06 \x01(\x08\x12\x0e\n\x06member\x18\x07 \x01(\t\"}\n\x14StreamEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.orderstream.events.v1.Event\x12\x37\n\x08progress\x18\x02 \x01(\x0b\x32%.orderstream.events.v1.StreamProgress\"Z\n\x0eStreamProgress\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x11\n\tcaught_up\x18\x02 \x01(\x08\x12\x12\n\npartitions\x18\x03 \x03(\x05\x12\x0f\n\x07members\x18\x04 \x01(\x05\"F\n\x10\x41\x63kEventsRequest\x12\x10\n\x08\x63onsumer\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x0e\n\x06member\x18\x03 \x01(\t\"%\n\x11\x41\x63kEventsResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\"\xfd\x01\n\x08\x43onsumer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x11\n\tdelivered\x18\x03 \x01(\x03\x12\x12\n\nlag_events\x18\x04 \x01(\x03\x12\x13\n\x0blag_seconds\x18\x05 \x01(\x01\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x61\x63k_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x07members\x18\x08 \x03(\x0b\x32%.orderstream.events.v1.ConsumerMember\"t\n\x0e\x43onsumerMember\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\npartitions\x18\x02 \x03(\x05\x12\x11\n\tdelivered\x18\x03 \x01(\x03\x12-\n\tseen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x16\n\x14ListConsumersRequest\"K\n\x15ListConsumersResponse\x12\x32\n\tconsumers\x18\x01 \x03(\x0b\x32\x1f.orderstream.events.v1.Consumer\"\"\n\x12GetConsumerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x14ResetConsumerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x32\xa8\x06\n\x0c\x45ventService\x12j\n\rPublishEvents\x12+.orderstream.events.v1.PublishEventsRequest\x1a,.orderstream.events.v1.PublishEventsResponse\x12P\n\x08GetEvent\x12&.orderstream.events.v1.GetEventRequest\x1a\x1c.orderstream.events.v1.Event\x12i\n\x0cUploadEvents\x12*.orderstream.events.v1.UploadEventsRequest\x1a+.orderstream.events.v1.UploadEventsResponse(\x01\x12i\n\x0cStreamEvents\x12*.orderstream.events.v1.StreamEventsRequest\x1a+.orderstream.events.v1.StreamEventsResponse0\x01\x12^\n\tAckEvents\x12\'.orderstream.events.v1.AckEventsRequest\x1a(.orderstream.events.v1.AckEventsResponse\x12j\n\rListConsumers\x12+.orderstream.events.v1.ListConsumersRequest\x1a,.orderstream.events.v1.ListConsumersResponse\x12Y\n\x0bGetConsumer\x12).orderstream.events.v1.GetConsumerRequest\x1a\x1f.orderstream.events.v1.Consumer\x12]\n\rResetConsumer\x12+.orderstream.events.v1.ResetConsumerRequest\x1a\x1f.orderstream.events.v1.Consumerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orderstream.events.v1.event_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUBLISHEVENTSREQUEST']._serialized_start=103
-  _globals['_PUBLISHEVENTSREQUEST']._serialized_end=191
-  _globals['_PUBLISHEVENTSRESPONSE']._serialized_start=193
-  _globals['_PUBLISHEVENTSRESPONSE']._serialized_end=229
-  _globals['_GETEVENTREQUEST']._serialized_start=231
-  _globals['_GETEVENTREQUEST']._serialized_end=260
-  _globals['_UPLOADEVENTSREQUEST']._serialized_start=262
-  _globals['_UPLOADEVENTSREQUEST']._serialized_end=348
-  _globals['_UPLOADEVENTSRESPONSE']._serialized_start=350
-  _globals['_UPLOADEVENTSRESPONSE']._serialized_end=440
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=442
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=529
-  _globals['_STREAMEVENTSRESPONSE']._serialized_start=531
-  _globals['_STREAMEVENTSRESPONSE']._serialized_end=599
-  _globals['_EVENTSERVICE']._serialized_start=602
-  _globals['_EVENTSERVICE']._serialized_end=1020
+  _globals['_PUBLISHEVENTSREQUEST']._serialized_start=136
+  _globals['_PUBLISHEVENTSREQUEST']._serialized_end=224
+  _globals['_PUBLISHEVENTSRESPONSE']._serialized_start=226
+  _globals['_PUBLISHEVENTSRESPONSE']._serialized_end=262
+  _globals['_GETEVENTREQUEST']._serialized_start=264
+  _globals['_GETEVENTREQUEST']._serialized_end=293
+  _globals['_UPLOADEVENTSREQUEST']._serialized_start=295
+  _globals['_UPLOADEVENTSREQUEST']._serialized_end=381
+  _globals['_UPLOADEVENTSRESPONSE']._serialized_start=383
+  _globals['_UPLOADEVENTSRESPONSE']._serialized_end=473
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=476
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=615
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=617
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=742
+  _globals['_STREAMPROGRESS']._serialized_start=744
+  _globals['_STREAMPROGRESS']._serialized_end=834
+  _globals['_ACKEVENTSREQUEST']._serialized_start=836
+  _globals['_ACKEVENTSREQUEST']._serialized_end=906
+  _globals['_ACKEVENTSRESPONSE']._serialized_start=908
+  _globals['_ACKEVENTSRESPONSE']._serialized_end=945
+  _globals['_CONSUMER']._serialized_start=948
+  _globals['_CONSUMER']._serialized_end=1201
+  _globals['_CONSUMERMEMBER']._serialized_start=1203
+  _globals['_CONSUMERMEMBER']._serialized_end=1319
+  _globals['_LISTCONSUMERSREQUEST']._serialized_start=1321
+  _globals['_LISTCONSUMERSREQUEST']._serialized_end=1343
+  _globals['_LISTCONSUMERSRESPONSE']._serialized_start=1345
+  _globals['_LISTCONSUMERSRESPONSE']._serialized_end=1420
+  _globals['_GETCONSUMERREQUEST']._serialized_start=1422
+  _globals['_GETCONSUMERREQUEST']._serialized_end=1456
+  _globals['_RESETCONSUMERREQUEST']._serialized_start=1458
+  _globals['_RESETCONSUMERREQUEST']._serialized_end=1512
+  _globals['_EVENTSERVICE']._serialized_start=1515
+  _globals['_EVENTSERVICE']._serialized_end=2323
 # @@protoc_insertion_point(module_scope)

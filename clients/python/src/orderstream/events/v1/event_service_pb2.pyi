@@ -7,6 +7,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from orderstream.events.v1 import event_pb2 as _event_pb2
 import builtins as _builtins
@@ -169,6 +170,9 @@ class StreamEventsRequest(_message.Message):
     TYPES_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
     after_id: _builtins.int
     """Stream events with an id greater than this; 0 streams from the start."""
     subject: _builtins.str
@@ -176,6 +180,30 @@ class StreamEventsRequest(_message.Message):
     follow: _builtins.bool
     """After the history, keep the stream open and send new events as they
     are committed, until the caller cancels or the deadline expires.
+    """
+    consumer: _builtins.str
+    """The durable consumer this stream reads for, 1..128 characters; created
+    at position 0 by its first stream. With it and `after_id` 0 the stream
+    starts right after the consumer's acknowledged position (AckEvents);
+    with `after_id` set, after that instead. Its position is not moved by
+    streaming, only by AckEvents.
+    """
+    progress: _builtins.bool
+    """Send `progress` messages besides the events: a heartbeat with the
+    stream's position when the filter has matched nothing for a while, and,
+    with `follow`, one marking that the history has caught up with live
+    events. Off by default, so callers from before it existed never see a
+    message without events.
+    """
+    member: _builtins.str
+    """With `consumer`: this stream's member name in the consumer's group,
+    1..128 characters. Streams of one consumer with distinct member names
+    split the feed by subject: each subject hashes to one of a fixed number
+    of partitions, each partition belongs to one live member, and its
+    events go to that member in id order. Members joining or leaving move
+    partitions between members; a partition's events are sent again from
+    its last acknowledged position (at least once). A member stream starts
+    from its partitions' positions: `after_id` must be 0.
     """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -188,10 +216,13 @@ class StreamEventsRequest(_message.Message):
         types: _abc.Iterable[_builtins.str] | None = ...,
         subject: _builtins.str = ...,
         follow: _builtins.bool = ...,
+        consumer: _builtins.str = ...,
+        progress: _builtins.bool = ...,
+        member: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "follow", b"follow", "subject", b"subject", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "consumer", b"consumer", "follow", b"follow", "member", b"member", "progress", b"progress", "subject", b"subject", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -199,24 +230,334 @@ Global___StreamEventsRequest: _TypeAlias = StreamEventsRequest  # noqa: Y015
 
 @_typing.final
 class StreamEventsResponse(_message.Message):
-    """One message of the StreamEvents stream."""
+    """One message of the StreamEvents stream: events, or (only when the
+    request asked for `progress`) progress.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]:
         """The next events, ascending by id."""
+
+    @_builtins.property
+    def progress(self) -> Global___StreamProgress:
+        """Set on a message without events."""
 
     def __init__(
         self,
         *,
         events: _abc.Iterable[_event_pb2.Event] | None = ...,
+        progress: Global___StreamProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamEventsResponse: _TypeAlias = StreamEventsResponse  # noqa: Y015
+
+@_typing.final
+class StreamProgress(_message.Message):
+    """Where a StreamEvents stream is, sent when the request asked for
+    `progress`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Every event with an id up to this one that matches the stream's filter
+    has been sent: a consumer may acknowledge this position even when
+    nothing it received came near it. Below the feed's safe horizon.
+    """
+    caught_up: _builtins.bool
+    """Set once per follow stream: the history is read, and what follows is
+    live events as they are committed.
+    """
+    members: _builtins.int
+    """Set with `partitions`: how many members the group has."""
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Set on a group member's stream (with `progress`) whenever its
+        partitions change, the first time included: the partitions it now
+        reads, ascending; empty when it has none (more members than
+        partitions).
+        """
+
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        caught_up: _builtins.bool = ...,
+        partitions: _abc.Iterable[_builtins.int] | None = ...,
+        members: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "members", b"members", "partitions", b"partitions", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamProgress: _TypeAlias = StreamProgress  # noqa: Y015
+
+@_typing.final
+class AckEventsRequest(_message.Message):
+    """Request for EventService.AckEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    consumer: _builtins.str
+    """Required. The durable consumer, as named in StreamEventsRequest."""
+    position: _builtins.int
+    """Required. Every event up to this id is processed; > 0, and no further
+    than the consumer's streams were sent (events or progress).
+    """
+    member: _builtins.str
+    """The member acknowledging, for a consumer group: the position applies
+    to the partitions the member reads (capped at where its stream
+    restarted, if its partitions changed since).
+    """
+    def __init__(
+        self,
+        *,
+        consumer: _builtins.str = ...,
+        position: _builtins.int = ...,
+        member: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "member", b"member", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckEventsRequest: _TypeAlias = AckEventsRequest  # noqa: Y015
+
+@_typing.final
+class AckEventsResponse(_message.Message):
+    """Response for EventService.AckEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """The consumer's acknowledged position after this call: `position`, or
+    the higher one already stored. For a member, the lowest position of
+    its partitions.
+    """
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckEventsResponse: _TypeAlias = AckEventsResponse  # noqa: Y015
+
+@_typing.final
+class Consumer(_message.Message):
+    """A durable consumer, as the service keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    LAG_EVENTS_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ACK_TIME_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name."""
+    position: _builtins.int
+    """Its acknowledged position: every event up to this id is processed."""
+    delivered: _builtins.int
+    """The furthest position its streams were sent; acknowledgements may go
+    up to it.
+    """
+    lag_events: _builtins.int
+    """Final events after `position`: counted up to 100,000 behind, beyond
+    that the distance in ids (which includes ids of rolled-back writes).
+    """
+    lag_seconds: _builtins.float
+    """How long ago (by its `time`) the oldest event after `position` was
+    written; 0 when there is none.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    @_builtins.property
+    def ack_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last acknowledged or reset; unset if never."""
+
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerMember]:
+        """GetConsumer only: the members of its group seen within the member
+        timeout, by name; none for a consumer read without member names.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        position: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        lag_events: _builtins.int = ...,
+        lag_seconds: _builtins.float = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        ack_time: _timestamp_pb2.Timestamp | None = ...,
+        members: _abc.Iterable[Global___ConsumerMember] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack_time", b"ack_time", "create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_time", b"ack_time", "create_time", b"create_time", "delivered", b"delivered", "lag_events", b"lag_events", "lag_seconds", b"lag_seconds", "members", b"members", "name", b"name", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Consumer: _TypeAlias = Consumer  # noqa: Y015
+
+@_typing.final
+class ConsumerMember(_message.Message):
+    """A live member of a consumer group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    SEEN_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its member name."""
+    delivered: _builtins.int
+    """The furthest position its stream was sent since its partitions last
+    changed.
+    """
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The partitions its stream reads, ascending."""
+
+    @_builtins.property
+    def seen_time(self) -> _timestamp_pb2.Timestamp:
+        """When its stream last refreshed its membership."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        partitions: _abc.Iterable[_builtins.int] | None = ...,
+        delivered: _builtins.int = ...,
+        seen_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["seen_time", b"seen_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "name", b"name", "partitions", b"partitions", "seen_time", b"seen_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumerMember: _TypeAlias = ConsumerMember  # noqa: Y015
+
+@_typing.final
+class ListConsumersRequest(_message.Message):
+    """Request for EventService.ListConsumers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsumersRequest: _TypeAlias = ListConsumersRequest  # noqa: Y015
+
+@_typing.final
+class ListConsumersResponse(_message.Message):
+    """Response for EventService.ListConsumers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def consumers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consumer]:
+        """Every consumer, by name (at most 1,000)."""
+
+    def __init__(
+        self,
+        *,
+        consumers: _abc.Iterable[Global___Consumer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsumersResponse: _TypeAlias = ListConsumersResponse  # noqa: Y015
+
+@_typing.final
+class GetConsumerRequest(_message.Message):
+    """Request for EventService.GetConsumer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The consumer's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsumerRequest: _TypeAlias = GetConsumerRequest  # noqa: Y015
+
+@_typing.final
+class ResetConsumerRequest(_message.Message):
+    """Request for EventService.ResetConsumer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The consumer's name."""
+    position: _builtins.int
+    """The new position, >= 0 (0: from the start of the feed) and below the
+    feed's safe horizon.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetConsumerRequest: _TypeAlias = ResetConsumerRequest  # noqa: Y015

@@ -62,6 +62,26 @@ class EventServiceStub:
                 request_serializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.StreamEventsResponse.FromString,
                 _registered_method=True)
+        self.AckEvents = channel.unary_unary(
+                '/orderstream.events.v1.EventService/AckEvents',
+                request_serializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.AckEventsRequest.SerializeToString,
+                response_deserializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.AckEventsResponse.FromString,
+                _registered_method=True)
+        self.ListConsumers = channel.unary_unary(
+                '/orderstream.events.v1.EventService/ListConsumers',
+                request_serializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.ListConsumersRequest.SerializeToString,
+                response_deserializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.ListConsumersResponse.FromString,
+                _registered_method=True)
+        self.GetConsumer = channel.unary_unary(
+                '/orderstream.events.v1.EventService/GetConsumer',
+                request_serializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.GetConsumerRequest.SerializeToString,
+                response_deserializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.Consumer.FromString,
+                _registered_method=True)
+        self.ResetConsumer = channel.unary_unary(
+                '/orderstream.events.v1.EventService/ResetConsumer',
+                request_serializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.ResetConsumerRequest.SerializeToString,
+                response_deserializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.Consumer.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -103,6 +123,44 @@ class EventServiceServicer:
     def StreamEvents(self, request, context):
         """Streams events after a position, in position order, many per message;
         with `follow`, keeps streaming new events as they are committed.
+        With `consumer`, the stream reads for a durable consumer whose position
+        the service keeps: without `after_id` it resumes right after the
+        consumer's acknowledged position.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckEvents(self, request, context):
+        """Acknowledges, for a durable consumer, every event up to `position`.
+        The stored position never moves backwards: a lower position leaves it
+        where it was (so a repeated or late acknowledgement is harmless), and
+        the response says where it is. A position past what the consumer's
+        streams were sent is OUT_OF_RANGE (ACK_PAST_DELIVERED); an unknown
+        consumer is NOT_FOUND (CONSUMER_NOT_FOUND). Any replica may answer it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConsumers(self, request, context):
+        """Lists the durable consumers, by name. Needs the `admin` scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsumer(self, request, context):
+        """Describes one durable consumer. Needs the `admin` scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetConsumer(self, request, context):
+        """Moves a durable consumer's position to `position`, backwards or
+        forwards (the one way a position moves backwards): its next stream
+        without `after_id` starts after it. Needs the `admin` scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +188,26 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.StreamEventsRequest.FromString,
                     response_serializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.StreamEventsResponse.SerializeToString,
+            ),
+            'AckEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckEvents,
+                    request_deserializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.AckEventsRequest.FromString,
+                    response_serializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.AckEventsResponse.SerializeToString,
+            ),
+            'ListConsumers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConsumers,
+                    request_deserializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.ListConsumersRequest.FromString,
+                    response_serializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.ListConsumersResponse.SerializeToString,
+            ),
+            'GetConsumer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsumer,
+                    request_deserializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.GetConsumerRequest.FromString,
+                    response_serializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.Consumer.SerializeToString,
+            ),
+            'ResetConsumer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetConsumer,
+                    request_deserializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.ResetConsumerRequest.FromString,
+                    response_serializer=orderstream_dot_events_dot_v1_dot_event__service__pb2.Consumer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -246,6 +324,114 @@ class EventService:
             '/orderstream.events.v1.EventService/StreamEvents',
             orderstream_dot_events_dot_v1_dot_event__service__pb2.StreamEventsRequest.SerializeToString,
             orderstream_dot_events_dot_v1_dot_event__service__pb2.StreamEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orderstream.events.v1.EventService/AckEvents',
+            orderstream_dot_events_dot_v1_dot_event__service__pb2.AckEventsRequest.SerializeToString,
+            orderstream_dot_events_dot_v1_dot_event__service__pb2.AckEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConsumers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orderstream.events.v1.EventService/ListConsumers',
+            orderstream_dot_events_dot_v1_dot_event__service__pb2.ListConsumersRequest.SerializeToString,
+            orderstream_dot_events_dot_v1_dot_event__service__pb2.ListConsumersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsumer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orderstream.events.v1.EventService/GetConsumer',
+            orderstream_dot_events_dot_v1_dot_event__service__pb2.GetConsumerRequest.SerializeToString,
+            orderstream_dot_events_dot_v1_dot_event__service__pb2.Consumer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetConsumer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orderstream.events.v1.EventService/ResetConsumer',
+            orderstream_dot_events_dot_v1_dot_event__service__pb2.ResetConsumerRequest.SerializeToString,
+            orderstream_dot_events_dot_v1_dot_event__service__pb2.Consumer.FromString,
             options,
             channel_credentials,
             insecure,

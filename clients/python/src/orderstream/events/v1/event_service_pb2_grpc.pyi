@@ -58,6 +58,26 @@ class EventServiceStub:
     StreamEvents: _grpc.UnaryStreamMultiCallable[_event_service_pb2.StreamEventsRequest, _event_service_pb2.StreamEventsResponse]
     """Streams events after a position, in position order, many per message;
     with `follow`, keeps streaming new events as they are committed.
+    With `consumer`, the stream reads for a durable consumer whose position
+    the service keeps: without `after_id` it resumes right after the
+    consumer's acknowledged position.
+    """
+    AckEvents: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.AckEventsRequest, _event_service_pb2.AckEventsResponse]
+    """Acknowledges, for a durable consumer, every event up to `position`.
+    The stored position never moves backwards: a lower position leaves it
+    where it was (so a repeated or late acknowledgement is harmless), and
+    the response says where it is. A position past what the consumer's
+    streams were sent is OUT_OF_RANGE (ACK_PAST_DELIVERED); an unknown
+    consumer is NOT_FOUND (CONSUMER_NOT_FOUND). Any replica may answer it.
+    """
+    ListConsumers: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.ListConsumersRequest, _event_service_pb2.ListConsumersResponse]
+    """Lists the durable consumers, by name. Needs the `admin` scope."""
+    GetConsumer: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.GetConsumerRequest, _event_service_pb2.Consumer]
+    """Describes one durable consumer. Needs the `admin` scope."""
+    ResetConsumer: _grpc.UnaryUnaryMultiCallable[_event_service_pb2.ResetConsumerRequest, _event_service_pb2.Consumer]
+    """Moves a durable consumer's position to `position`, backwards or
+    forwards (the one way a position moves backwards): its next stream
+    without `after_id` starts after it. Needs the `admin` scope.
     """
 
 @_typing.type_check_only
@@ -88,6 +108,26 @@ class EventServiceAsyncStub(EventServiceStub):
     StreamEvents: _aio.UnaryStreamMultiCallable[_event_service_pb2.StreamEventsRequest, _event_service_pb2.StreamEventsResponse]  # type: ignore[assignment]
     """Streams events after a position, in position order, many per message;
     with `follow`, keeps streaming new events as they are committed.
+    With `consumer`, the stream reads for a durable consumer whose position
+    the service keeps: without `after_id` it resumes right after the
+    consumer's acknowledged position.
+    """
+    AckEvents: _aio.UnaryUnaryMultiCallable[_event_service_pb2.AckEventsRequest, _event_service_pb2.AckEventsResponse]  # type: ignore[assignment]
+    """Acknowledges, for a durable consumer, every event up to `position`.
+    The stored position never moves backwards: a lower position leaves it
+    where it was (so a repeated or late acknowledgement is harmless), and
+    the response says where it is. A position past what the consumer's
+    streams were sent is OUT_OF_RANGE (ACK_PAST_DELIVERED); an unknown
+    consumer is NOT_FOUND (CONSUMER_NOT_FOUND). Any replica may answer it.
+    """
+    ListConsumers: _aio.UnaryUnaryMultiCallable[_event_service_pb2.ListConsumersRequest, _event_service_pb2.ListConsumersResponse]  # type: ignore[assignment]
+    """Lists the durable consumers, by name. Needs the `admin` scope."""
+    GetConsumer: _aio.UnaryUnaryMultiCallable[_event_service_pb2.GetConsumerRequest, _event_service_pb2.Consumer]  # type: ignore[assignment]
+    """Describes one durable consumer. Needs the `admin` scope."""
+    ResetConsumer: _aio.UnaryUnaryMultiCallable[_event_service_pb2.ResetConsumerRequest, _event_service_pb2.Consumer]  # type: ignore[assignment]
+    """Moves a durable consumer's position to `position`, backwards or
+    forwards (the one way a position moves backwards): its next stream
+    without `after_id` starts after it. Needs the `admin` scope.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -139,6 +179,50 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_event_service_pb2.StreamEventsResponse], _abc.AsyncIterator[_event_service_pb2.StreamEventsResponse]]:
         """Streams events after a position, in position order, many per message;
         with `follow`, keeps streaming new events as they are committed.
+        With `consumer`, the stream reads for a durable consumer whose position
+        the service keeps: without `after_id` it resumes right after the
+        consumer's acknowledged position.
+        """
+
+    @_abc_1.abstractmethod
+    def AckEvents(
+        self,
+        request: _event_service_pb2.AckEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_service_pb2.AckEventsResponse, _abc.Awaitable[_event_service_pb2.AckEventsResponse]]:
+        """Acknowledges, for a durable consumer, every event up to `position`.
+        The stored position never moves backwards: a lower position leaves it
+        where it was (so a repeated or late acknowledgement is harmless), and
+        the response says where it is. A position past what the consumer's
+        streams were sent is OUT_OF_RANGE (ACK_PAST_DELIVERED); an unknown
+        consumer is NOT_FOUND (CONSUMER_NOT_FOUND). Any replica may answer it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListConsumers(
+        self,
+        request: _event_service_pb2.ListConsumersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_service_pb2.ListConsumersResponse, _abc.Awaitable[_event_service_pb2.ListConsumersResponse]]:
+        """Lists the durable consumers, by name. Needs the `admin` scope."""
+
+    @_abc_1.abstractmethod
+    def GetConsumer(
+        self,
+        request: _event_service_pb2.GetConsumerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_service_pb2.Consumer, _abc.Awaitable[_event_service_pb2.Consumer]]:
+        """Describes one durable consumer. Needs the `admin` scope."""
+
+    @_abc_1.abstractmethod
+    def ResetConsumer(
+        self,
+        request: _event_service_pb2.ResetConsumerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_service_pb2.Consumer, _abc.Awaitable[_event_service_pb2.Consumer]]:
+        """Moves a durable consumer's position to `position`, backwards or
+        forwards (the one way a position moves backwards): its next stream
+        without `after_id` starts after it. Needs the `admin` scope.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

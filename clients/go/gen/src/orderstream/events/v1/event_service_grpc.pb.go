@@ -31,7 +31,25 @@ type EventServiceClient interface {
 	UploadEvents(ctx context.Context, opts ...grpc.CallOption) (EventService_UploadEventsClient, error)
 	// Streams events after a position, in position order, many per message;
 	// with `follow`, keeps streaming new events as they are committed.
+	// With `consumer`, the stream reads for a durable consumer whose position
+	// the service keeps: without `after_id` it resumes right after the
+	// consumer's acknowledged position.
 	StreamEvents(ctx context.Context, in *StreamEventsRequest, opts ...grpc.CallOption) (EventService_StreamEventsClient, error)
+	// Acknowledges, for a durable consumer, every event up to `position`.
+	// The stored position never moves backwards: a lower position leaves it
+	// where it was (so a repeated or late acknowledgement is harmless), and
+	// the response says where it is. A position past what the consumer's
+	// streams were sent is OUT_OF_RANGE (ACK_PAST_DELIVERED); an unknown
+	// consumer is NOT_FOUND (CONSUMER_NOT_FOUND). Any replica may answer it.
+	AckEvents(ctx context.Context, in *AckEventsRequest, opts ...grpc.CallOption) (*AckEventsResponse, error)
+	// Lists the durable consumers, by name. Needs the `admin` scope.
+	ListConsumers(ctx context.Context, in *ListConsumersRequest, opts ...grpc.CallOption) (*ListConsumersResponse, error)
+	// Describes one durable consumer. Needs the `admin` scope.
+	GetConsumer(ctx context.Context, in *GetConsumerRequest, opts ...grpc.CallOption) (*Consumer, error)
+	// Moves a durable consumer's position to `position`, backwards or
+	// forwards (the one way a position moves backwards): its next stream
+	// without `after_id` starts after it. Needs the `admin` scope.
+	ResetConsumer(ctx context.Context, in *ResetConsumerRequest, opts ...grpc.CallOption) (*Consumer, error)
 }
 
 type eventServiceClient struct {
@@ -126,6 +144,42 @@ func (x *eventServiceStreamEventsClient) Recv() (*StreamEventsResponse, error) {
 	return m, nil
 }
 
+func (c *eventServiceClient) AckEvents(ctx context.Context, in *AckEventsRequest, opts ...grpc.CallOption) (*AckEventsResponse, error) {
+	out := new(AckEventsResponse)
+	err := c.cc.Invoke(ctx, "/orderstream.events.v1.EventService/AckEvents", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *eventServiceClient) ListConsumers(ctx context.Context, in *ListConsumersRequest, opts ...grpc.CallOption) (*ListConsumersResponse, error) {
+	out := new(ListConsumersResponse)
+	err := c.cc.Invoke(ctx, "/orderstream.events.v1.EventService/ListConsumers", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *eventServiceClient) GetConsumer(ctx context.Context, in *GetConsumerRequest, opts ...grpc.CallOption) (*Consumer, error) {
+	out := new(Consumer)
+	err := c.cc.Invoke(ctx, "/orderstream.events.v1.EventService/GetConsumer", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *eventServiceClient) ResetConsumer(ctx context.Context, in *ResetConsumerRequest, opts ...grpc.CallOption) (*Consumer, error) {
+	out := new(Consumer)
+	err := c.cc.Invoke(ctx, "/orderstream.events.v1.EventService/ResetConsumer", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // EventServiceServer is the server API for EventService service.
 // All implementations must embed UnimplementedEventServiceServer
 // for forward compatibility
@@ -144,7 +198,25 @@ type EventServiceServer interface {
 	UploadEvents(EventService_UploadEventsServer) error
 	// Streams events after a position, in position order, many per message;
 	// with `follow`, keeps streaming new events as they are committed.
+	// With `consumer`, the stream reads for a durable consumer whose position
+	// the service keeps: without `after_id` it resumes right after the
+	// consumer's acknowledged position.
 	StreamEvents(*StreamEventsRequest, EventService_StreamEventsServer) error
+	// Acknowledges, for a durable consumer, every event up to `position`.
+	// The stored position never moves backwards: a lower position leaves it
+	// where it was (so a repeated or late acknowledgement is harmless), and
+	// the response says where it is. A position past what the consumer's
+	// streams were sent is OUT_OF_RANGE (ACK_PAST_DELIVERED); an unknown
+	// consumer is NOT_FOUND (CONSUMER_NOT_FOUND). Any replica may answer it.
+	AckEvents(context.Context, *AckEventsRequest) (*AckEventsResponse, error)
+	// Lists the durable consumers, by name. Needs the `admin` scope.
+	ListConsumers(context.Context, *ListConsumersRequest) (*ListConsumersResponse, error)
+	// Describes one durable consumer. Needs the `admin` scope.
+	GetConsumer(context.Context, *GetConsumerRequest) (*Consumer, error)
+	// Moves a durable consumer's position to `position`, backwards or
+	// forwards (the one way a position moves backwards): its next stream
+	// without `after_id` starts after it. Needs the `admin` scope.
+	ResetConsumer(context.Context, *ResetConsumerRequest) (*Consumer, error)
 	mustEmbedUnimplementedEventServiceServer()
 }
 
@@ -163,6 +235,18 @@ func (UnimplementedEventServiceServer) UploadEvents(EventService_UploadEventsSer
 }
 func (UnimplementedEventServiceServer) StreamEvents(*StreamEventsRequest, EventService_StreamEventsServer) error {
 	return status.Errorf(codes.Unimplemented, "method StreamEvents not implemented")
+}
+func (UnimplementedEventServiceServer) AckEvents(context.Context, *AckEventsRequest) (*AckEventsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AckEvents not implemented")
+}
+func (UnimplementedEventServiceServer) ListConsumers(context.Context, *ListConsumersRequest) (*ListConsumersResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListConsumers not implemented")
+}
+func (UnimplementedEventServiceServer) GetConsumer(context.Context, *GetConsumerRequest) (*Consumer, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetConsumer not implemented")
+}
+func (UnimplementedEventServiceServer) ResetConsumer(context.Context, *ResetConsumerRequest) (*Consumer, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ResetConsumer not implemented")
 }
 func (UnimplementedEventServiceServer) mustEmbedUnimplementedEventServiceServer() {}
 
@@ -260,6 +344,78 @@ func (x *eventServiceStreamEventsServer) Send(m *StreamEventsResponse) error {
 	return x.ServerStream.SendMsg(m)
 }
 
+func _EventService_AckEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AckEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EventServiceServer).AckEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/orderstream.events.v1.EventService/AckEvents",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EventServiceServer).AckEvents(ctx, req.(*AckEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _EventService_ListConsumers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListConsumersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EventServiceServer).ListConsumers(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/orderstream.events.v1.EventService/ListConsumers",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EventServiceServer).ListConsumers(ctx, req.(*ListConsumersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _EventService_GetConsumer_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetConsumerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EventServiceServer).GetConsumer(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/orderstream.events.v1.EventService/GetConsumer",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EventServiceServer).GetConsumer(ctx, req.(*GetConsumerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _EventService_ResetConsumer_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResetConsumerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EventServiceServer).ResetConsumer(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/orderstream.events.v1.EventService/ResetConsumer",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EventServiceServer).ResetConsumer(ctx, req.(*ResetConsumerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _EventService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "orderstream.events.v1.EventService",
 	HandlerType: (*EventServiceServer)(nil),
@@ -271,6 +427,22 @@ var _EventService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetEvent",
 			Handler:    _EventService_GetEvent_Handler,
+		},
+		{
+			MethodName: "AckEvents",
+			Handler:    _EventService_AckEvents_Handler,
+		},
+		{
+			MethodName: "ListConsumers",
+			Handler:    _EventService_ListConsumers_Handler,
+		},
+		{
+			MethodName: "GetConsumer",
+			Handler:    _EventService_GetConsumer_Handler,
+		},
+		{
+			MethodName: "ResetConsumer",
+			Handler:    _EventService_ResetConsumer_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
