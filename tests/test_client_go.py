@@ -35,6 +35,7 @@ GO_TESTS = {
     "TestWritesCarryRequestIDs",
     "TestMutualTLSAndTokens",
     "TestFollowSurvivesASigtermOfItsServer",
+    "TestConsumeEventsResumesAfterWhatItAcknowledged",
 }
 
 pytestmark = pytest.mark.slow

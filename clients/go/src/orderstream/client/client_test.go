@@ -333,3 +333,67 @@ func TestFollowSurvivesASigtermOfItsServer(t *testing.T) {
 		t.Fatalf("received %v\npublished %v", received, published)
 	}
 }
+
+// Every AckEvery events the last one handled is acknowledged: a consumer
+// that stops at the 7th of 12 events (5 acknowledged) has the next one
+// start at the 6th, with no gap, and one that reaches the live end is
+// acknowledged that far.
+func TestConsumeEventsResumesAfterWhatItAcknowledged(t *testing.T) {
+	conn, ctx := plain(t), timeout(t)
+	consumer, subject := unique("go-consumer"), unique("/go/consume")
+	ids, err := client.PublishEvents(ctx, conn, newEvents(subject, 0, 12), client.WriteOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stub := eventsv1.NewEventServiceClient(conn)
+	position := func() int64 {
+		found, err := stub.GetConsumer(ctx, &eventsv1.GetConsumerRequest{Name: consumer})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return found.Position
+	}
+	o := client.ConsumeOptions{Consumer: consumer, Subject: subject, AckEvery: 5}
+	var received []int64
+	errStop := fmt.Errorf("stop")
+	err = client.ConsumeEvents(ctx, conn, o, func(event *eventsv1.Event) error {
+		received = append(received, event.Id)
+		if len(received) == 7 {
+			return errStop
+		}
+		return nil
+	})
+	if err != errStop {
+		t.Fatalf("ConsumeEvents returned %v, not handle's error", err)
+	}
+	if !reflect.DeepEqual(received, ids[:7]) {
+		t.Fatalf("received %v, want %v", received, ids[:7])
+	}
+	if acked := position(); acked != ids[4] {
+		t.Fatalf("acknowledged %d, want %d (the 5th event)", acked, ids[4])
+	}
+
+	following, stop := context.WithCancel(ctx)
+	defer stop()
+	done := make(chan error, 1)
+	var resumed []int64
+	go func() {
+		done <- client.ConsumeEvents(following, conn, o, func(event *eventsv1.Event) error {
+			resumed = append(resumed, event.Id)
+			return nil
+		})
+	}()
+	for deadline := time.Now().Add(30 * time.Second); position() != ids[11]; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the live end (%d) was not acknowledged: %d", ids[11], position())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	stop()
+	if err := <-done; status.Code(err) != codes.Canceled && err != context.Canceled {
+		t.Fatalf("a cancelled ConsumeEvents returned %v", err)
+	}
+	if !reflect.DeepEqual(resumed, ids[5:]) {
+		t.Fatalf("the next consumer received %v, want %v", resumed, ids[5:])
+	}
+}
