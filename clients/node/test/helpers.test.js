@@ -8,6 +8,7 @@ import { randomUUID } from "node:crypto";
 import { test } from "node:test";
 import { Code } from "@connectrpc/connect";
 import {
+  consumeEvents,
   createOrder,
   createOrderstreamClients,
   publishEvents,
@@ -119,6 +120,42 @@ test("mTLS with a known certificate, and a token for an unknown one", async () =
   );
   const withToken = createOrderstreamClients(url, { ...stranger, token: env("ORDERSTREAM_TOKEN") });
   assert.ok((await createOrder(withToken.orders, newOrder(`node-${randomUUID()}`))).id > 0n);
+});
+
+// Every ackEvery events the last processed one is acknowledged: a consumer
+// that stops at the 7th of 12 events (5 acknowledged) has the next one
+// start at the 6th, with no gap, and one that reaches the live end is
+// acknowledged that far.
+test("consumeEvents resumes after what it acknowledged", async () => {
+  const { events } = plain();
+  const consumer = `node-consumer-${randomUUID()}`;
+  const subject = `/node/consume/${randomUUID()}`;
+  const ids = await publishEvents(events, newEvents(subject, 0, 12));
+  const position = async () => (await events.getConsumer({ name: consumer })).position;
+  const received = [];
+  for await (const event of consumeEvents(events, consumer, { subject, ackEvery: 5 })) {
+    received.push(event.id);
+    if (received.length === 7) break;
+  }
+  assert.deepEqual(received, ids.slice(0, 7));
+  assert.equal(await position(), ids[4]);
+
+  const stop = new AbortController();
+  const resumed = [];
+  const following = (async () => {
+    for await (const event of consumeEvents(events, consumer, { subject, ackEvery: 5, signal: stop.signal })) {
+      resumed.push(event.id);
+    }
+  })();
+  following.catch(() => {}); // awaited below, once stopped
+  const deadline = Date.now() + 30_000;
+  while ((await position()) !== ids[11]) {
+    assert.ok(Date.now() < deadline, "the live end is acknowledged");
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  stop.abort();
+  await assert.rejects(following, (error) => error.name === "AbortError" || error.code === Code.Canceled);
+  assert.deepEqual(resumed, ids.slice(5));
 });
 
 // Publishes under one request id until a process takes the events: the
