@@ -36,6 +36,8 @@ GO_TESTS = {
     "TestMutualTLSAndTokens",
     "TestFollowSurvivesASigtermOfItsServer",
     "TestConsumeEventsResumesAfterWhatItAcknowledged",
+    "TestConsumeEventsReopensABrokenStreamAfterWhatItAcknowledged",
+    "TestConsumeEventsDoesNotReopenAStreamThatFailedOtherwise",
 }
 
 pytestmark = pytest.mark.slow
