@@ -3,7 +3,8 @@
 // same as Python's orderstream.client: a connection with TLS (optionally
 // mutual), tokens, keepalive and the default service config; writes that
 // always carry an idempotency key; uploads retried under their upload id;
-// and event streams that resume after the last event delivered.
+// event streams that resume after the last event delivered; and durable
+// consumers that acknowledge as they go.
 //
 //	conn, err := client.Dial(ctx, "dns:///orderstream:50051", client.Options{CAFile: "ca.crt"})
 //	if err != nil { ... }
