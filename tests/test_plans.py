@@ -38,6 +38,7 @@ from devcluster import sample_data
 from devcluster.cluster import Cluster
 from service.db.migrate import migrate
 from service.db.pool import close_pool, direct_session, open_pool
+from service.events import groups
 from service.events import sql as events_sql
 from service.orders import sql as orders_sql
 from service.orders.filters import window_query
@@ -61,6 +62,9 @@ def _builder_variants(function: Callable[..., str]) -> Iterator[dict[str, Any]]:
             choices[name] = [False, True]
         elif isinstance(parameter.annotation, type) and issubclass(parameter.annotation, enum.Enum):
             choices[name] = list(parameter.annotation)
+        elif name == "partitions":
+            # A stream's own page, and a group member's (service/events/groups.py).
+            choices[name] = [0, groups.PARTITIONS]
         elif name == "filters":
             names = list(orders_sql.LIST_FILTERS)
             choices[name] = [
@@ -146,6 +150,9 @@ def arguments(
             ROWS + 1,
             *events_sql.type_filter(RARE_TYPES[kwargs["types"]])[1],
             *([f"orders/{ROWS // 10 - 1}"] if kwargs["with_subject"] else []),
+            # One member of four: a quarter of the partitions, so a page in
+            # id order reads about four rows for each it keeps.
+            *([list(range(groups.PARTITIONS // 4))] if kwargs["partitions"] else []),
             events_sql.PAGE_ROWS,
             events_sql.PAGE_BYTES,
         ]
@@ -278,7 +285,8 @@ async def test_a_read_statement_keeps_an_index_plan(pooled: asyncpg.Connection, 
 def test_statements_are_collected_from_the_sql_modules():
     """The collection sees the statements the issue named, in every variant."""
     assert "GET_ORDER" in STATEMENTS and "SAFE_HORIZON" in STATEMENTS
-    assert "events_page(types=Types.SOME, with_subject=True)" in STATEMENTS
+    assert "events_page(types=Types.SOME, with_subject=True, partitions=0)" in STATEMENTS
+    assert "events_page(types=Types.ANY, with_subject=False, partitions=16)" in STATEMENTS
     assert sum(label.startswith("list_orders(") for label in STATEMENTS) == 16
     assert not any(
         sql.lstrip().upper().startswith(("INSERT", "WITH")) for sql, _ in STATEMENTS.values()
