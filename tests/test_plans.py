@@ -36,8 +36,9 @@ import pytest
 
 from devcluster import sample_data
 from devcluster.cluster import Cluster
-from service.db.migrate import migrate
+from service.db.migrate import available_migrations, migrate
 from service.db.pool import close_pool, direct_session, open_pool
+from service.events import groups
 from service.events import groups
 from service.events import sql as events_sql
 from service.orders import sql as orders_sql
@@ -339,3 +340,10 @@ async def test_a_creation_window_is_walked_between_its_first_and_last_ids(
                 assert found == expected, (after, before, edge)
     finally:
         await conn.close()
+
+
+def test_the_partition_statistics_are_on_the_statements_expression():
+    """Migration 0011's statistics help only while their expression is the
+    one a group member's page filters by."""
+    (migration,) = [m for m in available_migrations() if m.version == 11]
+    assert events_sql.PARTITION_OF_SUBJECT.format(partitions=groups.PARTITIONS) in migration.sql
