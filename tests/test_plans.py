@@ -39,7 +39,6 @@ from devcluster.cluster import Cluster
 from service.db.migrate import available_migrations, migrate
 from service.db.pool import close_pool, direct_session, open_pool
 from service.events import groups
-from service.events import groups
 from service.events import sql as events_sql
 from service.orders import sql as orders_sql
 from service.orders.filters import window_query
