@@ -103,6 +103,11 @@ class _Batches:
             if start < count:  # row `start` did not fit: this message is full
                 await self.flush()
 
+    def discard(self) -> None:
+        """Forgets what is packed and not sent: a read that failed halfway
+        is read again from the last event sent."""
+        self._chunks, self._size, self._rows = [], 0, 0
+
     async def flush(self) -> None:
         if self._rows:
             # Runs of `events` entries joined are one StreamEventsResponse.
@@ -289,6 +294,11 @@ class _Stream:
                 first = False
                 await self._keep_membership()
             await self.batches.flush()
+        except BaseException:
+            # What was packed and not sent comes again with the retry
+            # (the position follows writes only), so it must not stay.
+            self.batches.discard()
+            raise
         finally:
             if not pending.done():
                 pending.cancel()
