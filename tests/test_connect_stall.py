@@ -30,12 +30,14 @@ async def test_a_connection_that_cannot_open_is_unavailable(pg_cluster, service_
         stub = order_service_pb2_grpc.OrderServiceStub(channel)
         get = order_service_pb2.GetOrderRequest(id=order.id)
         # No connection left in the pool, and none can be opened: the
-        # proxy accepts, then drops every byte (a stalled network).
+        # proxy accepts, then drops every byte (a stalled network). In that
+        # order, so that the service's own background reads (the health
+        # check, the consumers' lag) cannot open a new one meanwhile.
+        proxy.blackhole()
         proxy.cut()
         await eventually(
             lambda: _no_connections(app), what="the pool to notice its connections are gone"
         )
-        proxy.blackhole()
         error = await rpc_error(stub.GetOrder(get, timeout=10))
         assert error.code == grpc.StatusCode.UNAVAILABLE
         assert error.error_info.reason == "DATABASE_UNAVAILABLE"
