@@ -203,6 +203,12 @@ RETRIED = {
     "orderstream.events.v1.EventService/PublishEvents": set(),
     "orderstream.events.v1.EventService/UploadEvents": {"UNAVAILABLE"},  # upload_id required
     "orderstream.events.v1.EventService/StreamEvents": {"UNAVAILABLE"},
+    # A position never moves backwards: a repeated acknowledgement changes nothing.
+    "orderstream.events.v1.EventService/AckEvents": {"UNAVAILABLE", "ABORTED"},
+    "orderstream.events.v1.EventService/ListConsumers": {"UNAVAILABLE", "ABORTED"},
+    "orderstream.events.v1.EventService/GetConsumer": {"UNAVAILABLE", "ABORTED"},
+    # Sets a position: a repeat sets the same one.
+    "orderstream.events.v1.EventService/ResetConsumer": {"UNAVAILABLE", "ABORTED"},
 }
 
 

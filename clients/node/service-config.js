@@ -28,7 +28,7 @@ export const DEFAULT_SERVICE_CONFIG = {
     {
       name: [
         ...methods(ORDERS, "GetOrder", "ListOrders", "CreateOrder"),
-        ...methods(EVENTS, "GetEvent"),
+        ...methods(EVENTS, "GetEvent", "AckEvents", "ListConsumers", "GetConsumer", "ResetConsumer"),
       ],
       timeout: "10s",
       retryPolicy: retry("UNAVAILABLE", "ABORTED"),

@@ -17,8 +17,9 @@ import (
 // ServiceConfig is the service config every connection from Dial starts
 // with: the very table of Python's DEFAULT_SERVICE_CONFIG (the suite checks
 // that they are equal), whose comments there say why each method is or is
-// not retried. In short: round_robin over a headless Service's pods; reads
-// and CreateOrder retried on UNAVAILABLE and ABORTED; UpdateOrderStatus on
+// not retried. In short: round_robin over a headless Service's pods; reads,
+// CreateOrder and the durable consumer's calls (AckEvents never moves a
+// position back, ResetConsumer sets one) retried on UNAVAILABLE and ABORTED; UpdateOrderStatus on
 // UNAVAILABLE only; PublishEvents never (PublishEvents here sets a
 // request_id and retries on its own); streams without a timeout, retried on
 // UNAVAILABLE before their first response; retryThrottling.
@@ -34,7 +35,11 @@ const ServiceConfig = `{
         {"service": "orderstream.orders.v1.OrderService", "method": "GetOrder"},
         {"service": "orderstream.orders.v1.OrderService", "method": "ListOrders"},
         {"service": "orderstream.orders.v1.OrderService", "method": "CreateOrder"},
-        {"service": "orderstream.events.v1.EventService", "method": "GetEvent"}
+        {"service": "orderstream.events.v1.EventService", "method": "GetEvent"},
+        {"service": "orderstream.events.v1.EventService", "method": "AckEvents"},
+        {"service": "orderstream.events.v1.EventService", "method": "ListConsumers"},
+        {"service": "orderstream.events.v1.EventService", "method": "GetConsumer"},
+        {"service": "orderstream.events.v1.EventService", "method": "ResetConsumer"}
       ],
       "timeout": "10s",
       "retryPolicy": {

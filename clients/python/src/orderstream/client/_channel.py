@@ -42,8 +42,12 @@ def _retry(*codes: str) -> dict[str, Any]:
 #: - PublishEvents is not retried here: its `request_id` is optional, and a
 #:   repeat without one writes the events twice. `publish_events` sets one
 #:   and retries on its own.
+#: - A durable consumer's calls are idempotent too: AckEvents never moves a
+#:   position backwards (a repeat leaves it where the first put it) and
+#:   ResetConsumer sets one; the others read.
 #: - ABORTED (serialization failure, deadlock) is retried only where a second
-#:   attempt cannot write twice and can succeed: reads and CreateOrder.
+#:   attempt cannot write twice and can succeed: reads, CreateOrder and the
+#:   consumer calls.
 #:   UpdateOrderStatus is not among them: its ABORTED mostly means a stale
 #:   `expected_version`, which a blind repeat cannot fix.
 #: - Streams get no timeout (an export or a follow stream may run for hours);
@@ -59,7 +63,14 @@ DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
         {
             "name": [
                 *_methods(_ORDERS, "GetOrder", "ListOrders", "CreateOrder"),
-                *_methods(_EVENTS, "GetEvent"),
+                *_methods(
+                    _EVENTS,
+                    "GetEvent",
+                    "AckEvents",
+                    "ListConsumers",
+                    "GetConsumer",
+                    "ResetConsumer",
+                ),
             ],
             "timeout": "10s",
             "retryPolicy": _retry("UNAVAILABLE", "ABORTED"),
