@@ -413,7 +413,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=size_list, default=[100_000, 1_000_000])
-    parser.add_argument("--calls", type=int, default=200, help="timed calls per read shape")
+    parser.add_argument("--calls", type=int, default=1000, help="timed calls per read shape")
     parser.add_argument(
         "--budget", type=float, default=15.0, help="seconds of timed calls per read shape, at most"
     )

@@ -76,6 +76,27 @@ def _checked(request: event_service_pb2.StreamEventsRequest) -> None:
     v.raise_if_any()
 
 
+# Pages still being read when their stream ended (the caller cancelled, a
+# write failed): each is one statement bounded in rows, bytes and time,
+# left to finish and give its connection back by itself. Cancelling it
+# would make asyncpg open a new TLS connection to send PostgreSQL a
+# CancelRequest, which costs both processes more than the rest of the page,
+# at the moment a reader that took its first events and left, a common way
+# to read, moves on to its next call.
+_UNFINISHED: set[asyncio.Future[Any]] = set()
+
+
+def _let_finish(page: asyncio.Future[Any]) -> None:
+    _UNFINISHED.add(page)  # asyncio keeps only weak references to tasks
+    page.add_done_callback(_finished)
+
+
+def _finished(page: asyncio.Future[Any]) -> None:
+    _UNFINISHED.discard(page)
+    if not page.cancelled():
+        page.exception()  # nobody reads the page: its failure is no one's error
+
+
 class _Batches:
     """Packs events into response messages of at most `budget` bytes (or one
     event, if it alone is larger); each write waits for the reader
@@ -277,7 +298,9 @@ class _Stream:
         first = True
         try:
             while True:
-                rows = await pending
+                # Shielded: the caller's cancel ends the stream, not the
+                # page (see _let_finish).
+                rows = await asyncio.shield(pending)
                 # Retention may have deleted from under the page.
                 await retention.check_retained(self._value, after)
                 if not sql.page_is_cut(rows, limit):
@@ -301,9 +324,7 @@ class _Stream:
             raise
         finally:
             if not pending.done():
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pending
+                _let_finish(pending)
         self.position = max(self.position, below - 1)
 
     def _share(self, rows: list[Any]) -> list[Any]:
