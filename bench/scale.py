@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import secrets
 import ssl
 import statistics
@@ -52,7 +53,7 @@ from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb
 from service.db.pool import close_pool, open_pool
 from service.events.sql import SAFE_HORIZON
 from service.orders.page_token import PageTokens
-from service.orders.sql import NO_END
+from service.orders.sql import LIST_FILTERS, NO_END
 from service.settings import Settings
 
 POOL = 4
@@ -118,19 +119,27 @@ class Shapes:
         customer, subject = f"c-{n // 10 - 1}", f"orders/{n // 10 - 1}"
         day_ago = stamp(now - DAY)
         pending = order_pb2.ORDER_STATUS_PENDING
-        lists = {
-            "ListOrders (first page)": {},
-            "ListOrders customer": {"customer_id": customer},
-            "ListOrders status PENDING": {"status": pending},
-            "ListOrders created_after (last day)": {"created_after": day_ago},
-            "ListOrders customer + status": {"customer_id": customer, "status": pending},
-            "ListOrders status + created_after": {"status": pending, "created_after": day_ago},
-            "ListOrders customer + created range": {
-                "customer_id": customer,
-                "created_after": stamp(now - 400 * DAY),
-                "created_before": stamp(now - DAY),
-            },
-        }
+        # Every set of ListOrders' filters, each with a selective value: a
+        # light customer, PENDING (recent orders), the last day, the first
+        # day, or with both bounds the first half of the last day.
+        values = {"customer_id": customer, "status": pending}
+        labels = {"customer_id": "customer", "status": "status PENDING"}
+        lists: dict[str, dict[str, Any]] = {"ListOrders (first page)": {}}
+        for count in range(1, len(LIST_FILTERS) + 1):
+            for names in itertools.combinations(LIST_FILTERS, count):
+                fields = {name: values[name] for name in names if name in values}
+                label = [labels[name] for name in fields]
+                after, before = "created_after" in names, "created_before" in names
+                if after and before:
+                    fields |= {"created_after": day_ago, "created_before": stamp(now - DAY / 2)}
+                    label.append("created range (half of the last day)")
+                elif after:
+                    fields["created_after"] = day_ago
+                    label.append("created_after (last day)")
+                elif before:
+                    fields["created_before"] = stamp(FIRST_DAY + DAY)
+                    label.append("created_before (first day)")
+                lists[f"ListOrders {' + '.join(label)}"] = fields
         shapes: dict[str, Call] = {
             "GetOrder": lambda: self.get_order(n // 2),
             "GetEvent": lambda: self.get_event(n // 2),
