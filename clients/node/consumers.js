@@ -47,7 +47,11 @@ export async function* consumeEvents(
     const call = new AbortController();
     try {
       const request = { consumer, member, types, subject, follow: true, progress: true };
-      for await (const response of client.streamEvents(request, options(call))) {
+      // Read by hand, as streamEvents does (streams.js): the abort below,
+      // not the stream's return(), ends it.
+      const responses = client.streamEvents(request, options(call))[Symbol.asyncIterator]();
+      for (let next = await responses.next(); !next.done; next = await responses.next()) {
+        const response = next.value;
         for (const event of response.events) {
           yield event;
           processed = event.id > processed ? event.id : processed;

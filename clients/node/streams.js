@@ -29,8 +29,12 @@ export async function* streamEvents(
     try {
       const request = { afterId: lastId, types, subject, follow };
       const options = { signal: signal ? AbortSignal.any([signal, call.signal]) : call.signal };
-      for await (const response of client.streamEvents(request, options)) {
-        for (const event of response.events) {
+      // Read by hand, not with for await: leaving a for await loop awaits
+      // the stream's return(), which waits for its next message, and a
+      // quiet follow stream may send none; the abort below ends it.
+      const responses = client.streamEvents(request, options)[Symbol.asyncIterator]();
+      for (let next = await responses.next(); !next.done; next = await responses.next()) {
+        for (const event of next.value.events) {
           [lastId, failures] = [event.id, 0];
           yield event;
         }
