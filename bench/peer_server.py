@@ -111,7 +111,7 @@ class PeerOrders(order_service_pb2_grpc.OrderServiceServicer):
 
     def ListOrders(self, request, context):  # type: ignore[no-untyped-def]
         page_size = request.page_size or PAGE_SIZE
-        rows = self._query(LIST_ORDERS, params(0, page_size + 1))
+        rows = self._query(LIST_ORDERS, params(0, order_sql.NO_END, page_size + 1))
         response = order_service_pb2.ListOrdersResponse()
         add_order = response.orders.add
         for row in rows[:page_size]:
