@@ -177,6 +177,7 @@ $(STAMPS)/bench: $(STAMPS)/go
 bench: install $(STAMPS)/bench
 	$(PY) -m bench.streaming
 	$(PY) -m bench.unary
+	$(PY) -m bench.round_trip
 	$(PY) -m bench.fanout
 	$(PY) -m bench.scale
 	$(PY) -m bench.groups
