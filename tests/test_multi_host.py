@@ -49,11 +49,42 @@ async def test_a_silent_first_host_leaves_time_for_the_next(service_env, pg_clus
         finally:
             await close_pool(pool, 5)
         assert port == pg_cluster.port
-        assert silent.connections >= 2  # the silent host was tried first, each time
-        # Its share only, half the timeout, for each connection made: within
-        # the timeout, where asyncpg alone would have spent all of it on the
-        # silent host and failed.
+        assert silent.connections >= 1  # the silent host was tried first
+        # Its share only, half the timeout: within the timeout, where
+        # asyncpg alone would have spent all of it on the silent host and
+        # failed.
         assert time.monotonic() - started < 3 * ACQUIRE_TIMEOUT
+
+
+async def test_a_host_found_silent_is_tried_after_the_others(service_env, pg_cluster):
+    async with TcpProxy(pg_cluster.port) as silent:
+        silent.blackhole()
+        settings = silent_first(service_env, pg_cluster, silent)
+        first = await connect_direct(settings)
+        await first.close()
+        tried = silent.connections
+        assert tried == 1
+        # The next connections go to the host that answered, at once; the
+        # silent one is left for when the others fail.
+        for _ in range(3):
+            conn = await connect_direct(settings)
+            try:
+                assert await conn.fetchval("SELECT inet_server_port()") == pg_cluster.port
+            finally:
+                await conn.close()
+        assert silent.connections == tried
+
+        # Once it answers again (here: tried when the only other host of a
+        # URL refuses), it is back in its place.
+        silent.resume()
+        async with TcpProxy(pg_cluster.port) as gone:
+            refusing = gone.port
+        url = multi_host_dsn(pg_cluster, f"127.0.0.1:{refusing}", f"127.0.0.1:{silent.port}")
+        conn = await connect_direct(Settings.from_env({**service_env, "DATABASE_URL": url}))
+        await conn.close()
+        conn = await connect_direct(settings)
+        await conn.close()
+        assert silent.connections == tried + 2
 
 
 async def test_when_every_host_is_silent_the_error_says_so(service_env, pg_cluster):

@@ -9,6 +9,14 @@ tried. libpq bounds each host by connect_timeout instead; so does this:
 every attempt gets an equal share of the timeout. target_session_attrs is
 checked per host, as asyncpg checks it (prefer-standby: a standby if one
 answers, else any host).
+
+A host that could not be reached is tried after the others until it is
+reached again (pgjdbc keeps the same kind of record). Without that, every
+connection the pool opens after its primary went silent (to grow, or to
+replace one it dropped) would first spend the silent host's share of the
+timeout before reaching the new primary. The record is the process's:
+every pool and direct connection to the same hosts learns from the
+others.
 """
 
 from __future__ import annotations
@@ -18,11 +26,21 @@ from typing import Any
 
 import asyncpg
 
+Address = tuple[str, int]
+
+# Addresses whose last connection attempt failed before a session began.
+_unreachable: set[Address] = set()
+
+
+def in_turn(addresses: Sequence[Address]) -> list[Address]:
+    """`addresses` in URL order, those last found unreachable after the rest."""
+    return sorted(addresses, key=lambda address: address in _unreachable)
+
 
 async def connect_in_turn(
     dsn: str,
     *,
-    addresses: Sequence[tuple[str, int]],
+    addresses: Sequence[Address],
     timeout: float,
     target_session_attrs: str,
     **options: Any,
@@ -38,9 +56,9 @@ async def connect_in_turn(
     unreachable: OSError | None = None
     mismatched: asyncpg.TargetServerAttributeNotMatched | None = None
     for attrs in rounds:
-        for host, port in addresses:
+        for host, port in in_turn(addresses):
             try:
-                return await asyncpg.connect(
+                conn = await asyncpg.connect(
                     dsn,
                     host=host,
                     port=port,
@@ -50,8 +68,13 @@ async def connect_in_turn(
                 )
             except OSError as exc:  # TimeoutError and ssl.SSLError among them
                 unreachable = exc
+                _unreachable.add((host, port))
             except asyncpg.TargetServerAttributeNotMatched as exc:
                 mismatched = exc
+                _unreachable.discard((host, port))
+            else:
+                _unreachable.discard((host, port))
+                return conn
     error = unreachable or mismatched
     assert error is not None
     raise error

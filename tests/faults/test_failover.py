@@ -15,12 +15,15 @@ every acknowledged write there exactly once, every unknown one settled by
 a retry with its key. Writes in flight answer UNAVAILABLE (or
 DEADLINE_EXCEEDED), never INTERNAL or FAILED_PRECONDITION.
 
-Twice: with a multi-host DATABASE_URL (`primary,standby`, the pool staying
-on the one that takes writes: target_session_attrs=read-write), and with
-one address (the suite's TCP proxy) re-pointed to the standby as soon as
-the primary dies, before its promotion, as a DNS or endpoint flip would:
-until the promotion the service meets a standby there and must not stay
-on it.
+Three times: with a multi-host DATABASE_URL (`primary,standby`, the pool
+staying on the one that takes writes: target_session_attrs=read-write);
+with one address (the suite's TCP proxy) re-pointed to the standby as
+soon as the primary dies, before its promotion, as a DNS or endpoint flip
+would: until the promotion the service meets a standby there and must not
+stay on it; and multi-host again with the primary behind the proxy,
+blackholed before the kill, so that it goes silent instead of resetting
+(a lost host, a partition): statements running there end only at their
+calls' deadlines, and new connections must not wait on it.
 
 The unavailability window (promotion requested -> first write acknowledged
 again; target 5 s) is printed in pytest's summary.
@@ -194,7 +197,7 @@ async def follow(
         received.extend(event.id for event in response.events)
 
 
-@pytest.mark.parametrize("address", ["multi-host", "re-pointed"])
+@pytest.mark.parametrize("address", ["multi-host", "re-pointed", "blackholed"])
 async def test_the_primary_dies_and_the_standby_is_promoted(scenario, address):
     async with replicated_pair() as pair, contextlib.AsyncExitStack() as stack:
         proxy = None
@@ -203,6 +206,13 @@ async def test_the_primary_dies_and_the_standby_is_promoted(scenario, address):
             # certificate, the same one, names it).
             url = multi_host_dsn(
                 pair.primary, f"127.0.0.1:{pair.primary.port}", f"127.0.0.1:{pair.standby.port}"
+            )
+        elif address == "blackholed":
+            # The same, the primary behind the proxy: its machine goes
+            # silent (no reset, no refusal), as a lost host or a partition.
+            proxy = await stack.enter_async_context(TcpProxy(pair.primary.port))
+            url = multi_host_dsn(
+                pair.primary, f"127.0.0.1:{proxy.port}", f"127.0.0.1:{pair.standby.port}"
             )
         else:
             proxy = await stack.enter_async_context(TcpProxy(pair.primary.port))
@@ -256,9 +266,11 @@ async def _fail_over(
         await eventually(
             lambda: written(0.0, BEFORE, (None,)), timeout=30, what="writes before the kill"
         )
+        if address == "blackholed":
+            proxy.blackhole()
         await asyncio.to_thread(kill_server, pair.primary)
         killed = time.monotonic()  # after: a write sent before may still be acknowledged
-        if proxy is not None:
+        if address == "re-pointed":
             # The endpoint flips ahead of the promotion: until it is done, new
             # connections meet a standby behind the one address.
             proxy.repoint(pair.standby.port)
@@ -266,7 +278,9 @@ async def _fail_over(
         # No writable server: retryable, saying why. A multi-host URL finds
         # the primary's host refusing; the one address, a standby there.
         reason = await write_while_down(ledger, orders)
-        assert reason == ("DATABASE_UNAVAILABLE" if proxy is None else "DATABASE_READ_ONLY")
+        assert reason == (
+            "DATABASE_READ_ONLY" if address == "re-pointed" else "DATABASE_UNAVAILABLE"
+        )
         promoting = time.monotonic()
         await asyncio.to_thread(promote_standby, pair.standby)
         promoted = time.monotonic()

@@ -4,8 +4,11 @@
 are accepted as before: a dropped connection, not a dead host.
 `blackhole()` keeps every socket open but silently drops the bytes in both
 directions, new connections included, until `resume()`: a stalled network,
-where nothing fails until somebody's timeout does. Dropped bytes stay
-dropped, so a TLS session that lost some is broken for good after `resume()`.
+where nothing fails until somebody's timeout does. Nothing that happens
+behind it shows either: an upstream that closes or refuses leaves the
+client's side open and silent, as a host that died behind a partition
+would. Dropped bytes stay dropped, so a TLS session that lost some is
+broken for good after `resume()`.
 `repoint()` sends new connections to another port and leaves open ones
 where they are: a DNS name or an endpoint flipped to another server.
 """
@@ -70,13 +73,30 @@ class TcpProxy:
         try:
             server_in, server_out = await asyncio.open_connection(*self._upstream)
         except OSError:
-            client_out.transport.abort()
+            if self._blackholed:
+                self._hold_silently(client_in, client_out)
+            else:
+                client_out.transport.abort()
             return
         self._writers |= {client_out, server_out}
         for reader, writer in ((client_in, server_out), (server_in, client_out)):
             pipe = asyncio.create_task(self._pipe(reader, writer))
             self._pipes.add(pipe)
             pipe.add_done_callback(self._pipes.discard)
+
+    def _hold_silently(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Keeps a client's connection open, reading and dropping what it
+        sends, until `cut()` or the proxy's end."""
+        self._writers.add(writer)
+        hold = asyncio.create_task(self._drop(reader))
+        self._pipes.add(hold)
+        hold.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _drop(reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(OSError):
+            while await reader.read(1 << 16):
+                pass
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -88,7 +108,12 @@ class TcpProxy:
         except OSError:
             pass  # the other side was cut: this direction ends too
         finally:
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            if self._blackholed and writer in self._writers:
+                # The end of one side does not reach the other through a
+                # blackhole: it stays open, silent, until cut().
+                pass
+            else:
+                self._writers.discard(writer)
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
