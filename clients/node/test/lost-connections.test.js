@@ -1,0 +1,117 @@
+// The retries against the real orderstream (ORDERSTREAM_URL, from
+// tests/test_client_node.py), through a TCP proxy that loses a connection
+// the way networks do: the default service config, uploadEvents and
+// streamEvents each carry a call over a connection reset under it.
+
+import assert from "node:assert/strict";
+import { randomUUID } from "node:crypto";
+import { test } from "node:test";
+import { Code } from "@connectrpc/connect";
+import { createOrder, createOrderstreamClients, publishEvents, streamEvents, uploadEvents } from "../index.js";
+import { tcpProxy } from "../test-support/tcp-proxy.js";
+
+const url = process.env.ORDERSTREAM_URL;
+assert.ok(url, "set ORDERSTREAM_URL: run this suite through tests/test_client_node.py");
+const direct = createOrderstreamClients(url);
+
+const newEvents = (subject, from, count, padding = "") =>
+  Array.from({ length: count }, (_, n) => ({
+    type: "test.node",
+    source: subject,
+    subject,
+    payload: { case: "jsonPayload", value: JSON.stringify({ n: from + n, padding }) },
+  }));
+
+/** A proxy in front of the service for the test's length; `use` gets it. */
+async function throughProxy(use) {
+  const proxy = await tcpProxy(Number(new URL(url).port));
+  try {
+    return await use(proxy);
+  } finally {
+    await proxy.close();
+  }
+}
+
+async function readBack(subject) {
+  const found = [];
+  for await (const event of streamEvents(direct.events, { subject })) found.push(event);
+  return found;
+}
+
+// `call` is sent into a blackhole; once its request has wholly left the
+// client, every connection is reset: the request was lost on its way, and
+// only a new attempt on a new connection can answer it.
+async function lostOnItsWay(proxy, call) {
+  proxy.blackhole();
+  const sent = proxy.requestSent();
+  const answer = call();
+  answer.catch(() => {}); // awaited by the caller
+  await sent;
+  proxy.cut();
+  return answer;
+}
+
+test("a read lost on its way is retried by the service config, and fails UNAVAILABLE without it", async () => {
+  const order = await createOrder(direct.orders, {
+    customerId: `node-${randomUUID()}`,
+    currency: "EUR",
+    items: [{ sku: "SKU-1", quantity: 1, unitPriceCents: 100n }],
+  });
+  await throughProxy(async (proxy) => {
+    for (const [serviceConfig, retried] of [[undefined, true], [{}, false]]) {
+      const { orders } = createOrderstreamClients(proxy.url, { serviceConfig });
+      // Connected first, so that the blackhole takes the request itself.
+      assert.equal((await orders.getOrder({ id: order.id })).id, order.id);
+      const before = proxy.connections;
+      const reading = lostOnItsWay(proxy, () => orders.getOrder({ id: order.id }));
+      if (retried) {
+        assert.equal((await reading).id, order.id);
+        assert.ok(proxy.connections > before, "the retry's new connection");
+      } else {
+        await assert.rejects(reading, (error) => error.code === Code.Unavailable);
+      }
+    }
+  });
+});
+
+test("uploadEvents cut midway is retried and writes every event once", async () => {
+  const subject = `/node/upload-cut/${randomUUID()}`;
+  await throughProxy(async (proxy) => {
+    const { events } = createOrderstreamClients(proxy.url);
+    async function* generated() {
+      for (let n = 0; n < 400; n++) {
+        if (n === 200) proxy.cut();
+        yield* newEvents(subject, n, 1, "x".repeat(200));
+      }
+    }
+    const uploaded = await uploadEvents(events, generated(), { maxBytes: 4096 });
+    assert.equal(uploaded.eventCount, 400n);
+    assert.ok(proxy.connections >= 2, "the upload was sent again on a new connection");
+  });
+  const stored = await readBack(subject);
+  assert.deepEqual(
+    stored.map((event) => JSON.parse(event.payload.value).n),
+    [...Array(400).keys()],
+  );
+});
+
+test("streamEvents resumes after a cut connection with no gap and no duplicate", async () => {
+  const subject = `/node/stream-cut/${randomUUID()}`;
+  const published = await publishEvents(direct.events, newEvents(subject, 0, 50));
+  const received = [];
+  await throughProxy(async (proxy) => {
+    const { events } = createOrderstreamClients(proxy.url);
+    for await (const event of streamEvents(events, { subject, follow: true })) {
+      received.push(event.id);
+      if (received.length === 10) {
+        proxy.cut();
+        // Written while the stream is cut off: the resumed stream must
+        // pick them up exactly once.
+        published.push(...(await publishEvents(direct.events, newEvents(subject, 50, 25))));
+      }
+      if (received.length === published.length) break;
+    }
+    assert.ok(proxy.connections >= 2, "the stream was opened again on a new connection");
+  });
+  assert.deepEqual(received, published);
+});
