@@ -8,19 +8,12 @@ import { randomUUID } from "node:crypto";
 import { test } from "node:test";
 import { Code } from "@connectrpc/connect";
 import { createOrder, createOrderstreamClients, publishEvents, streamEvents, uploadEvents } from "../index.js";
+import { newEvents, newOrder } from "../test-support/messages.js";
 import { tcpProxy } from "../test-support/tcp-proxy.js";
 
 const url = process.env.ORDERSTREAM_URL;
 assert.ok(url, "set ORDERSTREAM_URL: run this suite through tests/test_client_node.py");
 const direct = createOrderstreamClients(url);
-
-const newEvents = (subject, from, count, padding = "") =>
-  Array.from({ length: count }, (_, n) => ({
-    type: "test.node",
-    source: subject,
-    subject,
-    payload: { case: "jsonPayload", value: JSON.stringify({ n: from + n, padding }) },
-  }));
 
 /** A proxy in front of the service for the test's length; `use` gets it. */
 async function throughProxy(use) {
@@ -52,11 +45,7 @@ async function lostOnItsWay(proxy, call) {
 }
 
 test("a read lost on its way is retried by the service config, and fails UNAVAILABLE without it", async () => {
-  const order = await createOrder(direct.orders, {
-    customerId: `node-${randomUUID()}`,
-    currency: "EUR",
-    items: [{ sku: "SKU-1", quantity: 1, unitPriceCents: 100n }],
-  });
+  const order = await createOrder(direct.orders, newOrder(`node-${randomUUID()}`));
   await throughProxy(async (proxy) => {
     for (const [serviceConfig, retried] of [[undefined, true], [{}, false]]) {
       const { orders } = createOrderstreamClients(proxy.url, { serviceConfig });
