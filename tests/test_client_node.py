@@ -57,7 +57,7 @@ async def test_node_client_suite_passes(app, service_env, tmp_path):
         assert await restarting.first.exit_code() == 0, restarting.first.output
         assert restarting.second.done(), out
     assert "# fail 0" in out
-    assert "# pass 20" in out
+    assert "# pass 21" in out
 
 
 async def test_node_example_runs(app):

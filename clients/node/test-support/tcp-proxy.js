@@ -1,11 +1,12 @@
 // A TCP proxy between a client and the real service that a test breaks as
 // networks break (tests/support/tcp_proxy.py is the Python suite's):
 // blackhole() silently drops every byte both ways from then on; cut()
-// resets every open connection (an RST, no FIN) and lets bytes flow again
-// on the connections that follow, as a dropped connection, not a dead
-// host, does. It reads the HTTP/2 frames clients send, so that a test can
-// wait until a request has wholly left its client (requestSent()) before
-// losing it.
+// resets every open connection (an RST, no FIN), end() closes each in
+// order (a FIN, as a process that exits does), and either lets bytes flow
+// again on the connections that follow, as a dropped connection, not a
+// dead host, does. It reads the HTTP/2 frames clients send, so that a
+// test can wait until a request has wholly left its client
+// (requestSent()) before losing it.
 
 import { once } from "node:events";
 import net from "node:net";
@@ -46,6 +47,12 @@ export async function tcpProxy(upstreamPort, host = "127.0.0.1") {
     waiters = [];
   };
 
+  function closeEvery(close) {
+    for (const socket of open) close(socket);
+    open.clear();
+    blackholed = false;
+  }
+
   const server = net.createServer((client) => {
     proxy.connections++;
     const upstream = net.connect(upstreamPort, host);
@@ -75,11 +82,9 @@ export async function tcpProxy(upstreamPort, host = "127.0.0.1") {
       blackholed = true;
     },
     /** Resets every open connection; bytes flow again on new ones. */
-    cut() {
-      for (const socket of open) socket.resetAndDestroy();
-      open.clear();
-      blackholed = false;
-    },
+    cut: () => closeEvery((socket) => socket.resetAndDestroy()),
+    /** Closes every open connection in order; bytes flow again on new ones. */
+    end: () => closeEvery((socket) => socket.end()),
     /** Resolves once the next request has wholly passed (or been dropped). */
     requestSent: () => new Promise((resolve) => waiters.push(resolve)),
     async close() {
