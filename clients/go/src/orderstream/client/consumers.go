@@ -83,14 +83,11 @@ func (c *consuming) acknowledge(ctx context.Context) error {
 // retried as its failure: the next stream starts after what was
 // acknowledged.
 func (c *consuming) afterAcknowledged(ctx context.Context, deliver func(*eventsv1.Event) error) error {
-	call, err := c.stub.StreamEvents(ctx, &eventsv1.StreamEventsRequest{
+	request := &eventsv1.StreamEventsRequest{
 		Consumer: c.o.Consumer, Member: c.o.Member, Types: c.o.Types, Subject: c.o.Subject,
 		Follow: true, Progress: true,
-	})
-	if err != nil {
-		return err
 	}
-	return receive(call, func(response *eventsv1.StreamEventsResponse) error {
+	return receive(ctx, c.stub, request, func(response *eventsv1.StreamEventsResponse) error {
 		for _, event := range response.Events {
 			if err := deliver(event); err != nil {
 				return err

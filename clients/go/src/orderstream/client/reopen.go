@@ -46,9 +46,14 @@ func streamOnce(ctx context.Context, stream func(context.Context, func(*eventsv1
 	return stream(ctx, handle)
 }
 
-// receive hands each response of call to each until the stream ends (nil),
-// fails, or each returns an error.
-func receive(call eventsv1.EventService_StreamEventsClient, each func(*eventsv1.StreamEventsResponse) error) error {
+// receive makes one StreamEvents call with request and hands each of its
+// responses to each, until the stream ends (nil), fails, or each returns
+// an error.
+func receive(ctx context.Context, stub eventsv1.EventServiceClient, request *eventsv1.StreamEventsRequest, each func(*eventsv1.StreamEventsResponse) error) error {
+	call, err := stub.StreamEvents(ctx, request)
+	if err != nil {
+		return err
+	}
 	for {
 		response, err := call.Recv()
 		if errors.Is(err, io.EOF) {

@@ -32,13 +32,8 @@ func StreamEvents(ctx context.Context, conn grpc.ClientConnInterface, o StreamOp
 	stub := eventsv1.NewEventServiceClient(conn)
 	lastID := o.AfterID
 	afterLastID := func(ctx context.Context, deliver func(*eventsv1.Event) error) error {
-		call, err := stub.StreamEvents(ctx, &eventsv1.StreamEventsRequest{
-			AfterId: lastID, Types: o.Types, Subject: o.Subject, Follow: o.Follow,
-		})
-		if err != nil {
-			return err
-		}
-		return receive(call, func(response *eventsv1.StreamEventsResponse) error {
+		request := &eventsv1.StreamEventsRequest{AfterId: lastID, Types: o.Types, Subject: o.Subject, Follow: o.Follow}
+		return receive(ctx, stub, request, func(response *eventsv1.StreamEventsResponse) error {
 			for _, event := range response.Events {
 				if err := deliver(event); err != nil {
 					return err
