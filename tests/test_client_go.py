@@ -1,7 +1,8 @@
 """The Go client (clients/go) against the real service: `go test` builds it
 with Debian's Go in GOPATH mode (offline, see clients/go/README.md) and runs
-it against the session's service, a closed mTLS one that takes tokens, and
-a service process that its follow test stops with SIGTERM."""
+it against the session's service (directly and through a TCP proxy that
+cuts connections), a closed mTLS one that takes tokens, and a service
+process that its follow test stops with SIGTERM."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ GO_TESTS = {
     "TestConsumeEventsResumesAfterWhatItAcknowledged",
     "TestConsumeEventsReopensABrokenStreamAfterWhatItAcknowledged",
     "TestConsumeEventsDoesNotReopenAStreamThatFailedOtherwise",
+    "TestAReadLostOnItsWayIsRetriedByTheServiceConfig",
+    "TestUploadCutMidwayIsRetriedAndWrittenOnce",
+    "TestStreamEventsResumesAfterACutConnection",
 }
 
 pytestmark = pytest.mark.slow

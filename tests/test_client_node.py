@@ -1,7 +1,8 @@
 """The Node client (clients/node) against the real service: its own tests
-under `node --test` (the session's service, a closed mTLS one that takes
-tokens, and a service process that its follow test stops with SIGTERM),
-and the example program."""
+under `node --test` (the session's service, directly and through a TCP
+proxy that cuts connections, a closed mTLS one that takes tokens, and a
+service process that its follow test stops with SIGTERM), and the example
+program."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ async def test_node_client_suite_passes(app, service_env, tmp_path):
         assert await restarting.first.exit_code() == 0, restarting.first.output
         assert restarting.second.done(), out
     assert "# fail 0" in out
-    assert "# pass 17" in out
+    assert "# pass 21" in out
 
 
 async def test_node_example_runs(app):

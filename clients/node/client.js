@@ -10,6 +10,7 @@ import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { EventService } from "./gen/orderstream/events/v1/event_service_pb.js";
 import { OrderService } from "./gen/orderstream/orders/v1/order_service_pb.js";
+import { lostConnectionsAsUnavailable } from "./lost-connections.js";
 import { DEFAULT_SERVICE_CONFIG, withServiceConfig } from "./service-config.js";
 
 /**
@@ -45,7 +46,7 @@ export function createOrderstreamClients(baseUrl, options = {}) {
     // not configured for more answer with "too_many_pings".
     pingIntervalMs: 300_000,
     pingTimeoutMs: 20_000,
-    interceptors: token ? [bearer(token)] : [],
+    interceptors: [lostConnectionsAsUnavailable, ...(token ? [bearer(token)] : [])],
   });
   const configured = withServiceConfig(transport, serviceConfig);
   return {

@@ -1,8 +1,7 @@
 // consumeEvents: a durable consumer (or a member of a consumer group)
 // whose position the service keeps, acknowledged as the caller goes.
 
-import { Code, ConnectError } from "@connectrpc/connect";
-import { backoff, sleep } from "./retry.js";
+import { messagesOf, reopened } from "./reopen.js";
 
 /**
  * Yields the consumer's events from after its acknowledged position,
@@ -32,46 +31,32 @@ export async function* consumeEvents(
   let processed = 0n; // positions
   let acked = 0n;
   let unacked = 0; // events processed since the last acknowledgement
-  const options = (call) => ({ signal: signal ? AbortSignal.any([signal, call.signal]) : call.signal });
 
-  async function acknowledge(call) {
+  async function acknowledge(callOptions) {
     if (processed > acked) {
-      await client.ackEvents({ consumer, member, position: processed }, options(call));
+      await client.ackEvents({ consumer, member, position: processed }, callOptions);
       [acked, unacked] = [processed, 0];
     }
   }
 
-  for (let failures = 0; ; ) {
-    // Connect's clients end a stream only through its signal, not when its
-    // reader stops: aborted on the way out, when the caller stops iterating.
-    const call = new AbortController();
-    try {
-      const request = { consumer, member, types, subject, follow: true, progress: true };
-      // Read by hand, as streamEvents does (streams.js): the abort below,
-      // not the stream's return(), ends it.
-      const responses = client.streamEvents(request, options(call))[Symbol.asyncIterator]();
-      for (let next = await responses.next(); !next.done; next = await responses.next()) {
-        const response = next.value;
-        for (const event of response.events) {
-          yield event;
-          processed = event.id > processed ? event.id : processed;
-          failures = 0;
-          if (++unacked >= ackEvery) await acknowledge(call);
-        }
-        if (response.progress) {
-          // Every event up to it that matched was yielded above.
-          const { position } = response.progress;
-          processed = position > processed ? position : processed;
-          await acknowledge(call);
-        }
+  // The service starts each stream after the consumer's acknowledged
+  // position, so every stream asks for the same thing.
+  async function* afterAcknowledged(callOptions) {
+    const request = { consumer, member, types, subject, follow: true, progress: true };
+    for await (const response of messagesOf(client.streamEvents(request, callOptions))) {
+      for (const event of response.events) {
+        yield event;
+        processed = event.id > processed ? event.id : processed;
+        if (++unacked >= ackEvery) await acknowledge(callOptions);
       }
-      return;
-    } catch (error) {
-      if (ConnectError.from(error).code !== Code.Unavailable || failures >= reconnects) throw error;
-    } finally {
-      call.abort();
+      if (response.progress) {
+        // Every event up to it that matched was yielded above.
+        const { position } = response.progress;
+        processed = position > processed ? position : processed;
+        await acknowledge(callOptions);
+      }
     }
-    failures++;
-    await sleep(backoff(failures), signal);
   }
+
+  yield* reopened(afterAcknowledged, { reconnects, signal });
 }

@@ -1,8 +1,7 @@
 // streamEvents: StreamEvents one event at a time, resumed after a dropped
 // connection from the last event handed out.
 
-import { Code, ConnectError } from "@connectrpc/connect";
-import { backoff, sleep } from "./retry.js";
+import { messagesOf, reopened } from "./reopen.js";
 
 /**
  * Yields the events after `afterId` in feed order, one by one.
@@ -22,30 +21,14 @@ export async function* streamEvents(
   { afterId = 0n, types = [], subject = "", follow = false, reconnects = 5, signal } = {},
 ) {
   let lastId = afterId;
-  for (let failures = 0; ; ) {
-    // Connect's clients end a stream only through its signal, not when its
-    // reader stops: aborted on the way out, when the caller stops iterating.
-    const call = new AbortController();
-    try {
-      const request = { afterId: lastId, types, subject, follow };
-      const options = { signal: signal ? AbortSignal.any([signal, call.signal]) : call.signal };
-      // Read by hand, not with for await: leaving a for await loop awaits
-      // the stream's return(), which waits for its next message, and a
-      // quiet follow stream may send none; the abort below ends it.
-      const responses = client.streamEvents(request, options)[Symbol.asyncIterator]();
-      for (let next = await responses.next(); !next.done; next = await responses.next()) {
-        for (const event of next.value.events) {
-          [lastId, failures] = [event.id, 0];
-          yield event;
-        }
-      }
-      return;
-    } catch (error) {
-      if (ConnectError.from(error).code !== Code.Unavailable || failures >= reconnects) throw error;
-    } finally {
-      call.abort();
+  async function* afterLastId(callOptions) {
+    const request = { afterId: lastId, types, subject, follow };
+    for await (const response of messagesOf(client.streamEvents(request, callOptions))) {
+      yield* response.events;
     }
-    failures++;
-    await sleep(backoff(failures), signal);
+  }
+  for await (const event of reopened(afterLastId, { reconnects, signal })) {
+    lastId = event.id;
+    yield event;
   }
 }

@@ -55,17 +55,29 @@ export async function uploadEvents(
 ) {
   if (attempts < 1) throw new Error("uploadEvents: attempts must be at least 1");
   const source = uploadRequests(events, uploadId || newRequestId("upload"), maxBytes);
+  // Every attempt reads the requests by index from `sent`, which one pull
+  // at a time fills from `source`. Connect closes a failed attempt's input
+  // (its return()), and a for await over `source` there would close
+  // `source` too: the next attempt would commit the upload cut short.
   const sent = [];
-  async function* replayThenContinue() {
-    yield* sent;
-    for await (const request of source) {
-      sent.push(request);
-      yield request;
+  let exhausted = false;
+  async function pullOne() {
+    const { done, value } = await source.next();
+    if (done) exhausted = true;
+    else sent.push(value);
+  }
+  let pulling; // the pull under way, which every attempt that needs one waits for
+  const pull = () => (pulling ??= pullOne().finally(() => (pulling = undefined)));
+  async function* requests() {
+    for (let next = 0; ; next++) {
+      while (next === sent.length && !exhausted) await pull();
+      if (next === sent.length) return;
+      yield sent[next];
     }
   }
   for (let attempt = 1; ; attempt++) {
     try {
-      return await client.uploadEvents(replayThenContinue(), { timeoutMs });
+      return await client.uploadEvents(requests(), { timeoutMs });
     } catch (error) {
       if (ConnectError.from(error).code !== Code.Unavailable || attempt === attempts) throw error;
     }

@@ -20,26 +20,13 @@ import {
 import { toBinary, create } from "@bufbuild/protobuf";
 import { UploadEventsRequestSchema } from "../gen/orderstream/events/v1/event_service_pb.js";
 import { OrderStatus } from "../gen/orderstream/orders/v1/order_pb.js";
+import { newEvents, newOrder } from "../test-support/messages.js";
 
 function env(name) {
   const value = process.env[name];
   assert.ok(value, `set ${name}: run this suite through tests/test_client_node.py`);
   return value;
 }
-
-const newOrder = (customerId) => ({
-  customerId,
-  currency: "EUR",
-  items: [{ sku: "SKU-1", quantity: 1, unitPriceCents: 100n }],
-});
-
-const newEvents = (subject, from, count, padding = "") =>
-  Array.from({ length: count }, (_, n) => ({
-    type: "test.node",
-    source: subject,
-    subject,
-    payload: { case: "jsonPayload", value: JSON.stringify({ n: from + n, padding }) },
-  }));
 
 const plain = () => createOrderstreamClients(env("ORDERSTREAM_URL"));
 

@@ -2,13 +2,10 @@ package client
 
 import (
 	"context"
-	"errors"
-	"io"
 
 	eventsv1 "orderstream/events/v1"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 )
 
 // ConsumeOptions say which durable consumer ConsumeEvents is, and which
@@ -47,31 +44,17 @@ type ConsumeOptions struct {
 // consumer's acknowledged position (a failed acknowledgement counts as
 // the stream's failure). Other errors are returned as they are.
 func ConsumeEvents(ctx context.Context, conn grpc.ClientConnInterface, o ConsumeOptions, handle func(*eventsv1.Event) error) error {
-	reconnects := o.Reconnects
-	if reconnects == 0 {
-		reconnects = 5
-	}
 	ackEvery := o.AckEvery
 	if ackEvery <= 0 {
 		ackEvery = 100
 	}
-	c := consuming{ctx: ctx, stub: eventsv1.NewEventServiceClient(conn), o: o, ackEvery: ackEvery}
-	for failures := 0; ; {
-		fromHandle, err := c.stream(handle, func() { failures = 0 })
-		if err == nil || fromHandle || !codeIn(err, codes.Unavailable) || failures >= reconnects {
-			return err
-		}
-		failures++
-		if err := sleep(ctx, failures); err != nil {
-			return err
-		}
-	}
+	c := consuming{stub: eventsv1.NewEventServiceClient(conn), o: o, ackEvery: ackEvery}
+	return reopen(ctx, o.Reconnects, c.afterAcknowledged, handle)
 }
 
 // consuming is one ConsumeEvents call: its consumer's processed and
 // acknowledged positions.
 type consuming struct {
-	ctx         context.Context
 	stub        eventsv1.EventServiceClient
 	o           ConsumeOptions
 	ackEvery    int
@@ -80,11 +63,11 @@ type consuming struct {
 }
 
 // acknowledge acknowledges the last processed position, if it moved.
-func (c *consuming) acknowledge() error {
+func (c *consuming) acknowledge(ctx context.Context) error {
 	if c.done <= c.acked {
 		return nil
 	}
-	_, err := c.stub.AckEvents(c.ctx, &eventsv1.AckEventsRequest{
+	_, err := c.stub.AckEvents(ctx, &eventsv1.AckEventsRequest{
 		Consumer: c.o.Consumer, Member: c.o.Member, Position: c.done,
 	})
 	if err != nil {
@@ -94,41 +77,27 @@ func (c *consuming) acknowledge() error {
 	return nil
 }
 
-// stream is one StreamEvents call of the consumer; handled is called
-// after each event handled. fromHandle tells whether the error came from
-// handle, which must not be retried (a failed acknowledgement is retried
-// as the stream's failure: the next stream starts after what was
-// acknowledged).
-func (c *consuming) stream(handle func(*eventsv1.Event) error, handled func()) (fromHandle bool, err error) {
-	// Cancelled on the way out: ends the call when handle stops early.
-	ctx, cancel := context.WithCancel(c.ctx)
-	defer cancel()
-	call, err := c.stub.StreamEvents(ctx, &eventsv1.StreamEventsRequest{
+// afterAcknowledged is one StreamEvents call of the consumer: the service
+// starts each after the consumer's acknowledged position, so every one
+// asks for the same thing. A failed acknowledgement fails it, and is
+// retried as its failure: the next stream starts after what was
+// acknowledged.
+func (c *consuming) afterAcknowledged(ctx context.Context, deliver func(*eventsv1.Event) error) error {
+	request := &eventsv1.StreamEventsRequest{
 		Consumer: c.o.Consumer, Member: c.o.Member, Types: c.o.Types, Subject: c.o.Subject,
 		Follow: true, Progress: true,
-	})
-	if err != nil {
-		return false, err
 	}
-	for {
-		response, err := call.Recv()
-		if errors.Is(err, io.EOF) {
-			return false, nil
-		}
-		if err != nil {
-			return false, err
-		}
+	return receive(ctx, c.stub, request, func(response *eventsv1.StreamEventsResponse) error {
 		for _, event := range response.Events {
-			if err := handle(event); err != nil {
-				return true, err
+			if err := deliver(event); err != nil {
+				return err
 			}
-			handled()
 			if event.Id > c.done {
 				c.done = event.Id
 			}
 			if c.unacked++; c.unacked >= c.ackEvery {
-				if err := c.acknowledge(); err != nil {
-					return false, err
+				if err := c.acknowledge(ctx); err != nil {
+					return err
 				}
 			}
 		}
@@ -137,9 +106,8 @@ func (c *consuming) stream(handle func(*eventsv1.Event) error, handled func()) (
 			if progress.Position > c.done {
 				c.done = progress.Position
 			}
-			if err := c.acknowledge(); err != nil {
-				return false, err
-			}
+			return c.acknowledge(ctx)
 		}
-	}
+		return nil
+	})
 }

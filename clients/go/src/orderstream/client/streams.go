@@ -2,13 +2,10 @@ package client
 
 import (
 	"context"
-	"errors"
-	"io"
 
 	eventsv1 "orderstream/events/v1"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 )
 
 // StreamOptions say which events StreamEvents delivers.
@@ -32,51 +29,21 @@ type StreamOptions struct {
 // a duplicate. Each event received resets the count of reconnects. Other
 // errors are returned as they are.
 func StreamEvents(ctx context.Context, conn grpc.ClientConnInterface, o StreamOptions, handle func(*eventsv1.Event) error) error {
-	reconnects := o.Reconnects
-	if reconnects == 0 {
-		reconnects = 5
-	}
 	stub := eventsv1.NewEventServiceClient(conn)
 	lastID := o.AfterID
-	for failures := 0; ; {
-		fromHandle, err := follow(ctx, stub, o, lastID, func(event *eventsv1.Event) error {
-			lastID, failures = event.Id, 0
-			return handle(event)
-		})
-		if err == nil || fromHandle || !codeIn(err, codes.Unavailable) || failures >= reconnects {
-			return err
-		}
-		failures++
-		if err := sleep(ctx, failures); err != nil {
-			return err
-		}
-	}
-}
-
-// follow is one StreamEvents call after afterID. fromHandle tells whether
-// the error came from handle, which must not be retried.
-func follow(ctx context.Context, stub eventsv1.EventServiceClient, o StreamOptions, afterID int64, handle func(*eventsv1.Event) error) (fromHandle bool, err error) {
-	// Cancelled on the way out: ends the call when handle stops early.
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	call, err := stub.StreamEvents(ctx, &eventsv1.StreamEventsRequest{
-		AfterId: afterID, Types: o.Types, Subject: o.Subject, Follow: o.Follow,
-	})
-	if err != nil {
-		return false, err
-	}
-	for {
-		response, err := call.Recv()
-		if errors.Is(err, io.EOF) {
-			return false, nil
-		}
-		if err != nil {
-			return false, err
-		}
-		for _, event := range response.Events {
-			if err := handle(event); err != nil {
-				return true, err
+	afterLastID := func(ctx context.Context, deliver func(*eventsv1.Event) error) error {
+		request := &eventsv1.StreamEventsRequest{AfterId: lastID, Types: o.Types, Subject: o.Subject, Follow: o.Follow}
+		return receive(ctx, stub, request, func(response *eventsv1.StreamEventsResponse) error {
+			for _, event := range response.Events {
+				if err := deliver(event); err != nil {
+					return err
+				}
 			}
-		}
+			return nil
+		})
 	}
+	return reopen(ctx, o.Reconnects, afterLastID, func(event *eventsv1.Event) error {
+		lastID = event.Id
+		return handle(event)
+	})
 }

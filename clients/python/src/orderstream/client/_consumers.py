@@ -3,12 +3,13 @@ whose position the service keeps, acknowledged as the caller goes."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 
 import grpc
 
-from orderstream.client._target import backoff, event_stub
+from orderstream.client._reopen import reopened
+from orderstream.client._target import event_stub
 from orderstream.events.v1.event_pb2 import Event
 from orderstream.events.v1.event_service_pb2 import AckEventsRequest, StreamEventsRequest
 from orderstream.events.v1.event_service_pb2_grpc import EventServiceStub
@@ -46,7 +47,7 @@ async def consume_events(
     stub = event_stub(target)
     wanted_types = list(types)
     processed = acked = 0  # positions
-    unacked = failures = 0  # counts
+    unacked = 0  # events processed since the last acknowledgement
 
     async def acknowledge() -> None:
         nonlocal acked, unacked
@@ -56,7 +57,10 @@ async def consume_events(
             )
             acked, unacked = processed, 0
 
-    while True:
+    # The service starts each stream after the consumer's acknowledged
+    # position, so every stream asks for the same thing.
+    async def after_acknowledged() -> AsyncGenerator[Event, None]:
+        nonlocal processed, unacked
         call = stub.StreamEvents(
             StreamEventsRequest(
                 consumer=consumer,
@@ -71,7 +75,7 @@ async def consume_events(
             async for response in call:
                 for event in response.events:
                     yield event
-                    processed, failures = max(processed, event.id), 0
+                    processed = max(processed, event.id)
                     unacked += 1
                     if unacked >= ack_every:
                         await acknowledge()
@@ -79,11 +83,9 @@ async def consume_events(
                     # Every event up to it that matched was yielded above.
                     processed = max(processed, response.progress.position)
                     await acknowledge()
-            return
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE or failures >= reconnects:
-                raise
         finally:
             call.cancel()
-        failures += 1
-        await asyncio.sleep(backoff(failures))
+
+    async with contextlib.aclosing(reopened(after_acknowledged, reconnects=reconnects)) as events:
+        async for event in events:
+            yield event

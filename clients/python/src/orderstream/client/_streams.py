@@ -3,12 +3,13 @@ dropped connection from the last event handed out."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 
 import grpc
 
-from orderstream.client._target import backoff, event_stub
+from orderstream.client._reopen import reopened
+from orderstream.client._target import event_stub
 from orderstream.events.v1.event_pb2 import Event
 from orderstream.events.v1.event_service_pb2 import StreamEventsRequest
 from orderstream.events.v1.event_service_pb2_grpc import EventServiceStub
@@ -38,8 +39,9 @@ async def stream_events(
     """
     stub = event_stub(target)
     wanted_types = list(types)
-    last_id, failures = after_id, 0
-    while True:
+    last_id = after_id
+
+    async def after_last_id() -> AsyncGenerator[Event, None]:
         call = stub.StreamEvents(
             StreamEventsRequest(
                 after_id=last_id, types=wanted_types, subject=subject, follow=follow
@@ -48,14 +50,12 @@ async def stream_events(
         try:
             async for response in call:
                 for event in response.events:
-                    last_id, failures = event.id, 0
                     yield event
-            return
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE or failures >= reconnects:
-                raise
         finally:
             # Ends the call when the caller stops iterating early.
             call.cancel()
-        failures += 1
-        await asyncio.sleep(backoff(failures))
+
+    async with contextlib.aclosing(reopened(after_last_id, reconnects=reconnects)) as events:
+        async for event in events:
+            last_id = event.id
+            yield event
