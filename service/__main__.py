@@ -30,8 +30,13 @@ async def _serve(settings: Settings, reuse_port: bool = False) -> None:
     app = await App.start(settings, reuse_port=reuse_port, tracing=Tracing.from_env(os.environ))
     loop = asyncio.get_running_loop()
     # Rotated tokens or certificate: take them now, not at the next poll.
-    # Taken before "serving" is logged, so a SIGHUP after it always counts.
+    # Every handler is in place before "serving" is logged, so a signal
+    # sent after it always counts: a SIGTERM that came first would kill the
+    # process outright (CI once saw an exit by SIGTERM just after "serving").
     loop.add_signal_handler(signal.SIGHUP, app.reload_now)
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
     log.info(
         "serving",
         extra={
@@ -42,9 +47,6 @@ async def _serve(settings: Settings, reuse_port: bool = False) -> None:
             "metrics_port": app.metrics_port,
         },
     )
-    stopping = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace})
     await app.stop()
