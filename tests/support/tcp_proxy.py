@@ -108,11 +108,9 @@ class TcpProxy:
         except OSError:
             pass  # the other side was cut: this direction ends too
         finally:
-            if self._blackholed and writer in self._writers:
-                # The end of one side does not reach the other through a
-                # blackhole: it stays open, silent, until cut().
-                pass
-            else:
+            # The end of one side does not reach the other through a
+            # blackhole: it stays open, silent, until cut().
+            if not (self._blackholed and writer in self._writers):
                 self._writers.discard(writer)
                 writer.close()
                 with contextlib.suppress(OSError):

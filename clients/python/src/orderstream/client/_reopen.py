@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import grpc
 
-from orderstream.client._target import backoff
+from orderstream.client._target import backoff, lost_connection
 
 T = TypeVar("T")
 
@@ -22,7 +22,7 @@ async def reopened(
     """Yields what `open_stream()` yields, one stream's worth at a time.
 
     A stream (one call, which its generator cancels when closed) that ends
-    with UNAVAILABLE is replaced by a new `open_stream()` after a backoff,
+    with a lost connection (UNAVAILABLE) is replaced by a new `open_stream()` after a backoff,
     up to `reconnects` times in a row without an item in between; it is up
     to `open_stream` to start where the last one stopped. Other errors are
     raised as they are.
@@ -38,7 +38,7 @@ async def reopened(
                     yield item
             return
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE or failures >= reconnects:
+            if not lost_connection(error) or failures >= reconnects:
                 raise
         failures += 1
         await asyncio.sleep(backoff(failures))

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 import grpc
 
-from orderstream.client._target import backoff, event_stub, new_request_id
+from orderstream.client._target import backoff, event_stub, lost_connection, new_request_id
 from orderstream.events.v1.event_pb2 import Event
 from orderstream.events.v1.event_service_pb2 import UploadEventsRequest, UploadEventsResponse
 from orderstream.events.v1.event_service_pb2_grpc import EventServiceStub
@@ -83,27 +83,10 @@ async def upload_events(
         try:
             return await _send(stub, sent, source, timeout)
         except grpc.aio.AioRpcError as error:
-            if not _lost_connection(error) or attempt == attempts:
+            if not lost_connection(error) or attempt == attempts:
                 raise
         await asyncio.sleep(backoff(attempt))
     raise AssertionError("unreachable: the last attempt returns or raises")
-
-
-# The status grpc.aio gives a call whose message it could not hand to its
-# transport (grpc/aio/_call.py: a failed send batch sets it at once, and
-# the call's real status, UNAVAILABLE, then comes too late to count): the
-# connection went while a message was being written (the suite's upload
-# cut midway failed so once in CI).
-_WRITE_FAILED_LOCALLY = "Internal error from Core"
-
-
-def _lost_connection(error: grpc.aio.AioRpcError) -> bool:
-    """Whether the call failed because its connection did: sending the
-    upload again under its id is then safe, whatever reached the server."""
-    code = error.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return True
-    return code == grpc.StatusCode.INTERNAL and bool(error.details() == _WRITE_FAILED_LOCALLY)
 
 
 async def _send(
