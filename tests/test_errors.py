@@ -6,18 +6,14 @@ id and nothing of the error's text."""
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from service.db.failures import CallDeadlineReached, DatabaseNotAnswering, PoolExhausted
-from service.db.runner import Database
 from service.errors import Reason, ServiceError
 from service.rpc.status_map import from_exception
-from tests.support.database import admin_ssl_context
 
 # Statements that make PostgreSQL raise one SQLSTATE each, in a transaction
 # that is rolled back. Where no ordinary statement can (a serialization
@@ -157,24 +153,3 @@ def test_a_connection_asyncpg_lost_track_of_is_unavailable():
     error = from_exception(exc, "Test")
     assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")
     assert has_retry_info(status_of(error))
-
-
-async def test_a_connection_ended_during_its_release_fails_nothing(pg_cluster, admin_db):
-    pool = await asyncpg.create_pool(
-        pg_cluster.dsn(admin=True), ssl=admin_ssl_context(pg_cluster), min_size=1, max_size=1
-    )
-    db = Database(pool, acquire_timeout=5, command_timeout=5)
-    try:
-        conn = await pool.acquire()
-        assert await conn.fetchval("SELECT 1") == 1
-        behind_the_proxy = conn._con
-        releasing = asyncio.ensure_future(db.release(conn))
-        # One turn of the loop: the release checks the connection and
-        # schedules its shielded part, which has not run yet ...
-        await asyncio.sleep(0)
-        # ... when the connection ends (asyncpg takes its holder back).
-        behind_the_proxy.terminate()
-        await releasing  # asyncpg: "release() called on a free connection holder"
-        assert await pool.fetchval("SELECT 2") == 2  # the pool is whole again
-    finally:
-        await pool.close()
