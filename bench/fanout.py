@@ -197,7 +197,7 @@ class Samples:
 
 CONNECTIONS = """
 SELECT count(*),
-       count(*) FILTER (WHERE state <> 'idle' AND query NOT ILIKE '%INSERT INTO events%')
+       count(*) FILTER (WHERE state <> 'idle' AND query NOT ILIKE '%events_publish%')
 FROM pg_stat_activity WHERE application_name = 'orderstream'
 """
 

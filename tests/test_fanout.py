@@ -112,13 +112,13 @@ async def backends(admin: asyncpg.Pool, role: str) -> list[asyncpg.Record]:
 
 def followers_connections(rows: list[asyncpg.Record]) -> int:
     """Backends at work on the event feed for followers: not idle, on the
-    events table, and not a publisher's INSERT."""
+    events table, and not a publisher's events_publish."""
     return sum(
         1
         for row in rows
         if row["state"] != "idle"
         and "events" in (row["query"] or "")
-        and "INSERT INTO events" not in (row["query"] or "")
+        and "events_publish" not in (row["query"] or "")
     )
 
 

@@ -78,6 +78,20 @@ def _builder_variants(function: Callable[..., str]) -> Iterator[dict[str, Any]]:
         yield dict(zip(choices, values, strict=True))
 
 
+# The unary writes are functions (migration 0012), each called by a SELECT:
+# not reads, and planned inside the function with plan_cache_mode = auto.
+WRITE_FUNCTIONS = (
+    "orders_create",
+    "orders_update_status",
+    "events_publish",
+    "events_publish_keyed",
+)
+
+
+def calls_a_write_function(sql: str) -> bool:
+    return any(f"FROM {function}(" in sql for function in WRITE_FUNCTIONS)
+
+
 def read_statements(modules: tuple[ModuleType, ...] = SQL_MODULES) -> dict[str, tuple[str, Any]]:
     """Label -> (SQL, how it was built) for every read statement in `modules`."""
     found: dict[str, tuple[str, Any]] = {}
@@ -85,7 +99,11 @@ def read_statements(modules: tuple[ModuleType, ...] = SQL_MODULES) -> dict[str, 
         for name, value in vars(module).items():
             if name.startswith("_"):
                 continue
-            if isinstance(value, str) and value.lstrip().upper().startswith("SELECT"):
+            if (
+                isinstance(value, str)
+                and value.lstrip().upper().startswith("SELECT")
+                and not calls_a_write_function(value)
+            ):
                 found[name] = (value, None)
             elif (
                 inspect.isfunction(value)
@@ -291,6 +309,32 @@ def test_statements_are_collected_from_the_sql_modules():
     assert not any(
         sql.lstrip().upper().startswith(("INSERT", "WITH")) for sql, _ in STATEMENTS.values()
     )
+    assert "CREATE_ORDER" not in STATEMENTS and "PUBLISH_EVENTS" not in STATEMENTS
+
+
+async def test_the_writes_are_planned_as_postgresql_would_by_default(
+    pooled: asyncpg.Connection,
+):
+    """Each write function puts plan_cache_mode back to `auto` for its own
+    statements: under the pool's force_custom_plan they would be planned on
+    every call, for plans that cannot depend on the values written. And the
+    service calls each of them, so none is left behind unused."""
+    settings = dict(
+        await pooled.fetch(
+            "SELECT proname, proconfig FROM pg_proc WHERE proname = ANY($1::text[])",
+            list(WRITE_FUNCTIONS),
+        )
+    )
+    assert settings == {function: ["plan_cache_mode=auto"] for function in WRITE_FUNCTIONS}
+    called = [
+        value
+        for module in SQL_MODULES
+        for value in vars(module).values()
+        if isinstance(value, str) and calls_a_write_function(value)
+    ]
+    assert sorted(
+        f for f in WRITE_FUNCTIONS if any(f"FROM {f}(" in sql for sql in called)
+    ) == sorted(WRITE_FUNCTIONS)
 
 
 async def test_a_creation_window_is_walked_between_its_first_and_last_ids(

@@ -7,15 +7,11 @@ from typing import Any
 
 from service.events.payload import MAX_PAYLOAD_BYTES
 
-# Rows are inserted in request order, and ids are drawn in insertion order,
-# so the ascending ids returned map one to one onto the request's events.
-PUBLISH_EVENTS = """
-INSERT INTO events (type, source, subject, time, payload)
-SELECT e.type, e.source, e.subject, coalesce(e.time, now()), e.payload::jsonb
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])
-         WITH ORDINALITY AS e (type, source, subject, time, payload, n)
-ORDER BY e.n
-RETURNING id"""
+# events_publish (migrations/0012_write_functions.sql, which says why the
+# writes are functions): $1-$5 the events' types, sources, subjects, times and
+# payloads. Rows are inserted in request order, and ids are drawn in insertion
+# order, so the ascending ids returned map one to one onto the request's events.
+PUBLISH_EVENTS = "SELECT id FROM events_publish($1, $2, $3, $4, $5)"
 
 # PUBLISH_EVENTS with a request_id ($6) and the body's digest ($7): the
 # events and the record of the ids they were given, one statement, hence one
@@ -23,14 +19,7 @@ RETURNING id"""
 # committed fails the statement on publish_requests_pkey (after waiting for
 # a concurrent insert of the same key to commit or roll back), so nothing
 # of a retry is written, and the caller reads the record instead.
-PUBLISH_KEYED_EVENTS = f"""
-WITH new_events AS ({PUBLISH_EVENTS}), record AS (
-    INSERT INTO publish_requests (request_id, request_hash, event_ids)
-    SELECT $6, $7, array_agg(id ORDER BY id) FROM new_events
-    RETURNING event_ids
-)
-SELECT unnest(event_ids) AS id FROM record
-"""
+PUBLISH_KEYED_EVENTS = "SELECT id FROM events_publish_keyed($1, $2, $3, $4, $5, $6, $7)"
 
 PUBLISH_REQUEST = "SELECT request_hash, event_ids FROM publish_requests WHERE request_id = $1"
 

@@ -21,31 +21,14 @@ _ITEMS_OF_O = """
     ) i
 """
 
-# One statement, hence one transaction: the order, its items and its
-# order.created event. On a request_id conflict nothing is written and no
-# row is returned (ON CONFLICT waits for a concurrent insert of the same key
-# to commit or roll back, so two identical calls cannot both insert).
-CREATE_ORDER = """
-WITH new_order AS (
-    INSERT INTO orders (request_id, request_hash, customer_id, currency, total_cents)
-    VALUES ($1, $2, $3, $4, $5)
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING id, status, version, create_time, update_time
-), new_items AS (
-    INSERT INTO order_items (order_id, line_no, sku, quantity, unit_price_cents)
-    SELECT new_order.id, item.line_no, item.sku, item.quantity, item.unit_price_cents
-    FROM new_order,
-         unnest($6::text[], $7::integer[], $8::bigint[])
-             WITH ORDINALITY AS item (sku, quantity, unit_price_cents, line_no)
-), new_event AS (
-    INSERT INTO events (type, source, subject, time, payload)
-    SELECT 'order.created', 'orderstream', 'orders/' || id, create_time,
-           jsonb_build_object('order_id', id, 'customer_id', $3::text, 'currency', $4::text,
-                              'total_cents', $5::bigint, 'status', status)
-    FROM new_order
-)
-SELECT id, status, version, create_time, update_time FROM new_order
-"""
+# The order, its items and its order.created event, in one statement, hence
+# one transaction: orders_create (migrations/0012_write_functions.sql, which
+# says why the writes are functions). On a request_id conflict nothing is
+# written and no row is returned (ON CONFLICT waits for a concurrent insert of
+# the same key to commit or roll back, so two identical calls cannot both
+# insert). $1 request_id, $2 the body's digest, $3 customer_id, $4 currency,
+# $5 total_cents, $6-$8 the items' skus, quantities and unit prices.
+CREATE_ORDER = "SELECT * FROM orders_create($1, $2, $3, $4, $5, $6, $7, $8)"
 
 ORDER_BY_REQUEST_ID = f"""
 SELECT {_ORDER_COLUMNS}, o.request_hash
@@ -59,35 +42,14 @@ FROM orders o {_ITEMS_OF_O}
 WHERE o.id = $1
 """
 
-# $1 id, $2 new status, $3 statuses it may come from, $4 expected version (0:
-# any), $5 the caller's request_id ('' for none) and $6 the body's digest.
-# Locks the row first so the event records the status it left. A change
-# that took effect records its request_id with a plain INSERT: a key used
-# before fails the statement on status_requests_pkey, so nothing is written.
-UPDATE_ORDER_STATUS = f"""
-WITH previous AS (
-    SELECT id, status FROM orders WHERE id = $1 FOR UPDATE
-), updated AS (
-    UPDATE orders AS o
-    SET status = $2, version = o.version + 1, update_time = now()
-    FROM previous
-    WHERE o.id = previous.id
-      AND previous.status = ANY($3::text[])
-      AND ($4::bigint = 0 OR o.version = $4::bigint)
-    RETURNING o.*, previous.status AS previous_status
-), event AS (
-    INSERT INTO events (type, source, subject, time, payload)
-    SELECT 'order.status_changed', 'orderstream', 'orders/' || id, update_time,
-           jsonb_build_object('order_id', id, 'status', status,
-                              'previous_status', previous_status, 'version', version)
-    FROM updated
-), record AS (
-    INSERT INTO status_requests (request_id, request_hash, order_id)
-    SELECT $5, $6, id FROM updated WHERE $5::text <> ''
-)
-SELECT {_ORDER_COLUMNS}
-FROM updated o {_ITEMS_OF_O}
-"""
+# orders_update_status (migrations/0012_write_functions.sql): $1 id, $2 new
+# status, $3 statuses it may come from, $4 expected version (0: any), $5 the
+# caller's request_id ('' for none) and $6 the body's digest. Locks the row
+# first so the event records the status it left. A change that took effect
+# records its request_id with a plain INSERT: a key used before fails the
+# statement on status_requests_pkey, so nothing is written. The order's
+# columns come back as ORDER_BY_REQUEST_ID's, without request_hash.
+UPDATE_ORDER_STATUS = "SELECT * FROM orders_update_status($1, $2, $3, $4, $5, $6)"
 
 ORDER_STATE = "SELECT status, version FROM orders WHERE id = $1"
 
