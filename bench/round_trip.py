@@ -8,17 +8,14 @@ measured process on CPU 0:
 1. asyncpg alone: 1 and 16 tasks on uvloop, each running `SELECT 1` in a
    loop on its own connection of a pool opened as the service's (verified
    TLS): queries/s and CPU per query.
-2. a bare grpc.aio server on uvloop whose GetOrder answers a fixed message
-   after one of these waits, with h2load keeping 16 calls in flight:
-   - `none`: answers at once (the ceiling);
-   - `yield`: `await asyncio.sleep(0)`, one turn of the loop;
-   - `timer`: a future a 200 µs timer completes, a wait with no I/O;
-   - `select`: `SELECT 1` on a connection of its own (no pool acquire);
-   - `coalesced`: `SELECT 1` shared by the calls that arrive while one is
-     in flight (at most one statement at a time), with its mean batch.
-   For each: calls/s and CPU per call of the loop thread and of gRPC's
-   own threads (`/proc/<pid>/task`), with voluntary and involuntary
-   context switches per call.
+2. the ceiling (bench/ceiling_server.py: a bare grpc.aio server on uvloop)
+   whose GetOrder answers a fixed message after each of its `--wait`s in
+   turn (none, one turn of the loop, a 200 µs timer, `SELECT 1` through
+   the pool, on a connection of its own, or shared by the calls that
+   arrive while one is in flight, with its mean batch), with h2load
+   keeping 16 calls in flight. For each: calls/s and CPU per call of the
+   loop thread and of gRPC's own threads (`/proc/<pid>/task`), with
+   voluntary and involuntary context switches per call.
 
 What it shows is where the loop's time goes when a call waits on a socket
 (docs/benchmarks.md#what-stands-in-the-way). Nothing here is a target.
@@ -39,104 +36,28 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 import uvloop
 
 from bench import h2load
+from bench.ceiling_server import DEDICATED_CONNECTIONS
 from bench.harness import cluster, pin, postgres_pids, save, served
 from bench.unary import CLIENT_CPU, ORDERS, SERVER_CPU, request_frames
 from devcluster.cluster import Cluster
-from orderstream.orders.v1 import order_pb2, order_service_pb2_grpc
+from orderstream.orders.v1 import order_pb2, order_service_pb2
 from service.db.pool import open_pool
 from service.settings import Settings
 
-WAITS = ("none", "yield", "timer", "select", "coalesced")
+WAITS = ("none", "yield", "timer", "pool", "select", "coalesced")
 CONCURRENCY = 16
-TIMER_S = 0.0002
-BATCH_FILE = "ROUND_TRIP_BATCH_FILE"
 
 
-class Coalescer:
-    """At most one `SELECT 1` in flight; calls that arrive meanwhile share
-    the next one."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self._conn = conn
-        self._waiting: list[asyncio.Future[None]] = []
-        self._running = False
-        self._drainer: asyncio.Task[None] | None = None
-        self.statements = 0
-        self.calls = 0
-
-    def wait(self) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._waiting.append(future)
-        if not self._running:
-            self._running = True
-            self._drainer = loop.create_task(self._drain())
-        return future
-
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, []
-                await self._conn.fetchval("SELECT 1")
-                self.statements += 1
-                self.calls += len(batch)
-                for future in batch:
-                    if not future.done():
-                        future.set_result(None)
-        finally:
-            self._running = False
-
-
-class WaitingOrders(order_service_pb2_grpc.OrderServiceServicer):
-    def __init__(self, wait: str, conns: asyncio.Queue[Any], coalescer: Coalescer | None) -> None:
-        self._wait = wait
-        self._conns = conns
-        self._coalescer = coalescer
-        self._order = order_pb2.Order(id=1, customer_id="c-1", currency="EUR")
-
-    async def GetOrder(self, request, context):  # type: ignore[no-untyped-def]
-        if self._wait == "yield":
-            await asyncio.sleep(0)
-        elif self._wait == "timer":
-            loop = asyncio.get_running_loop()
-            done = loop.create_future()
-            loop.call_later(TIMER_S, done.set_result, None)
-            await done
-        elif self._wait == "select":
-            conn = await self._conns.get()
-            try:
-                await conn.fetchval("SELECT 1")
-            finally:
-                self._conns.put_nowait(conn)
-        elif self._wait == "coalesced":
-            assert self._coalescer is not None
-            await self._coalescer.wait()
-        return self._order
-
-
-async def serve(wait: str) -> None:
-    pool = await open_pool(Settings.from_env(os.environ))
-    conns: asyncio.Queue[Any] = asyncio.Queue()
-    for _ in range(CONCURRENCY):
-        conns.put_nowait(await pool.acquire())
-    coalescer = Coalescer(await pool.acquire()) if wait == "coalesced" else None
-    server = grpc.aio.server()
-    order_service_pb2_grpc.add_OrderServiceServicer_to_server(
-        WaitingOrders(wait, conns, coalescer), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(json.dumps({"message": "serving", "port": port}), file=sys.stderr, flush=True)
-    stopping = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(15, stopping.set)
-    await stopping.wait()
-    await server.stop(0)
-    if coalescer is not None:
-        Path(os.environ[BATCH_FILE]).write_text(str(coalescer.calls / max(1, coalescer.statements)))
+def canned_responses(directory: Path) -> Path:
+    """The ceiling's answers: small fixed messages (RESPONSES.json)."""
+    order = order_pb2.Order(id=1, customer_id="c-1", currency="EUR").SerializeToString().hex()
+    page = order_service_pb2.ListOrdersResponse().SerializeToString().hex()
+    canned = directory / "responses.json"
+    canned.write_text(json.dumps({"GetOrder": order, "CreateOrder": order, "ListOrders": page}))
+    return canned
 
 
 async def queries(tasks: int, seconds: float) -> None:
@@ -161,6 +82,7 @@ async def queries(tasks: int, seconds: float) -> None:
 def probe_env(db: Cluster) -> dict[str, str]:
     """The service's settings for the cluster, with a pool that holds a
     connection for every call in flight and one for the coalescer."""
+    assert CONCURRENCY == DEDICATED_CONNECTIONS
     size = str(CONCURRENCY + 1)
     return {
         **db.service_env(),
@@ -187,11 +109,15 @@ def threads(pid: int) -> dict[str, list[float]]:
     return out
 
 
-async def measure_server(db: Cluster, wait: str, frame: Path, seconds: float) -> dict[str, Any]:
+async def measure_server(
+    db: Cluster, wait: str, canned: Path, frame: Path, seconds: float
+) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile() as batch:
-        env = {**probe_env(db), BATCH_FILE: batch.name}
-        argv = [sys.executable, "-m", "bench.round_trip", "--serve", wait]
-        async with served(argv, env) as server:
+        argv = [
+            sys.executable, "-m", "bench.ceiling_server", str(canned),
+            "--wait", wait, "--batch-file", batch.name,
+        ]  # fmt: skip
+        async with served(argv, probe_env(db)) as server:
             pin([server.pid], SERVER_CPU)
             before = threads(server.pid)
             load = await asyncio.to_thread(
@@ -235,13 +161,14 @@ async def measure(seconds: float) -> dict[str, Any]:
     with cluster() as db, tempfile.TemporaryDirectory() as scratch:
         pin(postgres_pids(db), CLIENT_CPU)
         frame = request_frames(Path(scratch), 1)[ORDERS + "GetOrder"]
+        canned = canned_responses(Path(scratch))
         alone = {tasks: run_queries(db, tasks, seconds) for tasks in (1, CONCURRENCY)}
         for tasks, q in alone.items():
             print(f"asyncpg alone, {tasks} tasks: {q['per_s']:,.0f} queries/s, "
                   f"{q['cpu_us']:.0f} µs CPU per query", flush=True)  # fmt: skip
         servers = {}
         for wait in WAITS:
-            servers[wait] = r = await measure_server(db, wait, frame, seconds)
+            servers[wait] = r = await measure_server(db, wait, canned, frame, seconds)
             batch = f", mean batch {r['batch']:.2f}" if "batch" in r else ""
             print(f"\nGetOrder after wait={wait}: {r['per_s']:,.0f} calls/s{batch}", flush=True)
             print("| thread | CPU µs per call | voluntary / involuntary switches per call |")
@@ -258,12 +185,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="measured time per point")
-    parser.add_argument("--serve", choices=WAITS, help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        uvloop.run(serve(args.serve))
-    elif args.queries:
+    if args.queries:
         uvloop.run(queries(args.queries, args.seconds))
     else:
         results = asyncio.run(measure(args.seconds))

@@ -330,7 +330,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     }
 
         print("measuring the ceiling with one database round trip ...", flush=True)
-        async with served_on(SERVER_CPU, commands["ceiling"] + ["--round-trip"], env) as server:
+        async with served_on(SERVER_CPU, commands["ceiling"] + ["--wait", "pool"], env) as server:
             results["round_trip"] = await asyncio.to_thread(
                 runner.h2load, server, ORDERS + "GetOrder", HEADLINE
             )

@@ -13,7 +13,9 @@ import uuid
 from pathlib import Path
 
 import grpc
+import pytest
 
+from bench.ceiling_server import WAITS
 from bench.grpc_load import line_items
 from devcluster.process import served
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
@@ -48,7 +50,12 @@ async def test_the_peer_answers_as_the_service(service_env, orders):
         assert await orders.GetOrder(order_service_pb2.GetOrderRequest(id=made.id)) == made
 
 
-async def test_the_ceiling_answers_with_what_it_was_given(orders, tmp_path: Path):
+@pytest.mark.parametrize("wait", WAITS)
+async def test_the_ceiling_answers_with_what_it_was_given(
+    orders, service_env, tmp_path: Path, wait: str
+):
+    """After each of its waits (bench.round_trip measures them all), and
+    with the mean batch of the coalesced one written at exit."""
     created = await orders.CreateOrder(create_request(f"bench-{uuid.uuid4()}"))
     page = await orders.ListOrders(order_service_pb2.ListOrdersRequest(page_size=50))
     responses = {
@@ -58,9 +65,13 @@ async def test_the_ceiling_answers_with_what_it_was_given(orders, tmp_path: Path
     }
     canned = tmp_path / "responses.json"
     canned.write_text(json.dumps(responses))
-    argv = [sys.executable, "-m", "bench.ceiling_server", str(canned)]
+    batch = tmp_path / "batch"
+    argv = [
+        sys.executable, "-m", "bench.ceiling_server", str(canned),
+        "--wait", wait, "--batch-file", str(batch),
+    ]  # fmt: skip
     async with (
-        served(argv, {}) as ceiling,
+        served(argv, service_env) as ceiling,
         grpc.aio.insecure_channel(f"127.0.0.1:{ceiling.port}") as channel,
     ):
         canned_orders = order_service_pb2_grpc.OrderServiceStub(channel)
@@ -68,3 +79,5 @@ async def test_the_ceiling_answers_with_what_it_was_given(orders, tmp_path: Path
         assert got == created
         listed = await canned_orders.ListOrders(order_service_pb2.ListOrdersRequest())
         assert listed == page
+    if wait == "coalesced":
+        assert float(batch.read_text()) >= 1

@@ -121,12 +121,7 @@ LANGUAGE plpgsql SET plan_cache_mode = auto AS $$
 BEGIN
     RETURN QUERY
     WITH new_events AS (
-        INSERT INTO events (type, source, subject, time, payload)
-        SELECT e.type, e.source, e.subject, coalesce(e.time, now()), e.payload::jsonb
-        FROM unnest($1, $2, $3, $4, $5)
-                 WITH ORDINALITY AS e (type, source, subject, time, payload, n)
-        ORDER BY e.n
-        RETURNING id
+        SELECT id FROM events_publish($1, $2, $3, $4, $5)
     ), record AS (
         INSERT INTO publish_requests (request_id, request_hash, event_ids)
         SELECT $6, $7, array_agg(id ORDER BY id) FROM new_events
