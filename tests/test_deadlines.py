@@ -20,7 +20,7 @@ from tests.support.status import rpc_error
 
 pytestmark = pytest.mark.through_pgbouncer
 
-UPDATE_MARKER = "UPDATE orders AS o"
+UPDATE_MARKER = "orders_update_status("
 POOL_OF_ONE = {"ORDERSTREAM_POOL_MIN_SIZE": "1", "ORDERSTREAM_POOL_MAX_SIZE": "1"}
 
 

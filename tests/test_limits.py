@@ -130,7 +130,7 @@ async def test_calls_over_the_concurrency_limit_are_resource_exhausted(
             ]
 
             async def both_waiting() -> bool:
-                return await backends_running(admin_db, "UPDATE orders") == 2
+                return await backends_running(admin_db, "orders_update_status(") == 2
 
             await eventually(both_waiting, what="two updates waiting on the lock")
             error = await rpc_error(stub.GetOrder(get))
