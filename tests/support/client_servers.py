@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +76,31 @@ class Restarting:
         }
 
 
+def port_below_the_ephemeral_range() -> int:
+    """A free port no outgoing connection can be given. A port the kernel
+    picked (ORDERSTREAM_PORT=0) lies in the ephemeral range, and between
+    the first process's exit and the second's start any connection the
+    suite opens may take it as its own, so the second could not listen
+    (a Go client test once waited out every reconnect)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for candidate in random.sample(range(low // 2, low), 100):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError(f"no free port between {low // 2} and {low}")
+
+
 @contextlib.asynccontextmanager
 async def restarted_after_sigterm(service_env: dict[str, str]) -> AsyncIterator[Restarting]:
     """`python -m service serve`, and a second one on the same port as soon
     as the first has exited; whichever still runs is ended on exit."""
+    port = str(port_below_the_ephemeral_range())
     async with contextlib.AsyncExitStack() as processes:
         first = await processes.enter_async_context(
-            service_process(process_env(service_env), "serve")
+            service_process(process_env(service_env, ORDERSTREAM_PORT=port), "serve")
         )
         await first.wait_serving()
 
