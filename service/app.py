@@ -98,6 +98,7 @@ class App:
     streams: StreamSlots
     followers: StreamSlots
     metrics: Metrics
+    observer: Observer
     # Health alone on a plain-text port, for Kubernetes' probes.
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
@@ -278,6 +279,7 @@ class App:
             streams=streams,
             followers=followers,
             metrics=metrics,
+            observer=observer,
             health_server=health_server,
             health_port=health_port,
             metrics_endpoint=endpoint,
@@ -321,6 +323,7 @@ class App:
         # Follow streams never finish by themselves: end them while it drains.
         await self.feed.close()
         await stopping
+        self.observer.flush()  # the access lines of the calls that just ended
         await self.health_task
         tasks = [self.trim_task, self.expiry_task, self.lag_task]
         for optional in (self.reload_task, self.retention_task):

@@ -12,8 +12,9 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from devcluster.process import process_env, service_process
+from devcluster.process import ServiceProcess, process_env, service_process
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
+from tests.support.polling import eventually
 from tests.support.requests import create_request
 from tests.support.status import rpc_error
 
@@ -54,6 +55,29 @@ async def test_one_json_line_per_rpc_with_request_id_and_no_secrets(service_env,
     assert len(prefix) == 16 and number.isdigit()
     assert password not in child.output
     assert env["ORDERSTREAM_PAGE_TOKEN_KEY"] not in child.output
+
+
+async def test_access_lines_are_written_while_the_process_serves(service_env, migrated):
+    """Lines wait together for at most the flush interval, not for the stop."""
+    env = process_env(service_env, ORDERSTREAM_MIGRATE_ON_START="false")
+    async with service_process(env, "serve") as child:
+        port = (await child.record("serving"))["port"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            orders = order_service_pb2_grpc.OrderServiceStub(channel)
+            for n in range(3):
+                await orders.CreateOrder(
+                    create_request(), metadata=(("x-request-id", f"req-running-{n}"),)
+                )
+            await child.record("rpc", timeout=10)
+            await eventually(lambda: _logged(child, 3), what="an access line per call")
+        assert child.process.returncode is None  # still serving
+    assert [line["request_id"] for line in rpc_lines(child.records)] == [
+        f"req-running-{n}" for n in range(3)
+    ]
+
+
+async def _logged(child: ServiceProcess, count: int) -> bool:
+    return len(rpc_lines(child.records)) >= count
 
 
 async def traced_run(env: dict[str, str], spans_file: Path) -> list[dict]:

@@ -66,16 +66,28 @@ class AccessLog:
 
     Through logging that line cost more than a database point read (about
     80 µs of server CPU per GetOrder on the benchmark machine: the caller's
-    frame looked up, a LogRecord, a lock and a write system call per line). Here it is
-    built directly, and every line finished in one event-loop iteration
-    leaves in one write at the end of that iteration. Without `configure`
-    (the service embedded, as in the tests) it goes through logging.
+    frame looked up, a LogRecord, a lock and a write system call per line).
+    Here it is built directly, and lines leave together: every
+    `FLUSH_INTERVAL` (50 ms), or as soon as `FLUSH_BYTES` (64 KiB) wait, or
+    at `flush` (the server's stop calls it). One write per event-loop turn
+    still cost GetOrder about 12% of its calls a second at 16 in flight
+    (docs/benchmarks.md): at one call per turn that is a write per call,
+    each waking whoever reads the log. So an access line may reach the log
+    up to 50 ms after the lines other loggers wrote meanwhile; each carries
+    its own time. Without `configure` (the service embedded, as in the
+    tests) it goes through logging, at once.
     """
+
+    FLUSH_INTERVAL = 0.05
+    FLUSH_BYTES = 64 * 1024
 
     def __init__(self) -> None:
         self._logger = logging.getLogger("service.access")
         self._pid = os.getpid()
         self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._handler: logging.StreamHandler | None = None  # type: ignore[type-arg]
+        self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
 
@@ -111,9 +123,14 @@ class AccessLog:
             "duration_ms": duration_ms,
             "caller": caller,
         }
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush, handler)
-        self._pending.append(json.dumps(entry))
+        line = json.dumps(entry)
+        self._handler = handler
+        self._pending.append(line)
+        self._pending_bytes += len(line) + 1
+        if self._pending_bytes >= self.FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.FLUSH_INTERVAL, self.flush)
 
     def _time(self) -> str:
         now = time.time()
@@ -123,8 +140,15 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         return f"{self._stamp}.{int((now - whole) * 1000):03d}Z"
 
-    def _flush(self, handler: logging.StreamHandler) -> None:  # type: ignore[type-arg]
-        lines, self._pending = self._pending, []
+    def flush(self) -> None:
+        """Writes every line still waiting."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        handler = self._handler
+        if not self._pending or handler is None:
+            return
+        lines, self._pending, self._pending_bytes = self._pending, [], 0
         with handler.lock:  # type: ignore[union-attr]
             handler.stream.write("\n".join(lines) + "\n")
             handler.flush()

@@ -143,6 +143,10 @@ class Observer:
         self._ids = itertools.count(1)
         self._access_log = logs.AccessLog()
 
+    def flush(self) -> None:
+        """Writes the access lines still waiting (`logs.AccessLog`)."""
+        self._access_log.flush()
+
     def servicer(self, servicer: Any, service: ServiceDescriptor) -> Any:
         """An object with `servicer`'s methods of `service`, observed, to
         register (service/rpc/registry.py's add_service)."""
