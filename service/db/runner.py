@@ -90,10 +90,12 @@ class Database:
         """`release` for a connection whose block ended without an error.
         Unless the block left a transaction open, there is nothing to roll
         back or to cancel, so the release completes without waiting and a
-        cancellation has nowhere to land: it is done here, without the new
-        task Pool.release runs it in under asyncio.shield. Without that task
-        GetOrder made 8% more calls a second
-        (docs/benchmarks.md#what-stands-in-the-way). This reaches into
+        cancellation has nowhere to land (unless asyncpg closes the
+        connection, past its query or age limit: a cancellation may then
+        cut the close short, and it ends at once instead). It is done here,
+        without the new task Pool.release runs it in under asyncio.shield:
+        without that task and the acquire's, GetOrder made 8% more calls a
+        second (docs/benchmarks.md, unary calls). This reaches into
         asyncpg's pool as Pool.release does (the proxy's connection and
         holder), which is why asyncpg is held to one minor version;
         tests/test_db_release.py fails if that shape changes."""
