@@ -5,10 +5,12 @@ are accepted as before: a dropped connection, not a dead host.
 `blackhole()` keeps every socket open but silently drops the bytes in both
 directions, new connections included, until `resume()`: a stalled network,
 where nothing fails until somebody's timeout does. Nothing that happens
-behind it shows either: an upstream that closes or refuses leaves the
-client's side open and silent, as a host that died behind a partition
-would. Dropped bytes stay dropped, so a TLS session that lost some is
-broken for good after `resume()`.
+behind it shows either: a side that closes, or an upstream that refuses,
+leaves the other side open and silent, as a host that died behind a
+partition would, until `resume()` resets it, as the healed network carries
+the closed side's answer (an RST) to whatever the open side sends. Dropped
+bytes stay dropped, so a TLS session that lost some is broken for good
+after `resume()`.
 `repoint()` sends new connections to another port and leaves open ones
 where they are: a DNS name or an endpoint flipped to another server.
 """
@@ -26,6 +28,8 @@ class TcpProxy:
         self._host = host
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        # Sides left open while blackholed although their other side ended.
+        self._orphans: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
         self._blackholed = False
         self.port = 0
@@ -53,6 +57,7 @@ class TcpProxy:
         for writer in self._writers:
             writer.transport.abort()
         self._writers.clear()
+        self._orphans.clear()
 
     def repoint(self, upstream_port: int) -> None:
         """New connections go to `upstream_port` from now on; open ones stay."""
@@ -63,8 +68,13 @@ class TcpProxy:
         self._blackholed = True
 
     def resume(self) -> None:
-        """Bytes flow again (what was dropped meanwhile is not replayed)."""
+        """Bytes flow again (what was dropped meanwhile is not replayed), and
+        each side whose other side ended meanwhile is reset."""
         self._blackholed = False
+        for writer in self._orphans:
+            self._writers.discard(writer)
+            writer.transport.abort()
+        self._orphans.clear()
 
     async def _accept(
         self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
@@ -86,8 +96,9 @@ class TcpProxy:
 
     def _hold_silently(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Keeps a client's connection open, reading and dropping what it
-        sends, until `cut()` or the proxy's end."""
+        sends, until `resume()`, `cut()` or the proxy's end."""
         self._writers.add(writer)
+        self._orphans.add(writer)
         hold = asyncio.create_task(self._drop(reader))
         self._pipes.add(hold)
         hold.add_done_callback(self._pipes.discard)
@@ -109,8 +120,10 @@ class TcpProxy:
             pass  # the other side was cut: this direction ends too
         finally:
             # The end of one side does not reach the other through a
-            # blackhole: it stays open, silent, until cut().
-            if not (self._blackholed and writer in self._writers):
+            # blackhole: it stays open, silent, until resume() or cut().
+            if self._blackholed and writer in self._writers:
+                self._orphans.add(writer)
+            else:
                 self._writers.discard(writer)
                 writer.close()
                 with contextlib.suppress(OSError):
