@@ -39,7 +39,7 @@ import asyncpg
 import uvloop
 
 from bench import h2load
-from bench.ceiling_server import DEDICATED_CONNECTIONS
+from bench.ceiling_server import DEDICATED_CONNECTIONS, WAITS
 from bench.harness import cluster, pin, postgres_pids, save, served
 from bench.unary import CLIENT_CPU, ORDERS, SERVER_CPU, request_frames
 from devcluster.cluster import Cluster
@@ -47,8 +47,7 @@ from orderstream.orders.v1 import order_pb2, order_service_pb2
 from service.db.pool import open_pool
 from service.settings import Settings
 
-WAITS = ("none", "yield", "timer", "pool", "select", "coalesced")
-CONCURRENCY = 16
+CONCURRENCY = DEDICATED_CONNECTIONS  # a connection of its own for each call in flight
 
 
 def canned_responses(directory: Path) -> Path:
@@ -82,7 +81,6 @@ async def queries(tasks: int, seconds: float) -> None:
 def probe_env(db: Cluster) -> dict[str, str]:
     """The service's settings for the cluster, with a pool that holds a
     connection for every call in flight and one for the coalescer."""
-    assert CONCURRENCY == DEDICATED_CONNECTIONS
     size = str(CONCURRENCY + 1)
     return {
         **db.service_env(),

@@ -16,20 +16,14 @@ import grpc
 import pytest
 
 from bench.ceiling_server import WAITS
-from bench.grpc_load import line_items
 from devcluster.process import served
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
-
-
-def create_request(customer: str) -> order_service_pb2.CreateOrderRequest:
-    return order_service_pb2.CreateOrderRequest(
-        request_id=str(uuid.uuid4()), customer_id=customer, currency="EUR", items=line_items()
-    )
+from tests.support.requests import create_request
 
 
 async def test_the_peer_answers_as_the_service(service_env, orders):
     customer = f"bench-{uuid.uuid4()}"
-    created = await orders.CreateOrder(create_request(customer))
+    created = await orders.CreateOrder(create_request(customer_id=customer))
     argv = [sys.executable, "-m", "bench.peer_server", "--threads=2"]
     async with (
         served(argv, service_env) as peer,
@@ -44,7 +38,7 @@ async def test_the_peer_answers_as_the_service(service_env, orders):
         listed = await peer_orders.ListOrders(page)
         assert list(listed.orders) == list((await orders.ListOrders(page)).orders)
 
-        made = await peer_orders.CreateOrder(create_request(customer))
+        made = await peer_orders.CreateOrder(create_request(customer_id=customer))
         assert made.customer_id == customer
         assert made.total_cents == created.total_cents
         assert await orders.GetOrder(order_service_pb2.GetOrderRequest(id=made.id)) == made
@@ -56,7 +50,7 @@ async def test_the_ceiling_answers_with_what_it_was_given(
 ):
     """After each of its waits (bench.round_trip measures them all), and
     with the mean batch of the coalesced one written at exit."""
-    created = await orders.CreateOrder(create_request(f"bench-{uuid.uuid4()}"))
+    created = await orders.CreateOrder(create_request())
     page = await orders.ListOrders(order_service_pb2.ListOrdersRequest(page_size=50))
     responses = {
         "GetOrder": created.SerializeToString().hex(),

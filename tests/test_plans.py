@@ -88,8 +88,8 @@ WRITE_FUNCTIONS = (
 )
 
 
-def calls_a_write_function(sql: str) -> bool:
-    return any(f"FROM {function}(" in sql for function in WRITE_FUNCTIONS)
+def write_functions_called(sql: str) -> set[str]:
+    return {function for function in WRITE_FUNCTIONS if f"FROM {function}(" in sql}
 
 
 def read_statements(modules: tuple[ModuleType, ...] = SQL_MODULES) -> dict[str, tuple[str, Any]]:
@@ -102,7 +102,7 @@ def read_statements(modules: tuple[ModuleType, ...] = SQL_MODULES) -> dict[str, 
             if (
                 isinstance(value, str)
                 and value.lstrip().upper().startswith("SELECT")
-                and not calls_a_write_function(value)
+                and not write_functions_called(value)
             ):
                 found[name] = (value, None)
             elif (
@@ -326,15 +326,15 @@ async def test_the_writes_are_planned_as_postgresql_would_by_default(
         )
     )
     assert settings == {function: ["plan_cache_mode=auto"] for function in WRITE_FUNCTIONS}
-    called = [
-        value
-        for module in SQL_MODULES
-        for value in vars(module).values()
-        if isinstance(value, str) and calls_a_write_function(value)
-    ]
-    assert sorted(
-        f for f in WRITE_FUNCTIONS if any(f"FROM {f}(" in sql for sql in called)
-    ) == sorted(WRITE_FUNCTIONS)
+    called = set().union(
+        *(
+            write_functions_called(value)
+            for module in SQL_MODULES
+            for value in vars(module).values()
+            if isinstance(value, str)
+        )
+    )
+    assert called == set(WRITE_FUNCTIONS)
 
 
 async def test_a_creation_window_is_walked_between_its_first_and_last_ids(

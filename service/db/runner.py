@@ -70,10 +70,23 @@ class Database:
                 raise DatabaseNotAnswering(self._acquire_timeout) from None
             raise PoolExhausted(self._acquire_timeout) from None
 
-    async def release(self, conn: asyncpg.Connection) -> None:
+    async def release(self, conn: asyncpg.Connection, *, finished: bool = False) -> None:
         """Returns `conn` to the pool; never fails the call.
 
-        asyncpg shields the release itself, so cancellation cannot leak it.
+        asyncpg shields the release itself (a new task under asyncio.shield),
+        so cancellation cannot leak it. `finished`: the caller's statements
+        all ended without an error. Then, unless a transaction was left
+        open, nothing is left to roll back or to cancel, the release
+        completes without waiting and a cancellation has nowhere to land
+        (unless asyncpg closes the connection, past its query or age limit:
+        a cancellation may then cut the close short, and it ends at once
+        instead), so it is done directly, without that task: without it and
+        the acquire's, GetOrder made 8% more calls a second
+        (docs/benchmarks.md, unary calls). That reaches into asyncpg's pool
+        as Pool.release does (the proxy's connection and holder), which is
+        why asyncpg is held to one minor version; tests/test_db_release.py
+        fails if that shape changes.
+
         A release fails only when the connection is beyond use: its reset
         failed (asyncpg then terminates it) or the server ended it while the
         release was under way (asyncpg already took it back: "release()
@@ -81,34 +94,16 @@ class Database:
         way the pool is whole again, and the call's statements are done: a
         committed write must not be reported as failed because of it.
         """
-        try:
-            await self.pool.release(conn)
-        except Exception as exc:
-            log.warning("a connection failed its release and was closed", exc_info=exc)
-
-    async def _release_finished(self, conn: asyncpg.Connection) -> None:
-        """`release` for a connection whose block ended without an error.
-        Unless the block left a transaction open, there is nothing to roll
-        back or to cancel, so the release completes without waiting and a
-        cancellation has nowhere to land (unless asyncpg closes the
-        connection, past its query or age limit: a cancellation may then
-        cut the close short, and it ends at once instead). It is done here,
-        without the new task Pool.release runs it in under asyncio.shield:
-        without that task and the acquire's, GetOrder made 8% more calls a
-        second (docs/benchmarks.md, unary calls). This reaches into
-        asyncpg's pool as Pool.release does (the proxy's connection and
-        holder), which is why asyncpg is held to one minor version;
-        tests/test_db_release.py fails if that shape changes."""
         proxy: Any = conn  # the pool's PoolConnectionProxy
         underlying = proxy._con
-        if underlying is None:
-            return  # asyncpg took it back already: the server ended it
-        if underlying.is_in_transaction():
-            await self.release(conn)
-            return
         try:
-            underlying._on_release()
-            await proxy._holder.release(self._acquire_timeout)
+            if underlying is None:
+                return  # asyncpg took it back already: the server ended it
+            if finished and not underlying.is_in_transaction():
+                underlying._on_release()
+                await proxy._holder.release(self._acquire_timeout)
+            else:
+                await self.pool.release(conn)
         except Exception as exc:
             log.warning("a connection failed its release and was closed", exc_info=exc)
 
@@ -129,7 +124,7 @@ class Database:
             await left_the_primary(self.pool)
             raise
         finally:
-            await (self._release_finished(conn) if finished else self.release(conn))
+            await self.release(conn, finished=finished)
 
     async def fetchrow(self, context: Call, query: str, *args: Any) -> asyncpg.Record | None:
         async with self.connection(context) as conn:

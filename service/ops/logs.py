@@ -86,7 +86,6 @@ class AccessLog:
         self._pid = os.getpid()
         self._pending: list[str] = []
         self._pending_bytes = 0
-        self._handler: logging.StreamHandler | None = None  # type: ignore[type-arg]
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
@@ -124,7 +123,6 @@ class AccessLog:
             "caller": caller,
         }
         line = json.dumps(entry)
-        self._handler = handler
         self._pending.append(line)
         self._pending_bytes += len(line) + 1
         if self._pending_bytes >= self.FLUSH_BYTES:
@@ -145,7 +143,7 @@ class AccessLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        handler = self._handler
+        handler = _json_handler
         if not self._pending or handler is None:
             return
         lines, self._pending, self._pending_bytes = self._pending, [], 0

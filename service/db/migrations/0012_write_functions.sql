@@ -11,11 +11,12 @@
 -- puts the usual choice back for them alone: a generic plan from the sixth
 -- call on.
 --
--- Each body is the statement the service sent before, unchanged, with
--- the function's parameters in the same $n places; a call is one statement,
--- hence one transaction, as before, and a constraint it breaks is reported
--- by name, as before. #variable_conflict use_column: inside the body, a
--- name such as `id` is the column, not the function's result column.
+-- Each body is the statement the service sent before, with the function's
+-- parameters in the same $n places (their casts are now the parameters'
+-- declared types); a call is one statement, hence one transaction, as
+-- before, and a constraint it breaks is reported by name, as before.
+-- #variable_conflict use_column: inside the body, a name such as `id` is
+-- the column, not the function's result column.
 
 CREATE FUNCTION orders_create(
     text, bytea, text, text, bigint, text[], integer[], bigint[]
