@@ -17,7 +17,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
-# A compiler for the service's C extension (service/events/wire.c); it stays
+# A compiler for the service's C extensions (the wire.c encoders); it stays
 # in this stage, the runtime stage gets only the built virtualenv. The base's
 # digest fixes the Debian release these come from.
 # hadolint ignore=DL3008

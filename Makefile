@@ -45,13 +45,13 @@ $(STAMPS)/system:
 	@# Separately, so a node.js from elsewhere (which conflicts with Debian's npm)
 	@# does not stop it being installed.
 	$(call apt_install,[ ! -x $(PGBOUNCER) ],pgbouncer,pgbouncer (the tests run the core suite through it))
-	$(call apt_install,! command -v gcc >/dev/null,gcc libc6-dev,a C compiler (service/events/wire.c))
-	$(call apt_install,[ ! -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" ],python3-dev,Python's C headers (service/events/wire.c))
+	$(call apt_install,! command -v gcc >/dev/null,gcc libc6-dev,a C compiler (the wire.c encoders))
+	$(call apt_install,[ ! -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" ],python3-dev,Python's C headers (the wire.c encoders))
 	@touch $@
 
-# The editable install also compiles service/events/wire.c in place, hence
-# its prerequisites (gcc comes from $(STAMPS)/system).
-$(STAMPS)/python: requirements.txt requirements-dev.txt pyproject.toml setup.py service/events/wire.c clients/python/pyproject.toml
+# The editable install also compiles the wire.c encoders in place, hence
+# their prerequisites (gcc comes from $(STAMPS)/system).
+$(STAMPS)/python: requirements.txt requirements-dev.txt pyproject.toml setup.py service/events/wire.c service/orders/wire.c service/rpc/protobuf_wire.h clients/python/pyproject.toml
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt

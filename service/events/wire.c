@@ -37,12 +37,7 @@
  * set, omitted at 0 as any proto3 scalar.
  */
 
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
-#include <string.h>
-
-enum { WIRE_VARINT = 0, WIRE_LEN = 2 };
+#include "../rpc/protobuf_wire.h"
 
 /* Field numbers, from protos/orderstream/events/v1/event.proto. */
 enum {
@@ -54,111 +49,18 @@ enum {
     EVENT_TIME = 5,
     EVENT_JSON_PAYLOAD = 6,
     EVENT_OMITTED_PAYLOAD_BYTES = 8,
-    TIMESTAMP_SECONDS = 1,
-    TIMESTAMP_NANOS = 2,
 };
 
-#define TAG(field, wire) ((uint8_t)(((field) << 3) | (wire)))
 #define ROW_COLUMNS 7
-#define MICROS_PER_SECOND 1000000LL
-
-typedef struct {
-    const char *data;
-    Py_ssize_t size;
-} Text;
 
 typedef struct {
     long long id;
     Text type, source, subject, payload;
     int has_payload;           /* 0: payload left out, omitted_bytes instead */
     long long omitted_bytes;
-    long long seconds;
-    long nanos;
-    size_t time_size;  /* the Timestamp's body */
+    Stamp time;
     size_t event_size; /* the Event's body */
 } Event;
-
-typedef struct {
-    char *data;
-    size_t size, capacity;
-} Buffer;
-
-static size_t varint_size(uint64_t value) {
-    size_t size = 1;
-    while (value >= 0x80) {
-        value >>= 7;
-        size++;
-    }
-    return size;
-}
-
-static char *put_varint(char *out, uint64_t value) {
-    while (value >= 0x80) {
-        *out++ = (char)((value & 0x7f) | 0x80);
-        value >>= 7;
-    }
-    *out++ = (char)value;
-    return out;
-}
-
-/* int64 fields encode negative values as their two's complement, 10 bytes. */
-static size_t int64_field_size(long long value) {
-    return value ? 1 + varint_size((uint64_t)value) : 0;
-}
-
-static size_t text_field_size(Text text) {
-    return text.size ? 1 + varint_size((uint64_t)text.size) + (size_t)text.size : 0;
-}
-
-static char *put_int64_field(char *out, uint8_t tag, long long value) {
-    if (!value) {
-        return out;
-    }
-    *out++ = (char)tag;
-    return put_varint(out, (uint64_t)value);
-}
-
-static char *put_text(char *out, uint8_t tag, Text text) {
-    *out++ = (char)tag;
-    out = put_varint(out, (uint64_t)text.size);
-    memcpy(out, text.data, (size_t)text.size);
-    return out + text.size;
-}
-
-static char *put_text_field(char *out, uint8_t tag, Text text) {
-    return text.size ? put_text(out, tag, text) : out;
-}
-
-/* `value` (owned by the caller) as UTF-8. */
-static int text_of(PyObject *value, Py_ssize_t column, Text *text) {
-    if (!PyUnicode_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "event column %zd must be str, not %.100s", column,
-                     Py_TYPE(value)->tp_name);
-        return -1;
-    }
-    /* UTF-8 is cached on the str object; for ASCII text it is the str itself. */
-    text->data = PyUnicode_AsUTF8AndSize(value, &text->size);
-    return text->data == NULL ? -1 : 0;
-}
-
-static int read_text(PyObject *row, Py_ssize_t column, Text *text, PyObject **keep) {
-    PyObject *value = PySequence_GetItem(row, column);
-    if (value == NULL) {
-        return -1;
-    }
-    *keep = value;
-    return text_of(value, column, text);
-}
-
-static int read_int(PyObject *row, Py_ssize_t column, long long *number) {
-    PyObject *value = PySequence_GetItem(row, column);
-    if (value == NULL) {
-        return -1;
-    }
-    *number = PyLong_AsLongLong(value);
-    Py_DECREF(value);
-    return (*number == -1 && PyErr_Occurred()) ? -1 : 0;
-}
 
 /* The payload column, or, when it is None (left out for its size), the
  * payload_bytes column after it. */
@@ -177,7 +79,7 @@ static int read_payload(PyObject *row, Event *event, PyObject **keep) {
     *keep = value;
     event->has_payload = 1;
     event->omitted_bytes = 0;
-    return text_of(value, 5, &event->payload);
+    return text_of(value, "an event's json_payload", &event->payload);
 }
 
 /* Reads one row; `keep` holds the row's str objects, which own the UTF-8. */
@@ -191,61 +93,30 @@ static int read_event(PyObject *row, Event *event, PyObject *keep[4]) {
         }
         return -1;
     }
-    if (read_int(row, 0, &event->id) || read_text(row, 1, &event->type, &keep[0]) ||
-        read_text(row, 2, &event->source, &keep[1]) ||
-        read_text(row, 3, &event->subject, &keep[2]) || read_int(row, 4, &time_us) ||
-        read_payload(row, event, &keep[3])) {
+    if (read_int(row, 0, &event->id) ||
+        read_text(row, 1, "an event's type", &event->type, &keep[0]) ||
+        read_text(row, 2, "an event's source", &event->source, &keep[1]) ||
+        read_text(row, 3, "an event's subject", &event->subject, &keep[2]) ||
+        read_int(row, 4, &time_us) || read_payload(row, event, &keep[3])) {
         return -1;
     }
-    /* Timestamp: seconds rounded down, nanos in [0, 1e9), as divmod does. */
-    event->seconds = time_us / MICROS_PER_SECOND;
-    long long micros = time_us % MICROS_PER_SECOND;
-    if (micros < 0) {
-        micros += MICROS_PER_SECOND;
-        event->seconds -= 1;
-    }
-    event->nanos = (long)(micros * 1000);
-
-    event->time_size = int64_field_size(event->seconds) + int64_field_size(event->nanos);
+    event->time = stamp_of(time_us);
     event->event_size = int64_field_size(event->id) + text_field_size(event->type) +
                         text_field_size(event->source) + text_field_size(event->subject) +
-                        1 + varint_size(event->time_size) + event->time_size +
-                        (event->has_payload ? 1 + varint_size((uint64_t)event->payload.size) +
-                                                  (size_t)event->payload.size
+                        len_field_size(stamp_size(event->time)) +
+                        (event->has_payload ? len_field_size((size_t)event->payload.size)
                                             : int64_field_size(event->omitted_bytes));
-    return 0;
-}
-
-static int reserve(Buffer *buffer, size_t more) {
-    if (buffer->size + more <= buffer->capacity) {
-        return 0;
-    }
-    size_t capacity = buffer->capacity ? buffer->capacity : 64 * 1024;
-    while (capacity < buffer->size + more) {
-        capacity *= 2;
-    }
-    char *data = PyMem_Realloc(buffer->data, capacity);
-    if (data == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    buffer->data = data;
-    buffer->capacity = capacity;
     return 0;
 }
 
 static void put_event(Buffer *buffer, const Event *event) {
     char *out = buffer->data + buffer->size;
-    *out++ = (char)TAG(RESPONSE_EVENTS, WIRE_LEN);
-    out = put_varint(out, event->event_size);
+    out = put_len(out, TAG(RESPONSE_EVENTS, WIRE_LEN), event->event_size);
     out = put_int64_field(out, TAG(EVENT_ID, WIRE_VARINT), event->id);
     out = put_text_field(out, TAG(EVENT_TYPE, WIRE_LEN), event->type);
     out = put_text_field(out, TAG(EVENT_SOURCE, WIRE_LEN), event->source);
     out = put_text_field(out, TAG(EVENT_SUBJECT, WIRE_LEN), event->subject);
-    *out++ = (char)TAG(EVENT_TIME, WIRE_LEN);
-    out = put_varint(out, event->time_size);
-    out = put_int64_field(out, TAG(TIMESTAMP_SECONDS, WIRE_VARINT), event->seconds);
-    out = put_int64_field(out, TAG(TIMESTAMP_NANOS, WIRE_VARINT), event->nanos);
+    out = put_stamp_field(out, TAG(EVENT_TIME, WIRE_LEN), event->time);
     if (event->has_payload) {
         out = put_text(out, TAG(EVENT_JSON_PAYLOAD, WIRE_LEN), event->payload);
     } else {
@@ -287,7 +158,7 @@ static PyObject *encode_events(PyObject *Py_UNUSED(module), PyObject *args) {
         int fits = 1;
         if (!failed) {
             /* The whole entry: tag, length, body. */
-            size_t entry = 1 + varint_size(event.event_size) + event.event_size;
+            size_t entry = len_field_size(event.event_size);
             size_t filled = (size_t)used + buffer.size;
             fits = filled == 0 || filled + entry <= (size_t)budget;
             if (fits) {

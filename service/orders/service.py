@@ -19,13 +19,15 @@ from service.errors import (
     order_not_found,
 )
 from service.orders import sql
-from service.orders.convert import STATUS_NAMES, created_order, fill_order, order_from_row
+from service.orders.convert import STATUS_NAMES, STATUS_VALUES, created_order, order_from_row
 from service.orders.export import export_orders
 from service.orders.filters import order_filters, window_query
 from service.orders.imports import import_orders
 from service.orders.page_token import InvalidPageToken, PageTokens
 from service.orders.rules import body_digest, checked_create, item_columns
+from service.orders.wire import encode_page
 from service.rpc.boundary import rpc
+from service.rpc.encoded import Encoded
 from service.rpc.request_keys import body_digest as request_digest
 from service.rpc.request_keys import request_id_reused
 from service.rpc.validation import MAX_ID_LENGTH, Violations, require_positive_id
@@ -130,9 +132,9 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         return order_from_row(row)
 
     @rpc
-    async def ListOrders(
+    async def ListOrders(  # type: ignore[override]  # returns the response's bytes
         self, request: order_service_pb2.ListOrdersRequest, context: grpc.aio.ServicerContext
-    ) -> order_service_pb2.ListOrdersResponse:
+    ) -> Encoded:
         v = Violations()
         filters = order_filters(request, v)
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
@@ -166,15 +168,15 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             )
 
         rows = await self._reads.read("ListOrders", page)
-        response = order_service_pb2.ListOrdersResponse()
-        add_order = response.orders.add
-        for row in rows[:page_size]:
-            fill_order(add_order(), row)
+        count = min(len(rows), page_size)
+        next_page_token = ""
         if len(rows) > page_size:
-            response.next_page_token = self._page_tokens.encode(
+            next_page_token = self._page_tokens.encode(
                 rows[page_size - 1]["id"], end_id, fingerprint
             )
-        return response
+        # The page's bytes are written in C (service/orders/wire.c): building
+        # the messages was a fifth of the call's CPU.
+        return Encoded(encode_page(rows, count, STATUS_VALUES, next_page_token), count)
 
     @rpc
     async def UpdateOrderStatus(

@@ -1,10 +1,11 @@
 """Response messages a handler has already serialised.
 
-StreamEvents writes its rows as protobuf wire bytes built in C
-(service/events/wire.c) rather than as message objects. Its registered
-serializer takes an `Encoded` message's bytes as they are; every other
-method keeps protobuf's own serializer, so no other call pays for this. The
-metrics count an `Encoded` message's rows from `rows`.
+StreamEvents writes its rows, and ListOrders returns its page, as protobuf
+wire bytes built in C (service/events/wire.c, service/orders/wire.c) rather
+than as message objects. Their registered serializers take an `Encoded`
+message's bytes as they are; every other method keeps protobuf's own
+serializer, so no other call pays for this. The metrics count an `Encoded`
+message's rows from `rows`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
 # The methods whose handlers write only `Encoded` messages.
-ENCODED_METHODS = frozenset({"orderstream.events.v1.EventService.StreamEvents"})
+ENCODED_METHODS = frozenset(
+    {
+        "orderstream.events.v1.EventService.StreamEvents",
+        "orderstream.orders.v1.OrderService.ListOrders",
+    }
+)
 
 
 class Encoded:

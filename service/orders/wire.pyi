@@ -1,0 +1,7 @@
+# The C extension built from wire.c (see there).
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+def encode_page(
+    rows: Sequence[Sequence[Any]], count: int, statuses: Mapping[str, int], next_page_token: str
+) -> bytes: ...
