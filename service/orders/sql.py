@@ -12,6 +12,12 @@ _ORDER_COLUMNS = """
     o.id, o.customer_id, o.currency, o.status, o.total_cents, o.version,
     o.create_time, o.update_time, i.skus, i.quantities, i.prices
 """
+# The order's own columns, for a subquery that picks orders before their
+# items are joined.
+_PAGE_COLUMNS = """
+    o.id, o.customer_id, o.currency, o.status, o.total_cents, o.version,
+    o.create_time, o.update_time
+"""
 _ITEMS_OF_O = """
     CROSS JOIN LATERAL (
         SELECT array_agg(sku ORDER BY line_no) AS skus,
@@ -135,24 +141,32 @@ SELECT {after} AS after, {end} AS end_id
 """
 
 
-def _filtered_orders(filters: tuple[str, ...], extra: list[str]) -> str:
-    conditions = [LIST_FILTERS[name].format(n) for n, name in enumerate(filters, start=1)]
-    return f"""
-SELECT {_ORDER_COLUMNS}
-FROM orders o {_ITEMS_OF_O}
-WHERE {" AND ".join(conditions + extra) or "true"}
-ORDER BY o.id
-"""
-
-
 def list_orders(filters: tuple[str, ...]) -> str:
     """SELECT for the given set filters, in LIST_FILTERS order; the last
     three parameters are always the id to start after, the last id to read
     (NO_END, or the end of a creation-time window: `window_ids`) and the
-    row limit."""
+    row limit.
+
+    The page's orders are chosen first, and only their items aggregated.
+    Planned for its values, a first page (ids from 0 to NO_END) of a small
+    table is read whole and sorted; joined to the items as one query, that
+    plan aggregated the items of every order in the table to return 51 of
+    them (about 1 ms of PostgreSQL's CPU a call at 200 orders, against
+    0.3 ms for this shape)."""
     after, end, limit = range(len(filters) + 1, len(filters) + 4)
-    ids = [f"o.id > ${after}", f"o.id <= ${end}"]
-    return _filtered_orders(filters, ids) + f"LIMIT ${limit}\n"
+    conditions = [LIST_FILTERS[name].format(n) for n, name in enumerate(filters, start=1)]
+    conditions += [f"o.id > ${after}", f"o.id <= ${end}"]
+    return f"""
+SELECT {_ORDER_COLUMNS}
+FROM (
+    SELECT {_PAGE_COLUMNS}
+    FROM orders o
+    WHERE {" AND ".join(conditions)}
+    ORDER BY o.id
+    LIMIT ${limit}
+) o {_ITEMS_OF_O}
+ORDER BY o.id
+"""
 
 
 # The most orders and bytes (as `export_page` counts them: characters as
