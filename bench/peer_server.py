@@ -63,7 +63,7 @@ def params(*values: Any) -> dict[str, Any]:
 
 GET_ORDER = psycopg_sql(order_sql.GET_ORDER)
 CREATE_ORDER = psycopg_sql(order_sql.CREATE_ORDER)
-LIST_ORDERS = psycopg_sql(order_sql.list_orders(()))
+LIST_ORDERS = psycopg_sql(order_sql.list_orders((), bounded=False))
 
 
 def _configure(conn: psycopg.Connection) -> None:
@@ -111,7 +111,8 @@ class PeerOrders(order_service_pb2_grpc.OrderServiceServicer):
 
     def ListOrders(self, request, context):  # type: ignore[no-untyped-def]
         page_size = request.page_size or PAGE_SIZE
-        rows = self._query(LIST_ORDERS, params(0, order_sql.NO_END, page_size + 1))
+        first_page = order_sql.id_range(0, order_sql.NO_END)
+        rows = self._query(LIST_ORDERS, params(*first_page, page_size + 1))
         response = order_service_pb2.ListOrdersResponse()
         add_order = response.orders.add
         for row in rows[:page_size]:

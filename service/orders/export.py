@@ -39,7 +39,6 @@ async def export_orders(
         conn = await db.acquire(context)
         try:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                query = sql.export_page(tuple(filters))
                 response = order_service_pb2.ExportOrdersResponse()
                 size = 0
                 after, end, limit = 0, sql.NO_END, sql.EXPORT_PAGE_ROWS
@@ -51,11 +50,11 @@ async def export_orders(
                     if ids is None or ids["after"] is None or ids["end_id"] is None:
                         return  # no order was created in the window
                     after, end = ids["after"], ids["end_id"]
+                query = sql.export_page(tuple(filters), bounded=end != sql.NO_END)
                 while rows := await conn.fetch(
                     query,
                     *filters.values(),
-                    after,
-                    end,
+                    *sql.id_range(after, end),
                     limit,
                     sql.EXPORT_PAGE_BYTES,
                     timeout=db.query_timeout(context),

@@ -149,8 +149,6 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
             except InvalidPageToken as exc:
                 raise invalid_argument([FieldViolation("page_token", str(exc))]) from None
         page_size = request.page_size or DEFAULT_PAGE_SIZE
-        # One row beyond the page tells whether another page exists.
-        query = sql.list_orders(tuple(filters))
         # The first page finds the creation-time window's ids; the token
         # carries its end to the pages that follow.
         window = None if request.page_token else window_query(filters)
@@ -163,8 +161,10 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
                 if ids is None or ids["after"] is None or ids["end_id"] is None:
                     return []  # no order was created in the window
                 after_id, end_id = ids["after"], ids["end_id"]
+            query = sql.list_orders(tuple(filters), bounded=end_id != sql.NO_END)
+            # One row beyond the page tells whether another page exists.
             return await db.fetch(
-                context, query, *filters.values(), after_id, end_id, page_size + 1
+                context, query, *filters.values(), *sql.id_range(after_id, end_id), page_size + 1
             )
 
         rows = await self._reads.read("ListOrders", page)

@@ -141,21 +141,44 @@ SELECT {after} AS after, {end} AS end_id
 """
 
 
-def list_orders(filters: tuple[str, ...]) -> str:
-    """SELECT for the given set filters, in LIST_FILTERS order; the last
-    three parameters are always the id to start after, the last id to read
-    (NO_END, or the end of a creation-time window: `window_ids`) and the
-    row limit.
+def _listing_conditions(filters: tuple[str, ...], bounded: bool) -> tuple[list[str], int]:
+    """A listing's conditions: the set filters, in LIST_FILTERS order, then
+    the id to start after and, when `bounded`, the last id to read; and the
+    number of the parameter after theirs.
+
+    Unbounded listings (the last id is NO_END: all but creation-time
+    windows) leave the last id out rather than pass NO_END. Without column
+    statistics (a table that is new, or grew since autovacuum last analysed
+    it), PostgreSQL takes any two-sided range to match 0.5% of the rows; for
+    a first page (0 to NO_END) it then read and sorted every order instead
+    of walking the primary key to the 51st (2.5 ms of its CPU at 9,200
+    orders, against 0.35 ms). One-sided, it expects a third of the table,
+    and the walk wins."""
+    conditions = [LIST_FILTERS[name].format(n) for n, name in enumerate(filters, start=1)]
+    after = len(filters) + 1
+    conditions.append(f"o.id > ${after}")
+    if not bounded:
+        return conditions, after + 1
+    conditions.append(f"o.id <= ${after + 1}")
+    return conditions, after + 2
+
+
+def id_range(after: int, end: int) -> list[int]:
+    """A listing's id parameters, built with bounded=(end != NO_END)."""
+    return [after] if end == NO_END else [after, end]
+
+
+def list_orders(filters: tuple[str, ...], bounded: bool) -> str:
+    """SELECT for the given set filters (`_listing_conditions`: their values,
+    then `id_range`), then the row limit.
 
     The page's orders are chosen first, and only their items aggregated.
-    Planned for its values, a first page (ids from 0 to NO_END) of a small
-    table is read whole and sorted; joined to the items as one query, that
-    plan aggregated the items of every order in the table to return 51 of
-    them (about 1 ms of PostgreSQL's CPU a call at 200 orders, against
-    0.3 ms for this shape)."""
-    after, end, limit = range(len(filters) + 1, len(filters) + 4)
-    conditions = [LIST_FILTERS[name].format(n) for n, name in enumerate(filters, start=1)]
-    conditions += [f"o.id > ${after}", f"o.id <= ${end}"]
+    Planned for its values, a first page of a small table can be read whole
+    and sorted; joined to the items as one query, that plan aggregated the
+    items of every order in the table to return 51 of them (about 1 ms of
+    PostgreSQL's CPU a call at 200 orders, against 0.3 ms for this
+    shape)."""
+    conditions, limit = _listing_conditions(filters, bounded)
     return f"""
 SELECT {_ORDER_COLUMNS}
 FROM (
@@ -175,15 +198,13 @@ EXPORT_PAGE_ROWS = 2000
 EXPORT_PAGE_BYTES = 1 << 20
 
 
-def export_page(filters: tuple[str, ...]) -> str:
-    """The next orders matching the set filters after the id in the
-    parameter after theirs and up to the id in the next (as in
-    `list_orders`), ascending, at most the row limit in the next one and,
-    after the first order, no more than the bytes in the last. Orders hold
-    up to 1,000 items, so a page is bounded in bytes, not rows."""
-    after, end, limit, max_bytes = range(len(filters) + 1, len(filters) + 5)
-    conditions = [LIST_FILTERS[name].format(n) for n, name in enumerate(filters, start=1)]
-    conditions += [f"o.id > ${after}", f"o.id <= ${end}"]
+def export_page(filters: tuple[str, ...], bounded: bool) -> str:
+    """The next orders matching the set filters (`_listing_conditions`: their
+    values, then `id_range`), ascending, at most the row limit in the next
+    parameter and, after the first order, no more than the bytes in the last.
+    Orders hold up to 1,000 items, so a page is bounded in bytes, not rows."""
+    conditions, limit = _listing_conditions(filters, bounded)
+    max_bytes = limit + 1
     return f"""
 SELECT id, customer_id, currency, status, total_cents, version,
        create_time, update_time, skus, quantities, prices, own
