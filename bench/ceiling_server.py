@@ -46,6 +46,7 @@ import grpc
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from service.db.pool import open_pool
+from service.ops import memory
 from service.settings import Settings
 
 WAITS = ("none", "yield", "timer", "pool", "select", "coalesced")
@@ -202,6 +203,7 @@ def main() -> None:
     parser.add_argument("--wait", choices=WAITS, default="none", help="what GetOrder waits for")
     parser.add_argument("--batch-file", type=Path, help="`coalesced`: where its mean batch goes")
     args = parser.parse_args()
+    memory.keep_reads_off_mmap()  # as the service's processes do
     responses = {k: bytes.fromhex(v) for k, v in json.loads(args.responses.read_text()).items()}
     reserved = _reserve_port()
     port = reserved.getsockname()[1]

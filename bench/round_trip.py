@@ -45,6 +45,7 @@ from bench.unary import CLIENT_CPU, ORDERS, SERVER_CPU, request_frames
 from devcluster.cluster import Cluster
 from orderstream.orders.v1 import order_pb2, order_service_pb2
 from service.db.pool import open_pool
+from service.ops import memory
 from service.settings import Settings
 
 CONCURRENCY = DEDICATED_CONNECTIONS  # a connection of its own for each call in flight
@@ -186,6 +187,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.queries:
+        memory.keep_reads_off_mmap()  # as the service's processes do
         uvloop.run(queries(args.queries, args.seconds))
     else:
         results = asyncio.run(measure(args.seconds))

@@ -16,7 +16,7 @@ from service.app import App
 from service.db.migrate import migrate
 from service.db.pool import direct_session
 from service.errors import StartupError
-from service.ops import logs, workers
+from service.ops import logs, memory, workers
 from service.ops.tracing import Tracing
 from service.rpc.exposure import refuse_unauthenticated
 from service.settings import Settings, SettingsError
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, help="overrides ORDERSTREAM_WORKERS: processes sharing the port"
     )
     args = parser.parse_args(argv)
+    memory.keep_reads_off_mmap()  # before any thread starts or worker forks
     logs.configure("INFO")
     try:
         settings = Settings.from_env()
