@@ -326,6 +326,22 @@ async def test_list_pages_through_a_customers_orders(orders):
     assert ids == [o.id for o in created]
 
 
+async def test_an_order_written_without_items_reads_back_without_items(orders, admin_db):
+    """The service never writes an order without items, but another writer
+    may: GetOrder and ListOrders answer it (the items' aggregate is then
+    NULL) instead of failing on it."""
+    customer = unique("bare")
+    order_id = await admin_db.fetchval(
+        "INSERT INTO orders (customer_id, currency, total_cents) VALUES ($1, 'EUR', 0)"
+        " RETURNING id",
+        customer,
+    )
+    got = await orders.GetOrder(order_service_pb2.GetOrderRequest(id=order_id))
+    assert (got.id, got.customer_id, list(got.items)) == (order_id, customer, [])
+    page = await orders.ListOrders(order_service_pb2.ListOrdersRequest(customer_id=customer))
+    assert list(page.orders) == [got]
+
+
 async def test_list_default_page_size_is_50(orders):
     customer = unique("cust")
     await create_orders(orders, customer, 51)
