@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import enum
 
-# Columns of an order plus its items as three parallel arrays, in line order.
-_ORDER_COLUMNS = """
+# An order's own columns (also what a listing's subquery picks before the
+# items are joined), then with its items as three parallel arrays, in line
+# order.
+_OWN_COLUMNS = """
     o.id, o.customer_id, o.currency, o.status, o.total_cents, o.version,
-    o.create_time, o.update_time, i.skus, i.quantities, i.prices
-"""
-# The order's own columns, for a subquery that picks orders before their
-# items are joined.
-_PAGE_COLUMNS = """
-    o.id, o.customer_id, o.currency, o.status, o.total_cents, o.version,
-    o.create_time, o.update_time
-"""
+    o.create_time, o.update_time"""
+_ORDER_COLUMNS = f"{_OWN_COLUMNS}, i.skus, i.quantities, i.prices\n"
 _ITEMS_OF_O = """
     CROSS JOIN LATERAL (
         SELECT array_agg(sku ORDER BY line_no) AS skus,
@@ -182,7 +178,7 @@ def list_orders(filters: tuple[str, ...], bounded: bool) -> str:
     return f"""
 SELECT {_ORDER_COLUMNS}
 FROM (
-    SELECT {_PAGE_COLUMNS}
+    SELECT {_OWN_COLUMNS}
     FROM orders o
     WHERE {" AND ".join(conditions)}
     ORDER BY o.id

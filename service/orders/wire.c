@@ -57,31 +57,12 @@ typedef struct {
 } Item;
 
 typedef struct {
-    Item *items;
-    Py_ssize_t capacity;
-} Items;
-
-typedef struct {
     long long id, status, total_cents, version;
     Text customer_id, currency;
     Stamp create_time, update_time;
     Py_ssize_t item_count;
     size_t size; /* the Order's body */
 } Order;
-
-static int items_reserve(Items *items, Py_ssize_t count) {
-    if (count <= items->capacity) {
-        return 0;
-    }
-    Item *grown = PyMem_Realloc(items->items, (size_t)count * sizeof(Item));
-    if (grown == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    items->items = grown;
-    items->capacity = count;
-    return 0;
-}
 
 /* The status name's OrderStatus value, from `statuses`. */
 static int status_of(PyObject *statuses, PyObject *name, long long *value) {
@@ -149,7 +130,7 @@ static int read_items(PyObject *arrays[ARRAY_COLUMNS], Py_ssize_t count, Item *i
 
 /* Reads one row into `order` and its items; `keep` and `arrays` own the
  * objects the row's text lives in. */
-static int read_order(PyObject *row, PyObject *statuses, Items *items, Order *order,
+static int read_order(PyObject *row, PyObject *statuses, Buffer *items, Order *order,
                       PyObject *keep[TEXT_COLUMNS], PyObject *arrays[ARRAY_COLUMNS]) {
     long long create_us, update_us;
     Text status;
@@ -169,8 +150,8 @@ static int read_order(PyObject *row, PyObject *statuses, Items *items, Order *or
         status_of(statuses, keep[2], &order->status) || read_int(row, 4, &order->total_cents) ||
         read_int(row, 5, &order->version) || read_int(row, 6, &create_us) ||
         read_int(row, 7, &update_us) || read_arrays(row, arrays, &order->item_count) ||
-        items_reserve(items, order->item_count) ||
-        read_items(arrays, order->item_count, items->items)) {
+        reserve(items, (size_t)order->item_count * sizeof(Item)) ||
+        read_items(arrays, order->item_count, (Item *)items->data)) {
         return -1;
     }
     order->create_time = stamp_of(create_us);
@@ -180,8 +161,9 @@ static int read_order(PyObject *row, PyObject *statuses, Items *items, Order *or
                   int64_field_size(order->total_cents) + int64_field_size(order->version) +
                   len_field_size(stamp_size(order->create_time)) +
                   len_field_size(stamp_size(order->update_time));
+    const Item *read = (const Item *)items->data;
     for (Py_ssize_t n = 0; n < order->item_count; n++) {
-        order->size += len_field_size(items->items[n].size);
+        order->size += len_field_size(read[n].size);
     }
     return 0;
 }
@@ -208,7 +190,7 @@ static void put_order(Buffer *buffer, const Order *order, const Item *items) {
 }
 
 /* Row `index` of `rows` appended to `buffer` as one `orders` entry. */
-static int encode_row(PyObject *rows, Py_ssize_t index, PyObject *statuses, Items *items,
+static int encode_row(PyObject *rows, Py_ssize_t index, PyObject *statuses, Buffer *items,
                       Buffer *buffer) {
     PyObject *row = PySequence_GetItem(rows, index);
     if (row == NULL) {
@@ -220,7 +202,7 @@ static int encode_row(PyObject *rows, Py_ssize_t index, PyObject *statuses, Item
     int failed = read_order(row, statuses, items, &order, keep, arrays) ||
                  reserve(buffer, len_field_size(order.size));
     if (!failed) {
-        put_order(buffer, &order, items->items);
+        put_order(buffer, &order, (const Item *)items->data);
     }
     for (int i = 0; i < TEXT_COLUMNS; i++) {
         Py_XDECREF(keep[i]);
@@ -252,7 +234,7 @@ static PyObject *encode_page(PyObject *Py_UNUSED(module), PyObject *args) {
         return NULL;
     }
     Buffer buffer = {NULL, 0, 0};
-    Items items = {NULL, 0};
+    Buffer items = {NULL, 0, 0}; /* one order's items at a time, read before written */
     for (Py_ssize_t index = 0; index < count; index++) {
         if (encode_row(rows, index, statuses, &items, &buffer)) {
             goto fail;
@@ -268,12 +250,12 @@ static PyObject *encode_page(PyObject *Py_UNUSED(module), PyObject *args) {
     }
     PyObject *encoded = PyBytes_FromStringAndSize(buffer.data, (Py_ssize_t)buffer.size);
     PyMem_Free(buffer.data);
-    PyMem_Free(items.items);
+    PyMem_Free(items.data);
     return encoded;
 
 fail:
     PyMem_Free(buffer.data);
-    PyMem_Free(items.items);
+    PyMem_Free(items.data);
     return NULL;
 }
 
