@@ -154,6 +154,48 @@ async def test_concurrent_identical_requests_create_one_order(orders, admin_db):
     assert await order_count(admin_db, request.customer_id) == 1
 
 
+async def test_many_concurrent_creates_each_get_their_own_order(orders, admin_db):
+    """Creates that arrive together may share a statement (service/orders/
+    create_batches.py; tests/test_create_batches.py decides which do): each
+    still gets its own order with its own items, repeats get the original,
+    a reused request_id with another body fails alone, and every order has
+    one order.created event."""
+    customer = unique("cust")
+    requests = [
+        create_request(
+            customer_id=customer,
+            items=[
+                order_pb2.LineItem(sku=f"SKU-{n}-{k}", quantity=k + 1, unit_price_cents=100 + n)
+                for k in range(1 + n % 4)
+            ],
+        )
+        for n in range(40)
+    ]
+    reused = create_request(request_id=requests[0].request_id, customer_id=customer)
+    calls = [*requests, requests[1], requests[2], reused]
+    results = await asyncio.gather(
+        *(orders.CreateOrder(request) for request in calls), return_exceptions=True
+    )
+
+    created = results[:40]
+    for request, order in zip(requests, created, strict=True):
+        assert list(order.items) == list(request.items)
+        assert order.total_cents == sum(i.quantity * i.unit_price_cents for i in request.items)
+        assert await orders.GetOrder(order_service_pb2.GetOrderRequest(id=order.id)) == order
+    assert len({order.id for order in created}) == 40
+    assert results[40:42] == [created[1], created[2]]
+    assert isinstance(results[42], grpc.aio.AioRpcError)
+    assert results[42].code() == grpc.StatusCode.ALREADY_EXISTS
+    assert await order_count(admin_db, customer) == 40
+    assert (
+        await admin_db.fetchval(
+            "SELECT count(*) FROM events WHERE type = 'order.created' AND subject = ANY($1)",
+            [f"orders/{order.id}" for order in created],
+        )
+        == 40
+    )
+
+
 @pytest.mark.parametrize(
     "text",
     [

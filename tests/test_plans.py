@@ -82,6 +82,7 @@ def _builder_variants(function: Callable[..., str]) -> Iterator[dict[str, Any]]:
 # not reads, and planned inside the function with plan_cache_mode = auto.
 WRITE_FUNCTIONS = (
     "orders_create",
+    "orders_create_batch",
     "orders_update_status",
     "events_publish",
     "events_publish_keyed",

@@ -20,6 +20,7 @@ from service.errors import (
 )
 from service.orders import sql
 from service.orders.convert import STATUS_NAMES, STATUS_VALUES, created_order, order_from_row
+from service.orders.create_batches import CreateBatches, NewOrder
 from service.orders.export import export_orders
 from service.orders.filters import order_filters, window_query
 from service.orders.imports import import_orders
@@ -77,6 +78,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         self._timeouts = timeouts
         self._announce = announce
         self._batch_bytes = batch_bytes
+        self._creates = CreateBatches(db, on_commit=announce)
 
     @rpc
     async def CreateOrder(
@@ -84,19 +86,19 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
     ) -> order_pb2.Order:
         total = checked_create(request)
         digest = body_digest(request)
-        row = await self._db.fetchrow(
+        row = await self._creates.create(
             context,
-            sql.CREATE_ORDER,
-            request.request_id,
-            digest,
-            request.customer_id,
-            request.currency,
-            total,
-            *item_columns(request.items),
+            NewOrder(
+                request.request_id,
+                digest,
+                request.customer_id,
+                request.currency,
+                total,
+                *item_columns(request.items),
+            ),
         )
-        if row is None:
+        if row["id"] is None:
             return await self._replay(request.request_id, digest, context)
-        self._announce()
         return created_order(request, total, row)
 
     async def _replay(

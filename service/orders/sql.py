@@ -32,6 +32,13 @@ _ITEMS_OF_O = """
 # $5 total_cents, $6-$8 the items' skus, quantities and unit prices.
 CREATE_ORDER = "SELECT * FROM orders_create($1, $2, $3, $4, $5, $6, $7, $8)"
 
+# Several CreateOrder calls' orders in one statement, each as CREATE_ORDER
+# under its own subtransaction (service/orders/create_batches.py): a row
+# per order, in order, with `refused` its SQLSTATE if the database refused
+# it. $1-$5 one array per order column, $6 each order's item count, $7-$9
+# all the items' skus, quantities and unit prices.
+CREATE_ORDERS = "SELECT * FROM orders_create_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+
 ORDER_BY_REQUEST_ID = f"""
 SELECT {_ORDER_COLUMNS}, o.request_hash
 FROM orders o {_ITEMS_OF_O}

@@ -147,11 +147,9 @@ def from_exception(exc: BaseException, method: str) -> ServiceError:
         # or the command timeout, whichever was shorter.
         return _deadline_exceeded()
     if isinstance(exc, asyncpg.PostgresError):
-        sqlstate = exc.sqlstate or ""
-        entry = _BY_SQLSTATE.get(sqlstate) or _BY_SQLSTATE_CLASS.get(sqlstate[:2])
-        if entry is not None:
-            code, reason, message, retry_after = entry
-            return ServiceError(code, reason, message, retry_after=retry_after)
+        refusal = from_sqlstate(exc.sqlstate or "")
+        if refusal is not None:
+            return refusal
     if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
         # Every host answered, none as a writable primary: a failover whose
         # promotion has not finished, or an address still on the old node.
@@ -180,6 +178,17 @@ def from_exception(exc: BaseException, method: str) -> ServiceError:
         )
         return _unavailable("lost the database connection")
     return _internal(exc, method)
+
+
+def from_sqlstate(sqlstate: str) -> ServiceError | None:
+    """The status for a database error known only by its SQLSTATE (as a
+    batch reports one of its orders: service/orders/create_batches.py);
+    None when the table above does not name it."""
+    entry = _BY_SQLSTATE.get(sqlstate) or _BY_SQLSTATE_CLASS.get(sqlstate[:2])
+    if entry is None:
+        return None
+    code, reason, message, retry_after = entry
+    return ServiceError(code, reason, message, retry_after=retry_after)
 
 
 def _deadline_exceeded() -> ServiceError:
