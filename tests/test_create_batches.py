@@ -26,7 +26,6 @@ from devcluster.cluster import Cluster
 from service.db.failures import CallDeadlineReached
 from service.db.runner import Database
 from service.errors import Reason, ServiceError
-from service.orders import create_batches
 from service.orders.create_batches import IN_FLIGHT, CreateBatches, NewOrder
 from tests.support.database import admin_pool
 from tests.support.polling import eventually
@@ -59,14 +58,34 @@ def new_order(n: int = 1, **fields: object) -> NewOrder:
     return NewOrder(**values)  # type: ignore[arg-type]
 
 
+# A batcher and the list its commits are announced to.
+Batcher = tuple[CreateBatches, list[None]]
+
+
 @pytest.fixture
-async def batcher(pg_cluster: Cluster, app: object) -> AsyncIterator[tuple[CreateBatches, list]]:
-    """A batcher on a pool of its own (after `app`: the schema exists),
-    and the list its commits are announced to."""
-    commits: list[None] = []
-    async with admin_pool(pg_cluster, min_size=1, max_size=IN_FLIGHT + 1) as pool:
+async def batcher_on(pg_cluster: Cluster, app: object) -> AsyncIterator[Callable[..., Batcher]]:
+    """Makes batchers on a pool of their own (after `app`: the schema
+    exists). A statement never counts as stalled unless a test says so:
+    which creates share a statement is the test's to decide."""
+    async with admin_pool(pg_cluster, min_size=1, max_size=IN_FLIGHT + 2) as pool:
         db = Database(pool, acquire_timeout=5, command_timeout=30)
-        yield CreateBatches(db, on_commit=lambda: commits.append(None)), commits
+
+        def make(in_flight: int = IN_FLIGHT, stalled_after: float = 600.0) -> Batcher:
+            commits: list[None] = []
+            batches = CreateBatches(
+                db,
+                on_commit=lambda: commits.append(None),
+                in_flight=in_flight,
+                stalled_after=stalled_after,
+            )
+            return batches, commits
+
+        yield make
+
+
+@pytest.fixture
+def batcher(batcher_on: Callable[..., Batcher]) -> Batcher:
+    return batcher_on()
 
 
 @contextlib.asynccontextmanager
@@ -282,13 +301,12 @@ async def test_a_call_cancelled_while_its_statement_runs_leaves_the_others_be(ba
 
 
 async def test_a_statement_that_fails_fails_each_of_its_calls_and_the_next_goes_on(
-    batcher, admin_db, monkeypatch
+    batcher_on, admin_db
 ):
     """Two creates with a one-second deadline share a statement that waits
     on a lock: at the deadline the statement is cancelled, both calls fail
     with it and neither order is written; creates after it go on."""
-    monkeypatch.setattr(create_batches, "IN_FLIGHT", 1)
-    batches, _ = batcher
+    batches, _ = batcher_on(in_flight=1)
     async with request_id_taken(admin_db) as blocking:
         async with statements_held_once(batches, admin_db):
             doomed = [new_order(1, request_id=blocking), new_order(2)]
@@ -299,6 +317,18 @@ async def test_a_statement_that_fails_fails_each_of_its_calls_and_the_next_goes_
     assert not await written(admin_db, doomed[1].request_id)
     after = await batches.create(_Call(), new_order(1))
     assert after["id"] is not None
+
+
+async def test_creates_do_not_wait_behind_a_statement_that_stalled(batcher_on, admin_db):
+    """A statement still running after `stalled_after` stops counting: a
+    create arriving while every statement in flight waits on a lock is
+    written in one of its own, and the held ones go on once the lock goes."""
+    batches, _ = batcher_on(stalled_after=0.05)
+    async with statements_held(batches, admin_db) as (held, holders):
+        row = await batches.create(_Call(), new_order(2))
+        assert row["id"] is not None
+        assert not any(holder.done() for holder in holders)
+    assert await written(admin_db, held)
 
 
 @contextlib.asynccontextmanager

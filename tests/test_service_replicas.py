@@ -126,7 +126,7 @@ async def test_one_request_id_sent_to_two_processes_at_once_creates_one_order(de
             ]
 
             async def both_waiting() -> bool:
-                return await _waiting_on_lock(deployment.admin, "orders_create(", 2)
+                return await _waiting_on_lock(deployment.admin, "orders_create_batch(", 2)
 
             await eventually(both_waiting, timeout=30, what="both inserts to wait on the lock")
         one, other = await asyncio.gather(*calls)

@@ -9,7 +9,9 @@ of CPU each against 304 µs alone (docs/benchmarks.md#createorder-batches).
 So at most `IN_FLIGHT` statements of creates run at once; a create that
 finds one free goes at once, alone if it is alone (a lone call waits for
 nothing), and those arriving meanwhile wait for the next, which takes them
-all, up to `MAX_ORDERS`. Point reads gain nothing from this (the service's
+all, up to `MAX_ORDERS`. A statement still running after `STALLED_AFTER`
+stops counting, so creates never queue behind one that waits on a lock or
+on a silent server. Point reads gain nothing from this (the service's
 loop, not the database, limits them: docs/benchmarks.md says why the same
 idea was dropped for GetOrder).
 
@@ -48,6 +50,13 @@ IN_FLIGHT = 2
 # Orders in one statement at most: bounds its size and how long it holds
 # its rows' locks.
 MAX_ORDERS = 64
+# Seconds after which a statement still running gives up its place among
+# the IN_FLIGHT, and the creates behind it go on in a statement of their
+# own. It may be waiting on a lock, or on a server that went silent (a lost
+# host: the statement ends only at its calls' deadlines); the creates that
+# came after it must not wait for that. Creates take a few milliseconds
+# each, batched or not (docs/benchmarks.md).
+STALLED_AFTER = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,16 +99,34 @@ class _Batch:
         return longest
 
 
+class _Statement:
+    """A statement of creates; `counted` while it holds a place in flight."""
+
+    __slots__ = ("counted",)
+
+    def __init__(self) -> None:
+        self.counted = True
+
+
 class CreateBatches:
     """Writes CreateOrder's orders, gathered into batches."""
 
-    def __init__(self, db: Database, *, on_commit: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        on_commit: Callable[[], None],
+        in_flight: int = IN_FLIGHT,
+        stalled_after: float = STALLED_AFTER,
+    ) -> None:
         """`on_commit` is called once for each statement that wrote an order
         (the event feed's wake-up)."""
         self._db = db
         self._on_commit = on_commit
+        self._in_flight = in_flight
+        self._stalled_after = stalled_after
         self._waiting: list[_Waiting] = []
-        self._running = 0
+        self._running = 0  # statements in flight, stalled ones not counted
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def create(self, call: Call, order: NewOrder) -> asyncpg.Record:
@@ -110,7 +137,7 @@ class CreateBatches:
         self._db.query_timeout(call)  # a call already past its deadline goes no further
         outcome: asyncio.Future[asyncpg.Record] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(order, call, outcome))
-        if self._running < IN_FLIGHT:
+        if self._running < self._in_flight:
             self._start()
         # A cancelled call cancels `outcome`: a batch that has not taken it
         # yet leaves it out.
@@ -135,6 +162,8 @@ class CreateBatches:
         task.add_done_callback(self._tasks.discard)
 
     async def _write(self, batch: list[_Waiting]) -> None:
+        statement = _Statement()
+        stalled = asyncio.get_running_loop().call_later(self._stalled_after, self._done, statement)
         try:
             rows = await self._db.fetch(
                 _Batch([w.call for w in batch]), sql.CREATE_ORDERS, *_columns(batch)
@@ -156,9 +185,17 @@ class CreateBatches:
                 if not waiting.outcome.done():
                     waiting.outcome.set_result(row)
         finally:
+            stalled.cancel()
+            self._done(statement)
+
+    def _done(self, statement: _Statement) -> None:
+        """`statement` ended, or stalled: it no longer counts against the
+        limit, and the next batch may start."""
+        if statement.counted:
+            statement.counted = False
             self._running -= 1
-            if self._waiting:
-                self._start()
+        if self._waiting and self._running < self._in_flight:
+            self._start()
 
 
 def _columns(batch: list[_Waiting]) -> tuple[list[Any], ...]:
