@@ -1,7 +1,8 @@
 """service/orders/wire.c against the protobuf runtime: for any order rows, the
 C encoder must write exactly the bytes protobuf serialises for the
-ListOrdersResponse built from order_from_row's messages, and refuse rows it cannot encode
-with an error instead of a wrong message."""
+ListOrdersResponse (and, in messages bounded in bytes, the
+ExportOrdersResponses) built from order_from_row's messages, and refuse
+rows it cannot encode with an error instead of a wrong message."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from orderstream.orders.v1 import order_service_pb2
 from service.orders.convert import STATUS_VALUES, order_from_row
-from service.orders.wire import encode_page
+from service.orders.wire import encode_orders, encode_page
 
 # google.protobuf.Timestamp's range, 0001-01-01 to 9999-12-31, in microseconds.
 MIN_TIME_US = -62_135_596_800_000_000
@@ -80,6 +81,57 @@ def test_bytes_are_what_protobuf_writes(rows, data, token):
     assert encode_page(rows, count, STATUS_VALUES, token) == protobuf_bytes(rows, count, token)
 
 
+def entry_size(row: tuple) -> int:
+    return len(encode_orders([row], 0, 0, 1 << 30, STATUS_VALUES)[0])
+
+
+@settings(derandomize=True, max_examples=200)
+@given(st.lists(order_rows(), min_size=1, max_size=8), st.integers(min_value=1, max_value=400))
+def test_export_messages_fill_up_to_the_budget_and_join_into_the_whole(rows, budget):
+    """Drives the encoder as ExportOrders does: a message is sent when the
+    next order does not fit in it."""
+    messages, message, start = [], b"", 0
+    while start < len(rows):
+        chunk, end = encode_orders(rows, start, len(message), budget, STATUS_VALUES)
+        assert len(message) + len(chunk) <= budget or (not message and end == start + 1)
+        message += chunk
+        start = end
+        if start < len(rows):
+            assert message, "an empty message always takes an order"
+            assert len(message) + entry_size(rows[start]) > budget  # it did not fit
+            messages.append(message)
+            message = b""
+    messages.append(message)
+    assert b"".join(messages) == protobuf_bytes(rows, len(rows), "")
+    for message in messages:
+        parsed = order_service_pb2.ExportOrdersResponse.FromString(message)
+        assert len(message) <= budget or len(parsed.orders) == 1
+
+
+def test_an_order_that_does_not_fit_is_left_for_the_next_message():
+    size = entry_size(GOOD)
+    rows = [GOOD, GOOD, GOOD]
+    assert encode_orders(rows, 0, 1, size, STATUS_VALUES) == (b"", 0)
+    assert encode_orders(rows, 0, 0, 2 * size, STATUS_VALUES) == (
+        2 * encode_page([GOOD], 1, STATUS_VALUES, ""),
+        2,
+    )
+    assert encode_orders(rows, 1, 0, 1, STATUS_VALUES) == (
+        encode_page([GOOD], 1, STATUS_VALUES, ""),
+        2,
+    )  # alone, too big
+    assert encode_orders(rows, 3, 0, 1, STATUS_VALUES) == (b"", 3)
+
+
+@pytest.mark.parametrize(
+    ("start", "used", "budget", "error"),
+    [(-1, 0, 1, IndexError), (4, 0, 1, IndexError), (0, -1, 1, ValueError), (0, 0, 0, ValueError)],
+)
+def test_export_arguments_out_of_range_are_refused(start, used, budget, error):
+    with pytest.raises(error):
+        encode_orders([GOOD] * 3, start, used, budget, STATUS_VALUES)
+
+
 def test_a_page_of_records_parses_back_to_its_orders():
     row = (7, "c-7", "EUR", "PAID", 300, 2, 1_000_001, 2_000_000, ["a", "b"], [1, 2], [100, 100])
     page = order_service_pb2.ListOrdersResponse.FromString(
@@ -130,6 +182,8 @@ def good_but(column: str, value: object) -> tuple:
 def test_rows_it_cannot_encode_are_refused(row, error, says):
     with pytest.raises(error, match=says):
         encode_page([GOOD, row], 2, STATUS_VALUES, "")
+    with pytest.raises(error, match=says):
+        encode_orders([GOOD, row], 0, 0, 1 << 20, STATUS_VALUES)
 
 
 def test_count_must_be_within_the_rows():

@@ -5,9 +5,13 @@ message.
 The orders are read in pages bounded in bytes (sql.export_page), each a
 statement in that one transaction: an order may hold 1,000 items, so a
 fetch of a fixed number of rows, as a cursor makes, would bound nothing.
-One page is held at a time."""
+One page is held at a time, and its rows become messages of at most
+`batch_bytes` (an order larger than that alone in its own) written in C
+(service/orders/wire.c), as ListOrders' pages are."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 
@@ -15,11 +19,13 @@ from orderstream.orders.v1 import order_service_pb2
 from service.db.routing import Sent
 from service.db.runner import Database
 from service.orders import sql
-from service.orders.convert import order_from_row
+from service.orders.convert import STATUS_VALUES
 from service.orders.filters import order_filters, window_query
+from service.orders.wire import encode_orders
+from service.rpc.encoded import Encoded
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
-from service.streams.writes import stall_bound
+from service.streams.writes import StallBound, stall_bound
 
 
 async def export_orders(
@@ -39,8 +45,6 @@ async def export_orders(
         conn = await db.acquire(context)
         try:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                response = order_service_pb2.ExportOrdersResponse()
-                size = 0
                 after, end, limit = 0, sql.NO_END, sql.EXPORT_PAGE_ROWS
                 if window := window_query(filters):
                     statement, window_args = window
@@ -51,6 +55,7 @@ async def export_orders(
                         return  # no order was created in the window
                     after, end = ids["after"], ids["end_id"]
                 query = sql.export_page(tuple(filters), bounded=end != sql.NO_END)
+                messages = _Messages(writes, batch_bytes, sent)
                 while rows := await conn.fetch(
                     query,
                     *filters.values(),
@@ -59,18 +64,7 @@ async def export_orders(
                     sql.EXPORT_PAGE_BYTES,
                     timeout=db.query_timeout(context),
                 ):
-                    for row in rows:
-                        order = order_from_row(row)
-                        size += order.ByteSize()
-                        response.orders.append(order)
-                        if size >= batch_bytes:
-                            # The await is the back-pressure: a slow reader
-                            # holds the export where it is, a stalled one
-                            # ends it (READER_STALLED).
-                            sent.anything = True
-                            await writes.write(response, position=order.id)
-                            response = order_service_pb2.ExportOrdersResponse()
-                            size = 0
+                    await messages.add(rows)
                     if (
                         len(rows) < limit
                         and sum(row["own"] for row in rows) < sql.EXPORT_PAGE_BYTES
@@ -80,8 +74,42 @@ async def export_orders(
                     # Pages of large orders should not make PostgreSQL look
                     # at thousands of rows to return a few.
                     limit = min(sql.EXPORT_PAGE_ROWS, max(64, 2 * len(rows)))
-                if response.orders:
-                    sent.anything = True
-                    await writes.write(response, position=response.orders[-1].id)
+                await messages.flush()
         finally:
             await db.release(conn)
+
+
+class _Messages:
+    """Packs orders into ExportOrdersResponse messages of at most `budget`
+    bytes; each write waits for the reader (back-pressure: a slow reader
+    holds the export where it is, a stalled one ends it, READER_STALLED)."""
+
+    def __init__(self, writes: StallBound, budget: int, sent: Sent) -> None:
+        self._writes = writes
+        self._budget = budget
+        self._sent = sent
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._orders = 0
+        self._last = 0  # the id of the last order packed
+
+    async def add(self, rows: list[Any]) -> None:
+        start, count = 0, len(rows)
+        while start < count:
+            chunk, end = encode_orders(rows, start, self._size, self._budget, STATUS_VALUES)
+            if chunk:
+                self._chunks.append(chunk)
+                self._size += len(chunk)
+                self._orders += end - start
+                self._last = rows[end - 1]["id"]
+                start = end
+            if start < count:  # order `start` did not fit: this message is full
+                await self.flush()
+
+    async def flush(self) -> None:
+        if self._orders:
+            # Runs of `orders` entries joined are one ExportOrdersResponse.
+            message = Encoded(b"".join(self._chunks), self._orders)
+            self._chunks, self._size, self._orders = [], 0, 0
+            self._sent.anything = True
+            await self._writes.write(message, position=self._last)

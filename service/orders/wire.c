@@ -1,5 +1,6 @@
 /*
- * ListOrders' page in C: order rows straight to ListOrdersResponse wire bytes.
+ * ListOrders' pages and ExportOrders' messages in C: order rows straight to
+ * wire bytes.
  *
  * Building a page of 50 orders through the protobuf Python API (an Order,
  * its LineItems and two Timestamps per row) and serialising it took about
@@ -19,6 +20,16 @@
  *   count            how many rows, from the first, the page holds
  *   statuses         the stored status names' OrderStatus values
  *   next_page_token  written as the response's next_page_token ('' for none)
+ *
+ * encode_orders(rows, start, used, budget, statuses) -> (bytes, next)
+ *
+ *   The same rows from `start`, for as long as the message being filled
+ *   (`used` bytes so far) stays within `budget`; an order larger than the
+ *   budget alone goes into an empty message (used == 0) by itself. The
+ *   bytes are a run of `repeated Order orders = 1` entries, field 1 of both
+ *   ListOrdersResponse and ExportOrdersResponse: runs joined are one
+ *   ExportOrdersResponse. `next` is the index of the first row not encoded
+ *   (len(rows) when all were); with next < len(rows) the message is full.
  *
  * Byte-identical to what the protobuf runtime serialises for a
  * ListOrdersResponse of service/orders/convert.py's order_from_row messages
@@ -189,9 +200,11 @@ static void put_order(Buffer *buffer, const Order *order, const Item *items) {
     buffer->size = (size_t)(out - buffer->data);
 }
 
-/* Row `index` of `rows` appended to `buffer` as one `orders` entry. */
+/* Row `index` of `rows` appended to `buffer` as one `orders` entry, if its
+ * entry takes at most `room` bytes: 0 when appended, 1 when it did not fit
+ * (nothing appended), -1 on error. */
 static int encode_row(PyObject *rows, Py_ssize_t index, PyObject *statuses, Buffer *items,
-                      Buffer *buffer) {
+                      Buffer *buffer, size_t room) {
     PyObject *row = PySequence_GetItem(rows, index);
     if (row == NULL) {
         return -1;
@@ -199,10 +212,16 @@ static int encode_row(PyObject *rows, Py_ssize_t index, PyObject *statuses, Buff
     Order order;
     PyObject *keep[TEXT_COLUMNS] = {NULL, NULL, NULL};
     PyObject *arrays[ARRAY_COLUMNS] = {NULL, NULL, NULL};
-    int failed = read_order(row, statuses, items, &order, keep, arrays) ||
-                 reserve(buffer, len_field_size(order.size));
-    if (!failed) {
-        put_order(buffer, &order, (const Item *)items->data);
+    int outcome = read_order(row, statuses, items, &order, keep, arrays) ? -1 : 0;
+    if (outcome == 0) {
+        size_t entry = len_field_size(order.size);
+        if (entry > room) {
+            outcome = 1;
+        } else if (reserve(buffer, entry)) {
+            outcome = -1;
+        } else {
+            put_order(buffer, &order, (const Item *)items->data);
+        }
     }
     for (int i = 0; i < TEXT_COLUMNS; i++) {
         Py_XDECREF(keep[i]);
@@ -211,7 +230,7 @@ static int encode_row(PyObject *rows, Py_ssize_t index, PyObject *statuses, Buff
         Py_XDECREF(arrays[i]);
     }
     Py_DECREF(row);
-    return failed ? -1 : 0;
+    return outcome;
 }
 
 static PyObject *encode_page(PyObject *Py_UNUSED(module), PyObject *args) {
@@ -236,7 +255,7 @@ static PyObject *encode_page(PyObject *Py_UNUSED(module), PyObject *args) {
     Buffer buffer = {NULL, 0, 0};
     Buffer items = {NULL, 0, 0}; /* one order's items at a time, read before written */
     for (Py_ssize_t index = 0; index < count; index++) {
-        if (encode_row(rows, index, statuses, &items, &buffer)) {
+        if (encode_row(rows, index, statuses, &items, &buffer, SIZE_MAX)) {
             goto fail;
         }
     }
@@ -259,18 +278,70 @@ fail:
     return NULL;
 }
 
+static PyObject *encode_orders(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *rows, *statuses;
+    Py_ssize_t start, used, budget;
+    if (!PyArg_ParseTuple(args, "OnnnO!:encode_orders", &rows, &start, &used, &budget,
+                          &PyDict_Type, &statuses)) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Size(rows);
+    if (count < 0) {
+        return NULL;
+    }
+    if (start < 0 || start > count) {
+        PyErr_Format(PyExc_IndexError, "start %zd is outside 0..%zd", start, count);
+        return NULL;
+    }
+    if (used < 0 || budget <= 0) {
+        PyErr_Format(PyExc_ValueError, "need used >= 0 and budget > 0, got %zd and %zd", used,
+                     budget);
+        return NULL;
+    }
+    Buffer buffer = {NULL, 0, 0};
+    Buffer items = {NULL, 0, 0};
+    Py_ssize_t index = start;
+    for (; index < count; index++) {
+        size_t filled = (size_t)used + buffer.size;
+        size_t room = filled == 0                 ? SIZE_MAX
+                      : filled >= (size_t)budget ? 0
+                                                 : (size_t)budget - filled;
+        int outcome = encode_row(rows, index, statuses, &items, &buffer, room);
+        if (outcome < 0) {
+            goto fail;
+        }
+        if (outcome > 0) {
+            break;
+        }
+    }
+    PyMem_Free(items.data);
+    PyObject *result = Py_BuildValue("(y#n)", buffer.size ? buffer.data : "",
+                                     (Py_ssize_t)buffer.size, index);
+    PyMem_Free(buffer.data);
+    return result;
+
+fail:
+    PyMem_Free(buffer.data);
+    PyMem_Free(items.data);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"encode_page", encode_page, METH_VARARGS,
      "encode_page(rows, count, statuses, next_page_token) -> bytes\n\n"
      "The ListOrdersResponse holding rows[:count] as its orders (each row's\n"
      "status name mapped through `statuses`) and `next_page_token`."},
+    {"encode_orders", encode_orders, METH_VARARGS,
+     "encode_orders(rows, start, used, budget, statuses) -> (bytes, next)\n\n"
+     "Rows from `start` as `orders` entries while the message stays within\n"
+     "`budget` bytes (`used` already in it); `next` is the first row left."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "service.orders.wire",
-    .m_doc = "Order rows to ListOrdersResponse wire bytes (see wire.c).",
+    .m_doc = "Order rows to ListOrders and ExportOrders wire bytes (see wire.c).",
     .m_size = 0,
     .m_methods = methods,
 };

@@ -5,3 +5,10 @@ from typing import Any
 def encode_page(
     rows: Sequence[Sequence[Any]], count: int, statuses: Mapping[str, int], next_page_token: str
 ) -> bytes: ...
+def encode_orders(
+    rows: Sequence[Sequence[Any]],
+    start: int,
+    used: int,
+    budget: int,
+    statuses: Mapping[str, int],
+) -> tuple[bytes, int]: ...

@@ -1,11 +1,11 @@
 """Response messages a handler has already serialised.
 
-StreamEvents writes its rows, and ListOrders returns its page, as protobuf
-wire bytes built in C (service/events/wire.c, service/orders/wire.c) rather
-than as message objects. Their registered serializers take an `Encoded`
-message's bytes as they are; every other method keeps protobuf's own
-serializer, so no other call pays for this. The metrics count an `Encoded`
-message's rows from `rows`.
+StreamEvents and ExportOrders write their rows, and ListOrders returns its
+page, as protobuf wire bytes built in C (service/events/wire.c,
+service/orders/wire.c) rather than as message objects. Their registered
+serializers take an `Encoded` message's bytes as they are; every other
+method keeps protobuf's own serializer, so no other call pays for this.
+The metrics count an `Encoded` message's rows from `rows`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ ENCODED_METHODS = frozenset(
     {
         "orderstream.events.v1.EventService.StreamEvents",
         "orderstream.orders.v1.OrderService.ListOrders",
+        "orderstream.orders.v1.OrderService.ExportOrders",
     }
 )
 
