@@ -79,11 +79,20 @@ async def admin(cluster: Cluster) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def set_read_only(admin: asyncpg.Connection, read_only: bool) -> None:
-    """Every session's next transaction is read-only (or not): sessions read
-    the reloaded setting before their next statement."""
+    """Every session's next transaction is read-only (or not). pg_reload_conf
+    only signals the postmaster, which then signals every session; a
+    session reads the setting before its next statement once signalled. So
+    this returns once the admin's own session has it: the postmaster has
+    signalled them all by then (a statement sent sooner could still run
+    under the old setting, as one did in CI)."""
     value = "on" if read_only else "off"
     await admin.execute(f"ALTER SYSTEM SET default_transaction_read_only = {value}")
     await admin.execute("SELECT pg_reload_conf()")
+
+    async def reloaded() -> bool:
+        return bool(await admin.fetchval("SHOW default_transaction_read_only") == value)
+
+    await eventually(reloaded, what=f"default_transaction_read_only = {value}")
 
 
 async def health_is(health: health_pb2_grpc.HealthStub, status: int) -> bool:
