@@ -3,8 +3,8 @@ database: creates that wait for a free statement share the next one, yet
 each call keeps its own outcome, deadline and cancellation.
 
 The batcher is driven in process, on a pool of its own, so that which
-creates share a statement is decided by the test, not by timing: both
-statements in flight are held on a lock (a request_id that another
+creates share a statement is decided by the test, not by timing: every
+statement the batcher may run at once is held on a lock (a request_id that another
 transaction is inserting, as a concurrent create of the same request
 would), the creates started meanwhile wait together, and releasing the
 lock lets them go as one statement. Whether orders were written in one
@@ -70,13 +70,10 @@ async def batcher_on(pg_cluster: Cluster, app: object) -> AsyncIterator[Callable
     async with admin_pool(pg_cluster, min_size=1, max_size=IN_FLIGHT + 2) as pool:
         db = Database(pool, acquire_timeout=5, command_timeout=30)
 
-        def make(in_flight: int = IN_FLIGHT, stalled_after: float = 600.0) -> Batcher:
+        def make(stalled_after: float = 600.0) -> Batcher:
             commits: list[None] = []
             batches = CreateBatches(
-                db,
-                on_commit=lambda: commits.append(None),
-                in_flight=in_flight,
-                stalled_after=stalled_after,
+                db, on_commit=lambda: commits.append(None), stalled_after=stalled_after
             )
             return batches, commits
 
@@ -301,14 +298,14 @@ async def test_a_call_cancelled_while_its_statement_runs_leaves_the_others_be(ba
 
 
 async def test_a_statement_that_fails_fails_each_of_its_calls_and_the_next_goes_on(
-    batcher_on, admin_db
+    batcher, admin_db
 ):
     """Two creates with a one-second deadline share a statement that waits
     on a lock: at the deadline the statement is cancelled, both calls fail
     with it and neither order is written; creates after it go on."""
-    batches, _ = batcher_on(in_flight=1)
+    batches, _ = batcher
     async with request_id_taken(admin_db) as blocking:
-        async with statements_held_once(batches, admin_db):
+        async with statements_held(batches, admin_db):
             doomed = [new_order(1, request_id=blocking), new_order(2)]
             failing = start(batches, *doomed, call=lambda: _Call(remaining=1.0))
             await queued()
@@ -329,13 +326,3 @@ async def test_creates_do_not_wait_behind_a_statement_that_stalled(batcher_on, a
         assert row["id"] is not None
         assert not any(holder.done() for holder in holders)
     assert await written(admin_db, held)
-
-
-@contextlib.asynccontextmanager
-async def statements_held_once(batches: CreateBatches, admin_db: asyncpg.Pool):
-    """`statements_held` for a batcher with one statement in flight."""
-    async with request_id_taken(admin_db) as held:
-        holder = asyncio.create_task(batches.create(_Call(), new_order(request_id=held)))
-        await eventually(lambda: _equals(statements_waiting(admin_db), 1), what="statement held")
-        yield
-    await holder

@@ -6,10 +6,10 @@ A create costs PostgreSQL far more than a read: its commit is a WAL flush,
 and the database, not the service, is what limits CreateOrder's rate on the
 benchmark machine. Four creates in one transaction cost PostgreSQL 189 µs
 of CPU each against 304 µs alone (docs/benchmarks.md#createorder-batches).
-So at most `IN_FLIGHT` statements of creates run at once; a create that
-finds one free goes at once, alone if it is alone (a lone call waits for
-nothing), and those arriving meanwhile wait for the next, which takes them
-all, up to `MAX_ORDERS`. A statement still running after `STALLED_AFTER`
+So one statement of creates runs at a time (`IN_FLIGHT`); a create that
+finds none running goes at once, alone if it is alone (a lone call waits
+for nothing), and those arriving meanwhile wait for the next, which takes
+them all, up to `MAX_ORDERS`. A statement still running after `STALLED_AFTER`
 stops counting, so creates never queue behind one that waits on a lock or
 on a silent server. Point reads gain nothing from this (the service's
 loop, not the database, limits them: docs/benchmarks.md says why the same
@@ -42,11 +42,10 @@ from service.db.runner import Call, Database
 from service.orders import sql
 from service.rpc.status_map import from_sqlstate
 
-# Statements of creates running at once. One made the most calls a second
-# on the benchmark machine (larger batches), two about 15% fewer; two keep
-# creates flowing while one statement waits (on a lock, or on a connection
-# that went silent) until its deadline.
-IN_FLIGHT = 2
+# Statements of creates running at once, stalled ones not counted. One
+# made the most calls a second on the benchmark machine (the largest
+# batches): 15-20% more than two at 16 concurrent calls, 2-6% at 64.
+IN_FLIGHT = 1
 # Orders in one statement at most: bounds its size and how long it holds
 # its rows' locks.
 MAX_ORDERS = 64
@@ -116,14 +115,12 @@ class CreateBatches:
         db: Database,
         *,
         on_commit: Callable[[], None],
-        in_flight: int = IN_FLIGHT,
         stalled_after: float = STALLED_AFTER,
     ) -> None:
         """`on_commit` is called once for each statement that wrote an order
         (the event feed's wake-up)."""
         self._db = db
         self._on_commit = on_commit
-        self._in_flight = in_flight
         self._stalled_after = stalled_after
         self._waiting: list[_Waiting] = []
         self._running = 0  # statements in flight, stalled ones not counted
@@ -137,7 +134,7 @@ class CreateBatches:
         self._db.query_timeout(call)  # a call already past its deadline goes no further
         outcome: asyncio.Future[asyncpg.Record] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(order, call, outcome))
-        if self._running < self._in_flight:
+        if self._running < IN_FLIGHT:
             self._start()
         # A cancelled call cancels `outcome`: a batch that has not taken it
         # yet leaves it out.
@@ -194,7 +191,7 @@ class CreateBatches:
         if statement.counted:
             statement.counted = False
             self._running -= 1
-        if self._waiting and self._running < self._in_flight:
+        if self._waiting and self._running < IN_FLIGHT:
             self._start()
 
 
