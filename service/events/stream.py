@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -49,6 +49,7 @@ from service.events.wire import encode_events
 from service.rpc.encoded import Encoded
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
+from service.streams.packing import Messages
 from service.streams.writes import StallBound, stall_bound
 
 MAX_TYPES = 100
@@ -97,46 +98,6 @@ def _finished(page: asyncio.Future[Any]) -> None:
         page.exception()  # nobody reads the page: its failure is no one's error
 
 
-class _Batches:
-    """Packs events into response messages of at most `budget` bytes (or one
-    event, if it alone is larger); each write waits for the reader
-    (back-pressure). Rows become wire bytes in C (service/events/wire.c): the
-    per-row cost is what bounds a stream's rate."""
-
-    def __init__(self, write: Callable[[Encoded, int], Awaitable[None]], budget: int) -> None:
-        self._write = write
-        self._budget = budget
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._rows = 0
-        self._last = 0  # the last event id packed so far
-
-    async def add(self, rows: Sequence[Any]) -> None:
-        start, count = 0, len(rows)
-        while start < count:
-            chunk, end = encode_events(rows, start, self._size, self._budget)
-            if chunk:
-                self._chunks.append(chunk)
-                self._size += len(chunk)
-                self._rows += end - start
-                self._last = rows[end - 1][0]
-                start = end
-            if start < count:  # row `start` did not fit: this message is full
-                await self.flush()
-
-    def discard(self) -> None:
-        """Forgets what is packed and not sent: a read that failed halfway
-        is read again from the last event sent."""
-        self._chunks, self._size, self._rows = [], 0, 0
-
-    async def flush(self) -> None:
-        if self._rows:
-            # Runs of `events` entries joined are one StreamEventsResponse.
-            message = Encoded(b"".join(self._chunks), self._rows)
-            self._chunks, self._size, self._rows = [], 0, 0
-            await self._write(message, self._last)
-
-
 class _Stream:
     """One StreamEvents call: its filter, its position, and how it reads."""
 
@@ -174,7 +135,9 @@ class _Stream:
             self._filter_args.append(request.subject)
         # A member's partitions, the last argument: set on each reassignment.
         self._partitions: list[list[int]] = [[]] if request.member else []
-        self.batches = _Batches(self.write, batch_bytes)
+        # Rows become wire bytes in C (service/events/wire.c): the per-row
+        # cost is what bounds a stream's rate.
+        self.batches = Messages(encode_events, self.write, batch_bytes)
         self.budget = batch_bytes
         self.position = request.after_id
         self.progress = Progress(

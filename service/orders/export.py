@@ -11,6 +11,7 @@ One page is held at a time, and its rows become messages of at most
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -25,7 +26,8 @@ from service.orders.wire import encode_orders
 from service.rpc.encoded import Encoded
 from service.rpc.validation import Violations
 from service.streams.limits import StreamSlots
-from service.streams.writes import StallBound, stall_bound
+from service.streams.packing import Messages
+from service.streams.writes import stall_bound
 
 
 async def export_orders(
@@ -55,7 +57,14 @@ async def export_orders(
                         return  # no order was created in the window
                     after, end = ids["after"], ids["end_id"]
                 query = sql.export_page(tuple(filters), bounded=end != sql.NO_END)
-                messages = _Messages(writes, batch_bytes, sent)
+
+                async def write(message: Encoded, last_id: int) -> None:
+                    # The await is the back-pressure: a slow reader holds the
+                    # export where it is, a stalled one ends it (READER_STALLED).
+                    sent.anything = True
+                    await writes.write(message, position=last_id)
+
+                messages = Messages(_encode, write, batch_bytes)
                 while rows := await conn.fetch(
                     query,
                     *filters.values(),
@@ -79,37 +88,5 @@ async def export_orders(
             await db.release(conn)
 
 
-class _Messages:
-    """Packs orders into ExportOrdersResponse messages of at most `budget`
-    bytes; each write waits for the reader (back-pressure: a slow reader
-    holds the export where it is, a stalled one ends it, READER_STALLED)."""
-
-    def __init__(self, writes: StallBound, budget: int, sent: Sent) -> None:
-        self._writes = writes
-        self._budget = budget
-        self._sent = sent
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._orders = 0
-        self._last = 0  # the id of the last order packed
-
-    async def add(self, rows: list[Any]) -> None:
-        start, count = 0, len(rows)
-        while start < count:
-            chunk, end = encode_orders(rows, start, self._size, self._budget, STATUS_VALUES)
-            if chunk:
-                self._chunks.append(chunk)
-                self._size += len(chunk)
-                self._orders += end - start
-                self._last = rows[end - 1]["id"]
-                start = end
-            if start < count:  # order `start` did not fit: this message is full
-                await self.flush()
-
-    async def flush(self) -> None:
-        if self._orders:
-            # Runs of `orders` entries joined are one ExportOrdersResponse.
-            message = Encoded(b"".join(self._chunks), self._orders)
-            self._chunks, self._size, self._orders = [], 0, 0
-            self._sent.anything = True
-            await self._writes.write(message, position=self._last)
+def _encode(rows: Sequence[Any], start: int, used: int, budget: int) -> tuple[bytes, int]:
+    return encode_orders(rows, start, used, budget, STATUS_VALUES)
