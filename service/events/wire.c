@@ -132,17 +132,8 @@ static PyObject *encode_events(PyObject *Py_UNUSED(module), PyObject *args) {
     if (!PyArg_ParseTuple(args, "Onnn:encode_events", &rows, &start, &used, &budget)) {
         return NULL;
     }
-    Py_ssize_t count = PySequence_Size(rows);
+    Py_ssize_t count = rows_within_budget(rows, start, used, budget);
     if (count < 0) {
-        return NULL;
-    }
-    if (start < 0 || start > count) {
-        PyErr_Format(PyExc_IndexError, "start %zd is outside 0..%zd", start, count);
-        return NULL;
-    }
-    if (used < 0 || budget <= 0) {
-        PyErr_Format(PyExc_ValueError, "need used >= 0 and budget > 0, got %zd and %zd", used,
-                     budget);
         return NULL;
     }
     Buffer buffer = {NULL, 0, 0};

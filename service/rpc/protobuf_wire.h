@@ -173,4 +173,25 @@ static inline int reserve(Buffer *buffer, size_t more) {
     return 0;
 }
 
+/* The row count of `rows` for an encoder that fills a message from row
+ * `start`, `used` bytes of its `budget` taken: -1 with an exception set
+ * when the arguments make no sense. */
+static inline Py_ssize_t rows_within_budget(PyObject *rows, Py_ssize_t start, Py_ssize_t used,
+                                            Py_ssize_t budget) {
+    Py_ssize_t count = PySequence_Size(rows);
+    if (count < 0) {
+        return -1;
+    }
+    if (start < 0 || start > count) {
+        PyErr_Format(PyExc_IndexError, "start %zd is outside 0..%zd", start, count);
+        return -1;
+    }
+    if (used < 0 || budget <= 0) {
+        PyErr_Format(PyExc_ValueError, "need used >= 0 and budget > 0, got %zd and %zd", used,
+                     budget);
+        return -1;
+    }
+    return count;
+}
+
 #endif
