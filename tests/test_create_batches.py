@@ -65,15 +65,15 @@ Batcher = tuple[CreateBatches, list[None]]
 @pytest.fixture
 async def batcher_on(pg_cluster: Cluster, app: object) -> AsyncIterator[Callable[..., Batcher]]:
     """Makes batchers on a pool of their own (after `app`: the schema
-    exists). A statement never counts as stalled unless a test says so:
+    exists). A statement never counts as waiting unless a test says so:
     which creates share a statement is the test's to decide."""
     async with admin_pool(pg_cluster, min_size=1, max_size=IN_FLIGHT + 2) as pool:
         db = Database(pool, acquire_timeout=5, command_timeout=30)
 
-        def make(stalled_after: float = 600.0) -> Batcher:
+        def make(waiting_after: float = 600.0) -> Batcher:
             commits: list[None] = []
             batches = CreateBatches(
-                db, on_commit=lambda: commits.append(None), stalled_after=stalled_after
+                db, on_commit=lambda: commits.append(None), waiting_after=waiting_after
             )
             return batches, commits
 
@@ -316,11 +316,11 @@ async def test_a_statement_that_fails_fails_each_of_its_calls_and_the_next_goes_
     assert after["id"] is not None
 
 
-async def test_creates_do_not_wait_behind_a_statement_that_stalled(batcher_on, admin_db):
-    """A statement still running after `stalled_after` stops counting: a
+async def test_creates_do_not_wait_behind_a_statement_that_waits(batcher_on, admin_db):
+    """A statement still running after `waiting_after` stops counting: a
     create arriving while every statement in flight waits on a lock is
     written in one of its own, and the held ones go on once the lock goes."""
-    batches, _ = batcher_on(stalled_after=0.05)
+    batches, _ = batcher_on(waiting_after=0.05)
     async with statements_held(batches, admin_db) as (held, holders):
         row = await batches.create(_Call(), new_order(2))
         assert row["id"] is not None

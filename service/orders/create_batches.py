@@ -6,14 +6,17 @@ A create costs PostgreSQL far more than a read: its commit is a WAL flush,
 and the database, not the service, is what limits CreateOrder's rate on the
 benchmark machine. Four creates in one transaction cost PostgreSQL 189 µs
 of CPU each against 304 µs alone (docs/benchmarks.md#createorder-batches).
-So one statement of creates runs at a time (`IN_FLIGHT`); a create that
-finds none running goes at once, alone if it is alone (a lone call waits
+So one statement of creates works at a time (`IN_FLIGHT`); a create that
+finds none working goes at once, alone if it is alone (a lone call waits
 for nothing), and those arriving meanwhile wait for the next, which takes
-them all, up to `MAX_ORDERS`. A statement still running after `STALLED_AFTER`
-stops counting, so creates never queue behind one that waits on a lock or
-on a silent server. Point reads gain nothing from this (the service's
-loop, not the database, limits them: docs/benchmarks.md says why the same
-idea was dropped for GetOrder).
+them all, up to `MAX_ORDERS`. A statement still running after
+`WAITING_AFTER` is taken to be waiting (on its commit's flush, a lock, a
+silent server) and stops counting, so the next batch goes beside it:
+batches fill where the database's CPU is the limit and overlap where its
+latency is, and creates never queue behind a statement that is stuck.
+Point reads gain nothing from this (the service's loop, not the database,
+limits them: docs/benchmarks.md says why the same idea was dropped for
+GetOrder).
 
 What each call keeps as its own:
 - its outcome: each order runs under its own subtransaction, so one the
@@ -42,20 +45,25 @@ from service.db.runner import Call, Database
 from service.orders import sql
 from service.rpc.status_map import from_sqlstate
 
-# Statements of creates running at once, stalled ones not counted. One
-# made the most calls a second on the benchmark machine (the largest
-# batches): 15-20% more than two at 16 concurrent calls, 2-6% at 64.
+# Statements of creates working at once. One made the most calls a second
+# on the benchmark machine, where PostgreSQL's CPU is the limit (the largest
+# batches): 15-20% more than two at 16 concurrent calls.
 IN_FLIGHT = 1
 # Orders in one statement at most: bounds its size and how long it holds
 # its rows' locks.
 MAX_ORDERS = 64
-# Seconds after which a statement still running gives up its place among
-# the IN_FLIGHT, and the creates behind it go on in a statement of their
-# own. It may be waiting on a lock, or on a server that went silent (a lost
-# host: the statement ends only at its calls' deadlines); the creates that
-# came after it must not wait for that. Creates take a few milliseconds
-# each, batched or not (docs/benchmarks.md).
-STALLED_AFTER = 0.1
+# Seconds after which a statement still running is taken to be waiting
+# rather than working, and stops counting against IN_FLIGHT: the creates
+# behind it go on in a statement beside it. A batch of a few orders is
+# written in about a millisecond; a statement running longer is most often
+# waiting, on its commit's flush, a synchronous standby, a lock or a server
+# that went silent (a lost host: it ends only at its calls' deadlines), and
+# the creates that came after it must not wait for that. With every
+# transaction held 15 ms (a scratch trigger), batches made 0.5 of the
+# peer's calls a second with 0.1 s here and 0.95 with 2 ms; where
+# PostgreSQL's CPU is the limit, 2 ms still makes 1.6-1.8 times the peer
+# (docs/benchmarks.md#createorder-batches).
+WAITING_AFTER = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,15 +123,15 @@ class CreateBatches:
         db: Database,
         *,
         on_commit: Callable[[], None],
-        stalled_after: float = STALLED_AFTER,
+        waiting_after: float = WAITING_AFTER,
     ) -> None:
         """`on_commit` is called once for each statement that wrote an order
         (the event feed's wake-up)."""
         self._db = db
         self._on_commit = on_commit
-        self._stalled_after = stalled_after
+        self._waiting_after = waiting_after
         self._waiting: list[_Waiting] = []
-        self._running = 0  # statements in flight, stalled ones not counted
+        self._running = 0  # statements working (not yet past waiting_after)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def create(self, call: Call, order: NewOrder) -> asyncpg.Record:
@@ -160,7 +168,9 @@ class CreateBatches:
 
     async def _write(self, batch: list[_Waiting]) -> None:
         statement = _Statement()
-        stalled = asyncio.get_running_loop().call_later(self._stalled_after, self._done, statement)
+        past_work = asyncio.get_running_loop().call_later(
+            self._waiting_after, self._done, statement
+        )
         try:
             rows = await self._db.fetch(
                 _Batch([w.call for w in batch]), sql.CREATE_ORDERS, *_columns(batch)
@@ -182,11 +192,11 @@ class CreateBatches:
                 if not waiting.outcome.done():
                     waiting.outcome.set_result(row)
         finally:
-            stalled.cancel()
+            past_work.cancel()
             self._done(statement)
 
     def _done(self, statement: _Statement) -> None:
-        """`statement` ended, or stalled: it no longer counts against the
+        """`statement` ended, or is waiting: it no longer counts against the
         limit, and the next batch may start."""
         if statement.counted:
             statement.counted = False
