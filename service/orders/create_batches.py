@@ -81,7 +81,7 @@ class NewOrder:
 
 
 @dataclass(slots=True)
-class _Waiting:
+class _Queued:
     order: NewOrder
     call: Call
     outcome: asyncio.Future[asyncpg.Record]
@@ -107,7 +107,7 @@ class _Batch:
 
 
 class _Statement:
-    """A statement of creates; `counted` while it holds a place in flight."""
+    """A statement of creates; `counted` while it counts as working."""
 
     __slots__ = ("counted",)
 
@@ -129,9 +129,9 @@ class CreateBatches:
         (the event feed's wake-up)."""
         self._db = db
         self._on_commit = on_commit
-        self._waiting_after = waiting_after
-        self._waiting: list[_Waiting] = []
-        self._running = 0  # statements working (not yet past waiting_after)
+        self._queue_after = waiting_after
+        self._queue: list[_Queued] = []
+        self._working = 0  # statements counted as working (not yet past waiting_after)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def create(self, call: Call, order: NewOrder) -> asyncpg.Record:
@@ -141,8 +141,8 @@ class CreateBatches:
         by a statement of its own would have."""
         self._db.query_timeout(call)  # a call already past its deadline goes no further
         outcome: asyncio.Future[asyncpg.Record] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(order, call, outcome))
-        if self._running < IN_FLIGHT:
+        self._queue.append(_Queued(order, call, outcome))
+        if self._working < IN_FLIGHT:
             self._start()
         # A cancelled call cancels `outcome`: a batch that has not taken it
         # yet leaves it out.
@@ -155,42 +155,40 @@ class CreateBatches:
         return row
 
     def _start(self) -> None:
-        batch = [w for w in self._waiting[:MAX_ORDERS] if not w.outcome.done()]
-        del self._waiting[:MAX_ORDERS]
+        batch = [w for w in self._queue[:MAX_ORDERS] if not w.outcome.done()]
+        del self._queue[:MAX_ORDERS]
         if not batch:
-            if self._waiting:
+            if self._queue:
                 self._start()
             return
-        self._running += 1
+        self._working += 1
         task = asyncio.get_running_loop().create_task(self._write(batch))
         self._tasks.add(task)  # asyncio keeps only weak references to tasks
         task.add_done_callback(self._tasks.discard)
 
-    async def _write(self, batch: list[_Waiting]) -> None:
+    async def _write(self, batch: list[_Queued]) -> None:
         statement = _Statement()
-        past_work = asyncio.get_running_loop().call_later(
-            self._waiting_after, self._done, statement
-        )
+        past_work = asyncio.get_running_loop().call_later(self._queue_after, self._done, statement)
         try:
             rows = await self._db.fetch(
                 _Batch([w.call for w in batch]), sql.CREATE_ORDERS, *_columns(batch)
             )
         except BaseException as exc:
-            for waiting in batch:
-                if waiting.outcome.done():
+            for queued in batch:
+                if queued.outcome.done():
                     continue
                 if isinstance(exc, asyncio.CancelledError):  # the server stopping
-                    waiting.outcome.cancel()
+                    queued.outcome.cancel()
                 else:
-                    waiting.outcome.set_exception(exc)
+                    queued.outcome.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
         else:
             if any(row["id"] is not None for row in rows):
                 self._on_commit()
-            for waiting, row in zip(batch, rows, strict=True):
-                if not waiting.outcome.done():
-                    waiting.outcome.set_result(row)
+            for queued, row in zip(batch, rows, strict=True):
+                if not queued.outcome.done():
+                    queued.outcome.set_result(row)
         finally:
             past_work.cancel()
             self._done(statement)
@@ -200,12 +198,12 @@ class CreateBatches:
         limit, and the next batch may start."""
         if statement.counted:
             statement.counted = False
-            self._running -= 1
-        if self._waiting and self._running < IN_FLIGHT:
+            self._working -= 1
+        if self._queue and self._working < IN_FLIGHT:
             self._start()
 
 
-def _columns(batch: list[_Waiting]) -> tuple[list[Any], ...]:
+def _columns(batch: list[_Queued]) -> tuple[list[Any], ...]:
     """orders_create_batch's arguments: one array per column, the items of
     all orders in three arrays with a count per order."""
     orders = [w.order for w in batch]
