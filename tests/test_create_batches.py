@@ -124,15 +124,13 @@ async def statements_held(
             asyncio.create_task(batches.create(_Call(), new_order(request_id=held)))
             for _ in range(IN_FLIGHT)
         ]
-        await eventually(
-            lambda: _equals(statements_waiting(admin_db), IN_FLIGHT), what="statements held"
-        )
+
+        async def all_held() -> bool:
+            return await statements_waiting(admin_db) == IN_FLIGHT
+
+        await eventually(all_held, what="statements held")
         yield held, holders
     await asyncio.gather(*holders, return_exceptions=True)
-
-
-async def _equals(count, expected: int) -> bool:
-    return await count == expected
 
 
 def start(batches: CreateBatches, *orders: NewOrder, call: Callable[[], _Call] = _Call):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from orderstream.events.v1 import event_service_pb2
 from service.events.wire import encode_events
+from tests.support.packing import messages_of
 
 # google.protobuf.Timestamp's range, 0001-01-01 to 9999-12-31, in microseconds.
 MIN_TIME_US = -62_135_596_800_000_000
@@ -65,18 +66,7 @@ def entry_size(row: tuple) -> int:
 def test_messages_fill_up_to_the_budget_and_join_into_the_whole(events, budget):
     """Drives the encoder as the stream does: a message is sent when the
     next row does not fit in it."""
-    messages, message, start = [], b"", 0
-    while start < len(events):
-        chunk, end = encode_events(events, start, len(message), budget)
-        assert len(message) + len(chunk) <= budget or (not message and end == start + 1)
-        message += chunk
-        start = end
-        if start < len(events):
-            assert message, "an empty message always takes a row"
-            assert len(message) + entry_size(events[start]) > budget  # it did not fit
-            messages.append(message)
-            message = b""
-    messages.append(message)
+    messages = messages_of(encode_events, events, budget, entry_size)
     assert b"".join(messages) == protobuf_bytes(events)
     for message in messages:
         parsed = event_service_pb2.StreamEventsResponse.FromString(message)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from orderstream.orders.v1 import order_service_pb2
 from service.orders.convert import STATUS_VALUES, order_from_row
 from service.orders.wire import encode_orders, encode_page
+from tests.support.packing import messages_of
 
 # google.protobuf.Timestamp's range, 0001-01-01 to 9999-12-31, in microseconds.
 MIN_TIME_US = -62_135_596_800_000_000
@@ -90,18 +91,9 @@ def entry_size(row: tuple) -> int:
 def test_export_messages_fill_up_to_the_budget_and_join_into_the_whole(rows, budget):
     """Drives the encoder as ExportOrders does: a message is sent when the
     next order does not fit in it."""
-    messages, message, start = [], b"", 0
-    while start < len(rows):
-        chunk, end = encode_orders(rows, start, len(message), budget, STATUS_VALUES)
-        assert len(message) + len(chunk) <= budget or (not message and end == start + 1)
-        message += chunk
-        start = end
-        if start < len(rows):
-            assert message, "an empty message always takes an order"
-            assert len(message) + entry_size(rows[start]) > budget  # it did not fit
-            messages.append(message)
-            message = b""
-    messages.append(message)
+    messages = messages_of(
+        lambda *window: encode_orders(*window, STATUS_VALUES), rows, budget, entry_size
+    )
     assert b"".join(messages) == protobuf_bytes(rows, len(rows), "")
     for message in messages:
         parsed = order_service_pb2.ExportOrdersResponse.FromString(message)

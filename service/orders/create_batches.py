@@ -155,11 +155,13 @@ class CreateBatches:
         return row
 
     def _start(self) -> None:
-        batch = [w for w in self._queue[:MAX_ORDERS] if not w.outcome.done()]
-        del self._queue[:MAX_ORDERS]
+        """Starts a statement with the oldest creates still waiting (the
+        cancelled ones are dropped), if any."""
+        batch: list[_Queued] = []
+        while self._queue and not batch:
+            batch = [q for q in self._queue[:MAX_ORDERS] if not q.outcome.done()]
+            del self._queue[:MAX_ORDERS]
         if not batch:
-            if self._queue:
-                self._start()
             return
         self._working += 1
         task = asyncio.get_running_loop().create_task(self._write(batch))
@@ -171,7 +173,7 @@ class CreateBatches:
         past_work = asyncio.get_running_loop().call_later(self._queue_after, self._done, statement)
         try:
             rows = await self._db.fetch(
-                _Batch([w.call for w in batch]), sql.CREATE_ORDERS, *_columns(batch)
+                _Batch([q.call for q in batch]), sql.CREATE_ORDERS, *_columns(batch)
             )
         except BaseException as exc:
             for queued in batch:
@@ -206,7 +208,7 @@ class CreateBatches:
 def _columns(batch: list[_Queued]) -> tuple[list[Any], ...]:
     """orders_create_batch's arguments: one array per column, the items of
     all orders in three arrays with a count per order."""
-    orders = [w.order for w in batch]
+    orders = [q.order for q in batch]
     return (
         [o.request_id for o in orders],
         [o.digest for o in orders],

@@ -29,7 +29,10 @@ _ITEMS_OF_O = """
 # written and no row is returned (ON CONFLICT waits for a concurrent insert of
 # the same key to commit or roll back, so two identical calls cannot both
 # insert). $1 request_id, $2 the body's digest, $3 customer_id, $4 currency,
-# $5 total_cents, $6-$8 the items' skus, quantities and unit prices.
+# $5 total_cents, $6-$8 the items' skus, quantities and unit prices. The
+# service writes through CREATE_ORDERS, whose function calls orders_create
+# for each order; this statement, one create on its own, is what the
+# benchmark's peer (bench/peer_server.py) sends for every call.
 CREATE_ORDER = "SELECT * FROM orders_create($1, $2, $3, $4, $5, $6, $7, $8)"
 
 # Several CreateOrder calls' orders in one statement, each as CREATE_ORDER

@@ -233,6 +233,32 @@ static int encode_row(PyObject *rows, Py_ssize_t index, PyObject *statuses, Buff
     return outcome;
 }
 
+/* Rows from `start` (up to `end`) appended to `buffer` as `orders` entries
+ * for as long as the message, `used` bytes before them, stays within
+ * `budget`; the first entry of an empty message always goes in. Returns
+ * the index of the first row left, or -1 on error. */
+static Py_ssize_t put_rows(PyObject *rows, Py_ssize_t start, Py_ssize_t end, Py_ssize_t used,
+                           Py_ssize_t budget, PyObject *statuses, Buffer *buffer) {
+    Buffer items = {NULL, 0, 0}; /* one order's items at a time, read before written */
+    Py_ssize_t index = start;
+    for (; index < end; index++) {
+        size_t filled = (size_t)used + buffer->size;
+        size_t room = filled == 0                 ? SIZE_MAX
+                      : filled >= (size_t)budget ? 0
+                                                 : (size_t)budget - filled;
+        int outcome = encode_row(rows, index, statuses, &items, buffer, room);
+        if (outcome < 0) {
+            index = -1;
+            break;
+        }
+        if (outcome > 0) {
+            break;
+        }
+    }
+    PyMem_Free(items.data);
+    return index;
+}
+
 static PyObject *encode_page(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *rows, *statuses, *token_object;
     Py_ssize_t count;
@@ -253,29 +279,19 @@ static PyObject *encode_page(PyObject *Py_UNUSED(module), PyObject *args) {
         return NULL;
     }
     Buffer buffer = {NULL, 0, 0};
-    Buffer items = {NULL, 0, 0}; /* one order's items at a time, read before written */
-    for (Py_ssize_t index = 0; index < count; index++) {
-        if (encode_row(rows, index, statuses, &items, &buffer, SIZE_MAX)) {
-            goto fail;
+    PyObject *encoded = NULL;
+    if (put_rows(rows, 0, count, 0, PY_SSIZE_T_MAX, statuses, &buffer) >= 0 &&
+        !(token.size && reserve(&buffer, text_field_size(token)))) {
+        if (token.size) {
+            char *end = put_text(buffer.data + buffer.size,
+                                 TAG(RESPONSE_NEXT_PAGE_TOKEN, WIRE_LEN), token);
+            buffer.size = (size_t)(end - buffer.data);
         }
+        encoded = PyBytes_FromStringAndSize(buffer.size ? buffer.data : "",
+                                            (Py_ssize_t)buffer.size);
     }
-    if (token.size) {
-        if (reserve(&buffer, text_field_size(token))) {
-            goto fail;
-        }
-        char *end = put_text(buffer.data + buffer.size, TAG(RESPONSE_NEXT_PAGE_TOKEN, WIRE_LEN),
-                             token);
-        buffer.size = (size_t)(end - buffer.data);
-    }
-    PyObject *encoded = PyBytes_FromStringAndSize(buffer.data, (Py_ssize_t)buffer.size);
     PyMem_Free(buffer.data);
-    PyMem_Free(items.data);
     return encoded;
-
-fail:
-    PyMem_Free(buffer.data);
-    PyMem_Free(items.data);
-    return NULL;
 }
 
 static PyObject *encode_orders(PyObject *Py_UNUSED(module), PyObject *args) {
@@ -290,31 +306,12 @@ static PyObject *encode_orders(PyObject *Py_UNUSED(module), PyObject *args) {
         return NULL;
     }
     Buffer buffer = {NULL, 0, 0};
-    Buffer items = {NULL, 0, 0};
-    Py_ssize_t index = start;
-    for (; index < count; index++) {
-        size_t filled = (size_t)used + buffer.size;
-        size_t room = filled == 0                 ? SIZE_MAX
-                      : filled >= (size_t)budget ? 0
-                                                 : (size_t)budget - filled;
-        int outcome = encode_row(rows, index, statuses, &items, &buffer, room);
-        if (outcome < 0) {
-            goto fail;
-        }
-        if (outcome > 0) {
-            break;
-        }
-    }
-    PyMem_Free(items.data);
-    PyObject *result = Py_BuildValue("(y#n)", buffer.size ? buffer.data : "",
-                                     (Py_ssize_t)buffer.size, index);
+    Py_ssize_t next = put_rows(rows, start, count, used, budget, statuses, &buffer);
+    PyObject *result = next < 0 ? NULL
+                                : Py_BuildValue("(y#n)", buffer.size ? buffer.data : "",
+                                                (Py_ssize_t)buffer.size, next);
     PyMem_Free(buffer.data);
     return result;
-
-fail:
-    PyMem_Free(buffer.data);
-    PyMem_Free(items.data);
-    return NULL;
 }
 
 static PyMethodDef methods[] = {
