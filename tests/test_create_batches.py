@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from devcluster.cluster import Cluster
-from service.db.failures import CallDeadlineReached
+from service.db.failures import CallDeadlineReached, PoolExhausted
 from service.db.runner import Database
 from service.errors import Reason, ServiceError
 from service.orders.create_batches import IN_FLIGHT, CreateBatches, NewOrder
@@ -68,12 +68,18 @@ async def batcher_on(pg_cluster: Cluster, app: object) -> AsyncIterator[Callable
     exists). A statement never counts as waiting unless a test says so:
     which creates share a statement is the test's to decide."""
     async with admin_pool(pg_cluster, min_size=1, max_size=IN_FLIGHT + 2) as pool:
-        db = Database(pool, acquire_timeout=5, command_timeout=30)
 
-        def make(waiting_after: float = 600.0) -> Batcher:
+        def make(
+            waiting_after: float = 600.0,
+            max_statements: int = IN_FLIGHT + 1,
+            acquire_timeout: float = 5.0,
+        ) -> Batcher:
             commits: list[None] = []
             batches = CreateBatches(
-                db, on_commit=lambda: commits.append(None), waiting_after=waiting_after
+                Database(pool, acquire_timeout=acquire_timeout, command_timeout=30),
+                on_commit=lambda: commits.append(None),
+                waiting_after=waiting_after,
+                max_statements=max_statements,
             )
             return batches, commits
 
@@ -324,3 +330,45 @@ async def test_creates_do_not_wait_behind_a_statement_that_waits(batcher_on, adm
         assert row["id"] is not None
         assert not any(holder.done() for holder in holders)
     assert await written(admin_db, held)
+
+
+async def test_statements_that_wait_hold_at_most_max_statements_connections(batcher_on, admin_db):
+    """Once `max_statements` statements run (here: all of them waiting on a
+    lock, so none counts as working), a create waits for one to end instead
+    of taking another connection: the creates that arrive meanwhile go
+    together, in one transaction, when the lock goes. Without the bound the
+    first of them would have gone at once, alone."""
+    waiting_after = 0.01
+    batches, _ = batcher_on(waiting_after=waiting_after, max_statements=IN_FLIGHT + 1)
+    async with statements_held(batches, admin_db) as (held, _):
+        beside = start(batches, new_order(1, request_id=held))
+
+        async def both_held() -> bool:
+            return await statements_waiting(admin_db) == IN_FLIGHT + 1
+
+        await eventually(both_held, what="a second statement beside the first")
+        # Past the second statement's waiting_after: asyncio runs timers in
+        # deadline order, so neither statement counts as working now.
+        await asyncio.sleep(2 * waiting_after)
+        waiting = start(batches, new_order(1), new_order(2), new_order(3))
+        await queued()
+    rows = await asyncio.gather(*waiting)
+    await asyncio.gather(*beside)
+    assert await transactions_of(admin_db, [row["id"] for row in rows]) == 1
+
+
+async def test_a_create_the_bound_keeps_out_fails_as_a_pool_wait_would(batcher_on, admin_db):
+    """With every statement the bound allows held, a create waits no longer
+    than a call waits for a pooled connection: it fails with PoolExhausted
+    (RESOURCE_EXHAUSTED, retryable) and is never written; once a statement
+    ends, creates go on."""
+    batches, _ = batcher_on(max_statements=IN_FLIGHT, acquire_timeout=0.2)
+    async with statements_held(batches, admin_db) as (held, _):
+        order = new_order(1)
+        async with asyncio.timeout(5):
+            with pytest.raises(PoolExhausted):
+                await batches.create(_Call(), order)
+    assert not await written(admin_db, order.request_id)
+    assert await written(admin_db, held)
+    after = await batches.create(_Call(), new_order(1))
+    assert after["id"] is not None

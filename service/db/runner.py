@@ -42,6 +42,11 @@ class Database:
         self._acquire_timeout = acquire_timeout
         self._command_timeout = command_timeout
 
+    @property
+    def acquire_timeout(self) -> float:
+        """Seconds a call waits for a pooled connection before PoolExhausted."""
+        return self._acquire_timeout
+
     def query_timeout(self, context: Call) -> float:
         remaining = context.time_remaining()
         if remaining is None:

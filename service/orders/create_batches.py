@@ -14,6 +14,12 @@ them all, up to `MAX_ORDERS`. A statement still running after
 silent server) and stops counting, so the next batch goes beside it:
 batches fill where the database's CPU is the limit and overlap where its
 latency is, and creates never queue behind a statement that is stuck.
+Statements of creates, waiting or working, hold at most half the pool's
+connections (`max_statements`), so that a burst of creates on a slow
+commit cannot take the connections every other call needs; creates beyond
+that wait for the next batch, which grows instead, and one that waits
+longer than a call waits for a pooled connection fails as that call would
+(PoolExhausted: RESOURCE_EXHAUSTED, retryable).
 Point reads gain nothing from this (the service's loop, not the database,
 limits them: docs/benchmarks.md says why the same idea was dropped for
 GetOrder).
@@ -41,6 +47,7 @@ from typing import Any
 
 import asyncpg
 
+from service.db.failures import PoolExhausted
 from service.db.runner import Call, Database
 from service.orders import sql
 from service.rpc.status_map import from_sqlstate
@@ -85,6 +92,7 @@ class _Queued:
     order: NewOrder
     call: Call
     outcome: asyncio.Future[asyncpg.Record]
+    since: float  # the loop's time when it was queued
 
 
 class _Batch:
@@ -124,14 +132,22 @@ class CreateBatches:
         *,
         on_commit: Callable[[], None],
         waiting_after: float = WAITING_AFTER,
+        max_statements: int | None = None,
     ) -> None:
         """`on_commit` is called once for each statement that wrote an order
-        (the event feed's wake-up)."""
+        (the event feed's wake-up). `max_statements`: statements of creates
+        at once, waiting or not; by default half the pool's connections.
+        Without a bound, 64 creates in flight on slow commits held up to 15
+        of 16 connections and GetOrder beside them lost a third of its rate
+        (docs/benchmarks.md#createorder-batches)."""
         self._db = db
         self._on_commit = on_commit
         self._queue_after = waiting_after
+        self._max_statements = max_statements or max(1, db.pool.get_max_size() // 2)
         self._queue: list[_Queued] = []
         self._working = 0  # statements counted as working (not yet past waiting_after)
+        self._statements = 0  # statements running, working or waiting
+        self._expiry: asyncio.TimerHandle | None = None  # for creates kept out by the bound
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def create(self, call: Call, order: NewOrder) -> asyncpg.Record:
@@ -140,10 +156,10 @@ class CreateBatches:
         the database refused raises its status, as the same error raised
         by a statement of its own would have."""
         self._db.query_timeout(call)  # a call already past its deadline goes no further
-        outcome: asyncio.Future[asyncpg.Record] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(order, call, outcome))
-        if self._working < IN_FLIGHT:
-            self._start()
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[asyncpg.Record] = loop.create_future()
+        self._queue.append(_Queued(order, call, outcome, loop.time()))
+        self._start_or_wait()
         # A cancelled call cancels `outcome`: a batch that has not taken it
         # yet leaves it out.
         row = await outcome
@@ -153,6 +169,33 @@ class CreateBatches:
             assert refusal is not None, f"unmapped SQLSTATE {row['refused']}"
             raise refusal
         return row
+
+    def _start_or_wait(self) -> None:
+        """Starts the next batch if one may start; if the bound keeps it
+        out, makes sure the creates waiting are failed once they have
+        waited as long as a pooled connection is waited for."""
+        if self._working < IN_FLIGHT and self._statements < self._max_statements:
+            self._start()
+        elif self._statements >= self._max_statements and self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_at(
+                self._queue[0].since + self._db.acquire_timeout, self._expire
+            )
+
+    def _expire(self) -> None:
+        """Fails the creates that have waited `acquire_timeout`."""
+        self._expiry = None
+        now = asyncio.get_running_loop().time()
+        waiting: list[_Queued] = []
+        for queued in self._queue:
+            if queued.outcome.done():
+                continue
+            if now - queued.since >= self._db.acquire_timeout:
+                queued.outcome.set_exception(PoolExhausted(self._db.acquire_timeout))
+            else:
+                waiting.append(queued)
+        self._queue = waiting
+        if waiting:
+            self._start_or_wait()
 
     def _start(self) -> None:
         """Starts a statement with the oldest creates still waiting (the
@@ -164,6 +207,7 @@ class CreateBatches:
         if not batch:
             return
         self._working += 1
+        self._statements += 1
         task = asyncio.get_running_loop().create_task(self._write(batch))
         self._tasks.add(task)  # asyncio keeps only weak references to tasks
         task.add_done_callback(self._tasks.discard)
@@ -193,16 +237,17 @@ class CreateBatches:
                     queued.outcome.set_result(row)
         finally:
             past_work.cancel()
+            self._statements -= 1
             self._done(statement)
 
     def _done(self, statement: _Statement) -> None:
-        """`statement` ended, or is waiting: it no longer counts against the
-        limit, and the next batch may start."""
+        """`statement` ended, or is waiting: it no longer counts as
+        working, and the next batch may start."""
         if statement.counted:
             statement.counted = False
             self._working -= 1
-        if self._queue and self._working < IN_FLIGHT:
-            self._start()
+        if self._queue:
+            self._start_or_wait()
 
 
 def _columns(batch: list[_Queued]) -> tuple[list[Any], ...]:
