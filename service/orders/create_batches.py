@@ -143,7 +143,7 @@ class CreateBatches:
         again as long (docs/benchmarks.md#createorder-batches)."""
         self._db = db
         self._on_commit = on_commit
-        self._queue_after = waiting_after
+        self._waiting_after = waiting_after
         self._max_statements = max_statements or max(1, db.pool.get_max_size() // 2)
         self._queue: list[_Queued] = []
         self._working = 0  # statements counted as working (not yet past waiting_after)
@@ -185,13 +185,14 @@ class CreateBatches:
     def _expire(self) -> None:
         """Fails the creates that have waited `acquire_timeout`."""
         self._expiry = None
-        now = asyncio.get_running_loop().time()
+        limit = self._db.acquire_timeout
+        cutoff = asyncio.get_running_loop().time() - limit  # queued by then: waited enough
         waiting: list[_Queued] = []
         for queued in self._queue:
             if queued.outcome.done():
                 continue
-            if now - queued.since >= self._db.acquire_timeout:
-                queued.outcome.set_exception(PoolExhausted(self._db.acquire_timeout))
+            if queued.since <= cutoff:
+                queued.outcome.set_exception(PoolExhausted(limit))
             else:
                 waiting.append(queued)
         self._queue = waiting
@@ -215,7 +216,9 @@ class CreateBatches:
 
     async def _write(self, batch: list[_Queued]) -> None:
         statement = _Statement()
-        past_work = asyncio.get_running_loop().call_later(self._queue_after, self._done, statement)
+        past_work = asyncio.get_running_loop().call_later(
+            self._waiting_after, self._done, statement
+        )
         try:
             rows = await self._db.fetch(
                 _Batch([q.call for q in batch]), sql.CREATE_ORDERS, *_columns(batch)
