@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -44,11 +45,13 @@ from service.events.service import EventService
 from service.events.tail import Tail
 from service.ops.memory import trim_memory_forever
 from service.ops.metrics import Metrics, MetricsEndpoint
+from service.ops.ports import check_port_free
 from service.ops.reloading import Reloader, WatchedFiles
 from service.ops.tracing import Tracing
 from service.orders.page_token import PageTokens
 from service.orders.service import OrderService
 from service.rpc import registry
+from service.rpc.acceptors import Acceptors
 from service.rpc.auth import SCOPES, TokenAuth, Tokens, read_tokens_file
 from service.rpc.cert_identities import CertificateIdentities, read_identities_file
 from service.rpc.exposure import check_exposure
@@ -87,7 +90,7 @@ class App:
 
     settings: Settings
     pool: asyncpg.Pool
-    server: grpc.aio.Server
+    servers: Acceptors
     port: int
     health: DatabaseHealth
     health_task: asyncio.Task[None]
@@ -160,16 +163,24 @@ class App:
         tokens = _watched_tokens(settings)
         identities = _watched_identities(settings)
         certificate, credentials = _listener_credentials(settings)
-        options = _server_options(settings, reuse_port)
-        server = grpc.aio.server(
-            options=options,
-            interceptors=_interceptors(tokens, metrics, identities),
-            # The service's own calls are bounded, with details and counted,
-            # by the Observer; gRPC's own bound (no details, no hook to count
-            # it) is a backstop for health and reflection calls on top.
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs
-            + settings.max_health_watches
-            + BACKSTOP_CALLS,
+        sharing = reuse_port or settings.acceptors > 1
+        if sharing and not reuse_port:
+            check_port_free(settings.host, settings.port)
+        options = _server_options(settings, sharing)
+        interceptors = _interceptors(tokens, metrics, identities)
+        servers = Acceptors(
+            settings.acceptors,
+            lambda: grpc.aio.server(
+                options=options,
+                interceptors=interceptors,
+                # The service's own calls are bounded, with details and
+                # counted, by the Observer, across acceptors; gRPC's own
+                # bound (no details, no hook to count it, per acceptor) is a
+                # backstop for health and reflection calls on top.
+                maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+                + settings.max_health_watches
+                + BACKSTOP_CALLS,
+            ),
         )
         db = Database(
             pool,
@@ -217,26 +228,34 @@ class App:
         )
         # Not the generated add_*Servicer_to_server: a request that does not
         # parse must be INVALID_ARGUMENT, not UNKNOWN (service/rpc/registry.py).
-        for servicer, descriptor in ((orders, ORDER_SERVICE), (events, EVENT_SERVICE)):
-            registry.add_service(
-                server,
-                observer.servicer(servicer, descriptor),
-                descriptor,
-                max_message_bytes=settings.max_message_bytes,
-            )
+        observed = [
+            (observer.servicer(servicer, descriptor), descriptor)
+            for servicer, descriptor in ((orders, ORDER_SERVICE), (events, EVENT_SERVICE))
+        ]
         health_servicer = HealthServicer(settings.max_health_watches, metrics.count_refusal)
         # For liveness probes: SERVING while the process answers at all, so
         # a database outage makes pods unready instead of restarting them.
         await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        if settings.reflection:
-            reflection.enable_server_reflection(
-                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
-        port = _listen(server, settings.host, settings.port, credentials)
+        for server in servers:
+            for servicer, descriptor in observed:
+                registry.add_service(
+                    server, servicer, descriptor, max_message_bytes=settings.max_message_bytes
+                )
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            if settings.reflection:
+                reflection.enable_server_reflection(
+                    (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+                )
+        port = servers.listen(
+            lambda server, port: _listen(
+                server, settings.host, port, credentials() if credentials else None
+            ),
+            settings.port,
+        )
         health_server = health_port = None
         if settings.health_port is not None:
-            health_server = grpc.aio.server(options=options)
+            # One server: health checks are few; shared only by workers.
+            health_server = grpc.aio.server(options=_server_options(settings, reuse_port))
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
             health_port = _listen(health_server, settings.host, settings.health_port, None)
         watched = [files for files in (tokens, identities, certificate) if files is not None]
@@ -251,14 +270,14 @@ class App:
         endpoint = _metrics_endpoint(settings, metrics)
         if tracing is not None:
             tracing.start()
-        await server.start()
+        await servers.start()
         if health_server is not None:
             await health_server.start()
         await feed.start()
         return cls(
             settings=settings,
             pool=pool,
-            server=server,
+            servers=servers,
             port=port,
             health=database_health,
             health_task=asyncio.create_task(database_health.run(), name="database-health"),
@@ -316,9 +335,9 @@ class App:
         grace = self.settings.shutdown_grace if grace is None else grace
         loop = asyncio.get_running_loop()
         ends = loop.time() + grace
-        # Queued before health.stop() wakes the Watch streams, so the server
-        # refuses new calls before any client can see NOT_SERVING.
-        stopping = asyncio.ensure_future(self.server.stop(grace))
+        # Queued before health.stop() wakes the Watch streams, so every
+        # acceptor refuses new calls before any client can see NOT_SERVING.
+        stopping = self.servers.stop(grace)
         await self.health.stop()
         # Follow streams never finish by themselves: end them while it drains.
         await self.feed.close()
@@ -351,8 +370,10 @@ class App:
 
 def _server_options(settings: Settings, reuse_port: bool) -> list[tuple[str, int]]:
     return [
-        # A second server on a taken port must fail, not silently share it;
-        # only sibling workers share on purpose.
+        # A second server on a taken port must fail, not silently share it:
+        # only the process's own acceptors and sibling workers share on
+        # purpose, after making sure no other process holds the port
+        # (service/ops/ports.py).
         ("grpc.so_reuseport", int(reuse_port)),
         # Twice the limit: service/rpc/registry.py refuses what lies between
         # with details; gRPC refuses the rest without reading it.
@@ -466,13 +487,21 @@ def _watched_identities(settings: Settings) -> WatchedFiles[CertificateIdentitie
 
 def _listener_credentials(
     settings: Settings,
-) -> tuple[WatchedFiles[grpc.ServerCertificateConfiguration] | None, grpc.ServerCredentials | None]:
+) -> tuple[
+    WatchedFiles[grpc.ServerCertificateConfiguration] | None,
+    Callable[[], grpc.ServerCredentials] | None,
+]:
     """The listener's certificate, read now and again when it changes, and
-    the credentials that serve it; neither in plain text."""
-    if settings.tls is None:
+    what makes the credentials that serve it; neither in plain text.
+
+    Credentials for each acceptor: each keeps the certificate configuration
+    its fetcher last handed out, so credentials shared by several servers
+    would hand a new certificate to only one of them."""
+    tls = settings.tls
+    if tls is None:
         return None, None
-    certificate = watched_certificate(settings.tls)
-    return certificate, server_credentials(settings.tls, certificate)
+    certificate = watched_certificate(tls)
+    return certificate, lambda: server_credentials(tls, certificate)
 
 
 # Callers by certificate only: a token is never valid.

@@ -157,6 +157,8 @@ class Settings:
     event_loop: str
     log_level: str
     workers: int
+    # grpc.aio servers per process sharing its port (service/rpc/acceptors.py).
+    acceptors: int
     metrics_port: int | None
     health_port: int | None
     tls: ListenerTls | None
@@ -272,6 +274,7 @@ class Settings:
                 "ORDERSTREAM_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")
             ),
             workers=env.integer("ORDERSTREAM_WORKERS", 1, low=1, high=256),
+            acceptors=env.integer("ORDERSTREAM_ACCEPTORS", 32, low=1, high=256),
             metrics_port=env.optional_integer("ORDERSTREAM_METRICS_PORT", low=0, high=65535),
             health_port=env.optional_integer("ORDERSTREAM_HEALTH_PORT", low=0, high=65535),
             tls=tls,

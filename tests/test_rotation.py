@@ -37,6 +37,10 @@ UPLOAD = "/orderstream.events.v1.EventService/UploadEvents"
 # A fresh channel must make a fresh handshake, not reuse a subchannel
 # another channel of this process opened before the rotation.
 OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+# Connections, each its own, that must all meet a rotated certificate: with
+# the default 32 acceptors, a certificate that reached only some of them
+# would be missed by at least one of these.
+NEW_CONNECTIONS = 24
 
 
 def event(subject: str, n: int) -> event_pb2.Event:
@@ -318,6 +322,10 @@ async def test_certificate_rotates_under_calls_in_flight(
             assert old_trust.code == grpc.StatusCode.UNAVAILABLE, old_trust
             async with mtls_channel(port, second, caller) as after:
                 await publish(after, subject, 2)
+            # By every acceptor: the kernel spreads new connections over them.
+            for _ in range(NEW_CONNECTIONS):
+                async with mtls_channel(port, second, caller) as another:
+                    await publish(another, unique("rotation-spread"), 0)
             # The calls in flight on the old connection go on and complete.
             assert await next_payload(follower) == '{"n": 2}'
             release.set()

@@ -12,6 +12,7 @@ import grpc
 
 from devcluster.process import service_process
 from orderstream.orders.v1 import order_service_pb2_grpc
+from tests.support.apps import running_app
 from tests.support.polling import eventually
 from tests.support.processes import backends_of, pool_closed, serve_env
 from tests.support.requests import create_request
@@ -78,6 +79,22 @@ async def test_workers_refuse_a_port_another_process_holds(service_env, login):
             assert await child.exit_code() == 2, child.output
     refused = await child.record(
         "cannot start: cannot listen on 127.0.0.1:" + port + ": " + "Address already in use"
+    )
+    assert refused["level"] == "ERROR"
+    assert not [entry for entry in child.records if entry.get("message") == "serving"]
+
+
+async def test_workers_refuse_a_port_a_running_service_shares(service_env, login):
+    """A running service's acceptors share its port (SO_REUSEPORT); workers
+    that share too must still not join them."""
+    env = serve_env(service_env, login, grace=5, event_loop=None)
+    async with running_app(service_env) as first:
+        assert first.settings.acceptors > 1
+        env["ORDERSTREAM_PORT"] = str(first.port)
+        async with service_process(env, "serve", "--workers", "2") as child:
+            assert await child.exit_code() == 2, child.output
+    refused = await child.record(
+        f"cannot start: cannot listen on 127.0.0.1:{first.port}: Address already in use"
     )
     assert refused["level"] == "ERROR"
     assert not [entry for entry in child.records if entry.get("message") == "serving"]

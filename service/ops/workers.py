@@ -21,6 +21,7 @@ from dataclasses import replace
 from types import FrameType
 
 from service.errors import StartupError
+from service.ops.ports import check_port_free, resolve
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,10 @@ def _term_when_parent_dies(parent: int) -> None:
 def _reserve(host: str, port: int) -> socket.socket:
     """Binds (without listening) a SO_REUSEPORT socket, so that port 0 becomes
     one concrete port every worker can share, and no other process takes it
-    while the workers start. A socket that does not listen gets no connections."""
-    name = host.strip("[]")
-    family, _, _, _, address = socket.getaddrinfo(
-        name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    while the workers start. A socket that does not listen gets no connections.
+    A port another process holds is refused, even one that shares it too."""
+    check_port_free(host, port)
+    family, address = resolve(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:

@@ -1,0 +1,43 @@
+"""Whether a listening port is free, and the address gRPC binds for it.
+
+The gRPC acceptors of a process (service/rpc/acceptors.py) and the workers
+of `--workers` (service/ops/workers.py) share their port through
+SO_REUSEPORT; these keep that sharing to the process's own sockets.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from service.errors import StartupError
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises StartupError when a socket already holds `port`.
+
+    Sockets that share a port through SO_REUSEPORT would silently share it
+    with another process of the same user that does so too (another
+    orderstream started by mistake): a socket without the option cannot
+    bind next to any of them, so binding one first, and closing it, tells
+    a taken port from a free one. It sets SO_REUSEADDR, as gRPC's own
+    sockets do, so that the connections of a process that just stopped
+    (TIME_WAIT) do not count as holding the port. Port 0 is always free."""
+    if port == 0:
+        return
+    family, address = resolve(host, port)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[object, ...]]:
+    """The address family and socket address gRPC binds for `host`:`port`."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return family, address
