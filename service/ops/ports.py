@@ -22,22 +22,24 @@ def check_port_free(host: str, port: int) -> None:
     a taken port from a free one. It sets SO_REUSEADDR, as gRPC's own
     sockets do, so that the connections of a process that just stopped
     (TIME_WAIT) do not count as holding the port. Port 0 is always free."""
-    if port == 0:
-        return
-    family, address = resolve(host, port)
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if port != 0:
+        bound(host, port, socket.SO_REUSEADDR).close()
 
 
-def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[object, ...]]:
-    """The address family and socket address gRPC binds for `host`:`port`."""
+def bound(host: str, port: int, option: int) -> socket.socket:
+    """A socket bound, not listening, to `host`:`port` as gRPC would bind
+    it, with the socket-level `option` set; StartupError when the port is
+    taken."""
     family, _, _, _, address = socket.getaddrinfo(
         host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
-    return family, address
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock

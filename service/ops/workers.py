@@ -20,8 +20,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from types import FrameType
 
-from service.errors import StartupError
-from service.ops.ports import check_port_free, resolve
+from service.ops.ports import bound, check_port_free
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,17 +44,7 @@ def _reserve(host: str, port: int) -> socket.socket:
     while the workers start. A socket that does not listen gets no connections.
     A port another process holds is refused, even one that shares it too."""
     check_port_free(host, port)
-    family, address = resolve(host, port)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock
+    return bound(host, port, socket.SO_REUSEPORT)
 
 
 def run(settings: Settings, count: int, serve: Callable[[Settings], int]) -> int:
