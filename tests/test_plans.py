@@ -151,7 +151,8 @@ def arguments(
     filter_values = selective_filters(now)
     constants: dict[str, list[Any]] = {
         "GET_ORDER": [ROWS // 2],
-        "GET_EVENT": [ROWS // 2],
+        "GET_ORDERS": [[ROWS // 2, ROWS // 3]],
+        "GET_EVENTS": [[ROWS // 2, ROWS // 3]],
         "ORDER_STATE": [ROWS // 2],
         "ORDER_BY_REQUEST_ID": ["no-such-request"],
         "PUBLISH_REQUEST": ["no-such-request"],

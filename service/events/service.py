@@ -9,6 +9,7 @@ import grpc
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from service.db.codecs import unix_micros
+from service.db.point_reads import PointReads
 from service.db.runner import Database
 from service.errors import FieldViolation, ServiceError, event_not_found, invalid_argument
 from service.events import consumers, sql
@@ -80,6 +81,8 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         stays silent while its filter matches nothing; `member_timeout` how long a
         group member unseen stays in its group."""
         self._db = db
+        # GetEvent calls that arrive together share a statement.
+        self._events_by_id = PointReads(db, sql.GET_EVENTS)
         self._streams = streams
         self._followers = followers
         self._timeouts = timeouts
@@ -167,7 +170,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         self, request: event_service_pb2.GetEventRequest, context: grpc.aio.ServicerContext
     ) -> event_pb2.Event:
         require_positive_id("id", request.id)
-        row = await self._db.fetch_by_id(context, sql.GET_EVENT, request.id, event_not_found)
+        row = await self._events_by_id.get(context, request.id, event_not_found)
         return event_from_row(row)
 
     @rpc

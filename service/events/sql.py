@@ -45,9 +45,11 @@ EVENT_COLUMNS = f"""id, type, source, subject, time,
        CASE WHEN payload_bytes <= {MAX_PAYLOAD_BYTES} THEN payload::text END AS payload,
        payload_bytes"""
 
-GET_EVENT = f"""
+# GetEvent: the events of the calls that arrive together, in one statement
+# (service/db/point_reads.py); $1 their ids.
+GET_EVENTS = f"""
 SELECT {EVENT_COLUMNS}
-FROM events WHERE id = $1
+FROM events WHERE id = ANY($1::bigint[])
 """
 
 # See migrations/0002_streaming.sql: every id below the result is final. Run

@@ -9,6 +9,7 @@ import asyncpg
 import grpc
 
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
+from service.db.point_reads import PointReads
 from service.db.routing import ReadRouter, Sent
 from service.db.runner import Database
 from service.errors import (
@@ -79,6 +80,8 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         self._announce = announce
         self._batch_bytes = batch_bytes
         self._creates = CreateBatches(db, on_commit=announce)
+        # GetOrder calls that arrive together share a statement.
+        self._orders_by_id = PointReads(db, sql.GET_ORDERS)
 
     @rpc
     async def CreateOrder(
@@ -130,7 +133,7 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         self, request: order_service_pb2.GetOrderRequest, context: grpc.aio.ServicerContext
     ) -> order_pb2.Order:
         require_positive_id("id", request.id)
-        row = await self._db.fetch_by_id(context, sql.GET_ORDER, request.id, order_not_found)
+        row = await self._orders_by_id.get(context, request.id, order_not_found)
         return order_from_row(row)
 
     @rpc

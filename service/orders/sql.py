@@ -54,6 +54,14 @@ FROM orders o {_ITEMS_OF_O}
 WHERE o.id = $1
 """
 
+# GetOrder: the orders of the calls that arrive together, in one statement
+# (service/db/point_reads.py); $1 their ids.
+GET_ORDERS = f"""
+SELECT {_ORDER_COLUMNS}
+FROM orders o {_ITEMS_OF_O}
+WHERE o.id = ANY($1::bigint[])
+"""
+
 # orders_update_status (migrations/0012_write_functions.sql): $1 id, $2 new
 # status, $3 statuses it may come from, $4 expected version (0: any), $5 the
 # caller's request_id ('' for none) and $6 the body's digest. Locks the row

@@ -1,0 +1,131 @@
+"""Point reads by id, coalesced: calls that arrive while a read is under
+way share the next statement (`WHERE id = ANY($1)`).
+
+Why: on this service a database round trip costs the event loop far more
+than the SQL it carries (docs/benchmarks.md, "What stands in the way"):
+the TLS writes, the wake-ups and the reads of the reply. Under load, calls
+for single rows arrive faster than one round trip takes, so one statement
+can answer all of them. At most one statement per `PointReads` is in
+flight: a lone call starts its own at once and waits for nothing, and
+calls arriving during it ride the next one, so the batch grows with the
+load by itself. That needs calls to arrive together: with a single
+grpc.aio server they came in one per turn of the loop and batches stayed
+at one call; the process's acceptors (service/rpc/acceptors.py) take them
+in side by side (docs/benchmarks.md#point-reads).
+
+Each call keeps its own deadline (it stops waiting when its deadline
+passes; the statement goes on for the others) and its own cancellation (a
+cancelled call's answer is dropped). The statement runs under the longest
+deadline among the calls it answers, within the usual timeouts; a failure
+of the statement or of the pool fails the calls it was answering, as it
+would have failed each of them alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncpg
+
+from service.db.failures import CallDeadlineReached
+from service.db.runner import Call, Database
+
+# Ids per statement: enough for every call a busy process has in flight,
+# small enough that one statement stays a short index walk.
+MAX_BATCH = 256
+
+
+class _Waiting:
+    __slots__ = ("future", "ident", "until")
+
+    def __init__(
+        self, ident: int, future: asyncio.Future[asyncpg.Record | None], until: float | None
+    ) -> None:
+        self.ident = ident
+        self.future = future
+        self.until = until  # the call's deadline in loop time; None: none
+
+
+class _Deadline:
+    """The batch's `Call`: the latest deadline among its calls."""
+
+    __slots__ = ("_loop", "_until")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, until: float | None) -> None:
+        self._loop = loop
+        self._until = until
+
+    def time_remaining(self) -> float | None:
+        return None if self._until is None else self._until - self._loop.time()
+
+
+class PointReads:
+    """Reads single rows by id through `query`, whose $1 is a bigint[] of
+    ids and whose rows carry their id in the column `id`."""
+
+    def __init__(self, db: Database, query: str) -> None:
+        self._db = db
+        self._query = query
+        self._queue: list[_Waiting] = []
+        self._reading: asyncio.Task[None] | None = None  # the statement under way
+
+    async def get(
+        self, context: Call, ident: int, not_found: Callable[[int], Exception]
+    ) -> asyncpg.Record:
+        """The row with id `ident`; `not_found(ident)` raised if none."""
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise CallDeadlineReached
+        future: asyncio.Future[asyncpg.Record | None] = loop.create_future()
+        until = None if remaining is None else loop.time() + remaining
+        self._queue.append(_Waiting(ident, future, until))
+        if self._reading is None:
+            self._start(loop)
+        if remaining is None:
+            row = await future
+        else:
+            try:
+                row = await asyncio.wait_for(future, remaining)
+            except TimeoutError:
+                raise CallDeadlineReached from None
+        if row is None:
+            raise not_found(ident)
+        return row
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        self._reading = loop.create_task(self._read(batch, loop))
+
+    async def _read(self, batch: list[_Waiting], loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            waiting = [w for w in batch if not w.future.done()]  # left before it began
+            if waiting:
+                await self._answer(waiting, loop)
+        finally:
+            self._reading = None
+            self._queue = [w for w in self._queue if not w.future.done()]
+            if self._queue:
+                self._start(loop)
+
+    async def _answer(self, waiting: list[_Waiting], loop: asyncio.AbstractEventLoop) -> None:
+        deadlines = [w.until for w in waiting]
+        until = None if None in deadlines else max(d for d in deadlines if d is not None)
+        try:
+            rows = await self._db.fetch(
+                _Deadline(loop, until), self._query, list({w.ident for w in waiting})
+            )
+        except asyncio.CancelledError:
+            for w in waiting:  # shutdown: the calls end with it
+                w.future.cancel()
+            raise
+        except Exception as exc:
+            for w in waiting:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+            return
+        by_id = {row["id"]: row for row in rows}
+        for w in waiting:
+            if not w.future.done():
+                w.future.set_result(by_id.get(w.ident))
