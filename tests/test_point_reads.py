@@ -125,15 +125,31 @@ async def test_a_call_whose_deadline_passes_fails_alone(app, orders):
     assert (await patient)["id"] == first
 
 
-async def test_a_call_cancelled_during_its_read_leaves_the_others_answered(app, orders):
-    first, second, third = await some_orders(orders, 3)
-    db = CountingDatabase(app)
-    reads = PointReads(db, SLOW_ORDERS)
+class BehindASlowRead:
+    """Three orders: the first read alone in a slow statement, the other two
+    queued behind it (`kept`, and `cancelled` for the test to cancel)."""
 
-    lone = asyncio.create_task(reads.get(Deadline(None), first, Missing))
-    await asyncio.sleep(0)  # its statement is under way
-    kept = asyncio.create_task(reads.get(Deadline(None), second, Missing))
-    cancelled = asyncio.create_task(reads.get(Deadline(None), third, Missing))
+    def __init__(self, app: App, ids: list[int]) -> None:
+        self.db = CountingDatabase(app)
+        self.reads = PointReads(self.db, SLOW_ORDERS)
+        self.ids = ids
+
+    async def start(self) -> None:
+        first, second, third = self.ids
+        self.lone = asyncio.create_task(self.get(first))
+        await asyncio.sleep(0)  # its statement is under way
+        self.kept = asyncio.create_task(self.get(second))
+        self.cancelled = asyncio.create_task(self.get(third))
+
+    def get(self, ident: int) -> Any:
+        return self.reads.get(Deadline(None), ident, Missing)
+
+
+async def test_a_call_cancelled_during_its_read_leaves_the_others_answered(app, orders):
+    first, second, third = ids = await some_orders(orders, 3)
+    slow = BehindASlowRead(app, ids)
+    await slow.start()
+    lone, kept, cancelled, db, reads = slow.lone, slow.kept, slow.cancelled, slow.db, slow.reads
     await asyncio.sleep(0)
     cancelled.cancel()
 
@@ -162,15 +178,11 @@ async def test_a_missing_id_fails_only_its_own_call(app, orders):
 
 
 async def test_a_call_cancelled_while_its_statement_runs_leaves_its_batch_answered(app, orders):
-    first, second, third = await some_orders(orders, 3)
-    db = CountingDatabase(app)
-    reads = PointReads(db, SLOW_ORDERS)
-
-    lone = asyncio.create_task(reads.get(Deadline(None), first, Missing))
-    await asyncio.sleep(0)  # its statement is under way
-    kept = asyncio.create_task(reads.get(Deadline(None), second, Missing))
-    cancelled = asyncio.create_task(reads.get(Deadline(None), third, Missing))
-    assert (await lone)["id"] == first
+    first, second, third = ids = await some_orders(orders, 3)
+    slow = BehindASlowRead(app, ids)
+    await slow.start()
+    kept, cancelled, db = slow.kept, slow.cancelled, slow.db
+    assert (await slow.lone)["id"] == first
 
     async def shared_statement_running() -> bool:
         return db.statements == [[first], sorted([second, third])]
