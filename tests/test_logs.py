@@ -21,6 +21,8 @@ from tests.support.status import rpc_error
 GET_ORDER = "/orderstream.orders.v1.OrderService/GetOrder"
 CREATE_ORDER = "/orderstream.orders.v1.OrderService/CreateOrder"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+# Printable, so logged; with what JSON must escape.
+CALLERS_REQUEST_ID = 'req "from" \\caller\\ 1'  # metadata is ASCII
 
 
 def rpc_lines(records: list[dict]) -> list[dict]:
@@ -36,7 +38,7 @@ async def test_one_json_line_per_rpc_with_request_id_and_no_secrets(service_env,
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             orders = order_service_pb2_grpc.OrderServiceStub(channel)
             order = await orders.CreateOrder(
-                create_request(), metadata=(("x-request-id", "req-from-caller-1"),)
+                create_request(), metadata=(("x-request-id", CALLERS_REQUEST_ID),)
             )
             missing = await rpc_error(
                 orders.GetOrder(order_service_pb2.GetOrderRequest(id=order.id + 10**9))
@@ -46,7 +48,7 @@ async def test_one_json_line_per_rpc_with_request_id_and_no_secrets(service_env,
         assert await child.exit_code() == 0, child.output
 
     create, get = rpc_lines(child.records)
-    assert create["request_id"] == "req-from-caller-1"
+    assert create["request_id"] == CALLERS_REQUEST_ID
     assert (create["method"], create["code"], create["level"]) == (CREATE_ORDER, "OK", "INFO")
     assert 0 < create["duration_ms"] < 5000
     assert (get["method"], get["code"]) == (GET_ORDER, "NOT_FOUND")
