@@ -14,14 +14,11 @@ import pytest
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
 from service.settings import Settings
 from tests.support.apps import running_app
-from tests.support.requests import create_request
+from tests.support.connections import create_on_own_connection, own_channel
 from tests.support.status import rpc_error
 
 ACCEPTORS = 4
 CONNECTIONS = 24  # each its own: the kernel spreads them over the acceptors
-# A fresh channel must open its own connection, not share one with another
-# channel of this process.
-OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp{,6}
 NO_SUCH_ORDER = 2**62
 
@@ -35,18 +32,6 @@ def listening_sockets(port: int) -> int:
             if state == _LISTEN and int(local.rsplit(":", 1)[1], 16) == port:
                 count += 1
     return count
-
-
-def channel(port: int) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OWN_CONNECTION)
-
-
-async def create_on_own_connection(port: int) -> int:
-    async with channel(port) as own:
-        order = await order_service_pb2_grpc.OrderServiceStub(own).CreateOrder(
-            create_request(), timeout=10
-        )
-    return int(order.id)
 
 
 async def test_every_acceptor_listens_on_the_one_port_and_serves(service_env):
@@ -71,7 +56,7 @@ async def test_the_call_limit_is_the_process_not_each_acceptor(service_env, admi
         ) as app,
         admin_db.acquire() as holder,
     ):
-        channels = [channel(app.port) for _ in range(CONNECTIONS)]
+        channels = [own_channel(app.port) for _ in range(CONNECTIONS)]
         try:
             async with holder.transaction():
                 # Every GetOrder that gets in waits on this lock, in progress.

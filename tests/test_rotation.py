@@ -25,6 +25,7 @@ from devcluster.process import ServiceProcess, service_process
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_service_pb2_grpc
 from tests.support.client_identity import ClientIdentity, client_identity
+from tests.support.connections import OWN_CONNECTION
 from tests.support.processes import serve_env
 from tests.support.requests import create_request, unique
 from tests.support.secret_volume import SecretVolume
@@ -34,9 +35,6 @@ from tests.support.tokens import bearer, digest
 PUBLISH = "/orderstream.events.v1.EventService/PublishEvents"
 STREAM = "/orderstream.events.v1.EventService/StreamEvents"
 UPLOAD = "/orderstream.events.v1.EventService/UploadEvents"
-# A fresh channel must make a fresh handshake, not reuse a subchannel
-# another channel of this process opened before the rotation.
-OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 # Connections, each its own, that must all meet a rotated certificate: with
 # the default 32 acceptors, a certificate that reached only some of them
 # would be missed by at least one of these.

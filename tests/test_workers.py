@@ -8,14 +8,11 @@ import asyncio
 import signal
 import socket
 
-import grpc
-
 from devcluster.process import service_process
-from orderstream.orders.v1 import order_service_pb2_grpc
 from tests.support.apps import running_app
+from tests.support.connections import create_on_own_connection
 from tests.support.polling import eventually
 from tests.support.processes import backends_of, pool_closed, serve_env
-from tests.support.requests import create_request
 
 CALLS = 24  # each on its own connection; the kernel hashes them over the workers
 
@@ -40,14 +37,7 @@ async def test_workers_share_the_port_and_drain_on_sigterm(service_env, login, a
         # The probe port is shared the same way.
         assert len({entry["health_port"] for entry in serving()}) == 1
 
-        async def create_on_new_connection() -> None:
-            # A local subchannel pool: a TCP connection of its own per channel.
-            options = [("grpc.use_local_subchannel_pool", 1)]
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-                stub = order_service_pb2_grpc.OrderServiceStub(channel)
-                await stub.CreateOrder(create_request(), timeout=10)
-
-        await asyncio.gather(*(create_on_new_connection() for _ in range(CALLS)))
+        await asyncio.gather(*(create_on_own_connection(port) for _ in range(CALLS)))
 
         def rpc_lines() -> list[dict]:
             return [entry for entry in child.records if entry.get("message") == "rpc"]

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from service.db.batches import LongestDeadline, fail
 from service.db.failures import CallDeadlineReached
 from service.db.runner import Call, Database
 
@@ -37,27 +38,14 @@ MAX_BATCH = 256
 
 
 class _Waiting:
-    __slots__ = ("future", "ident", "until")
+    __slots__ = ("call", "future", "ident")
 
     def __init__(
-        self, ident: int, future: asyncio.Future[asyncpg.Record | None], until: float | None
+        self, ident: int, call: Call, future: asyncio.Future[asyncpg.Record | None]
     ) -> None:
         self.ident = ident
+        self.call = call
         self.future = future
-        self.until = until  # the call's deadline in loop time; None: none
-
-
-class _Deadline:
-    """The batch's `Call`: the latest deadline among its calls."""
-
-    __slots__ = ("_loop", "_until")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, until: float | None) -> None:
-        self._loop = loop
-        self._until = until
-
-    def time_remaining(self) -> float | None:
-        return None if self._until is None else self._until - self._loop.time()
 
 
 class PointReads:
@@ -79,8 +67,7 @@ class PointReads:
         if remaining is not None and remaining <= 0:
             raise CallDeadlineReached
         future: asyncio.Future[asyncpg.Record | None] = loop.create_future()
-        until = None if remaining is None else loop.time() + remaining
-        self._queue.append(_Waiting(ident, future, until))
+        self._queue.append(_Waiting(ident, context, future))
         if self._reading is None:
             self._start(loop)
         if remaining is None:
@@ -102,28 +89,24 @@ class PointReads:
         try:
             waiting = [w for w in batch if not w.future.done()]  # left before it began
             if waiting:
-                await self._answer(waiting, loop)
+                await self._answer(waiting)
         finally:
             self._reading = None
             self._queue = [w for w in self._queue if not w.future.done()]
             if self._queue:
                 self._start(loop)
 
-    async def _answer(self, waiting: list[_Waiting], loop: asyncio.AbstractEventLoop) -> None:
-        deadlines = [w.until for w in waiting]
-        until = None if None in deadlines else max(d for d in deadlines if d is not None)
+    async def _answer(self, waiting: list[_Waiting]) -> None:
         try:
             rows = await self._db.fetch(
-                _Deadline(loop, until), self._query, list({w.ident for w in waiting})
+                LongestDeadline([w.call for w in waiting]),
+                self._query,
+                list({w.ident for w in waiting}),
             )
-        except asyncio.CancelledError:
-            for w in waiting:  # shutdown: the calls end with it
-                w.future.cancel()
-            raise
-        except Exception as exc:
-            for w in waiting:
-                if not w.future.done():
-                    w.future.set_exception(exc)
+        except BaseException as exc:
+            fail((w.future for w in waiting), exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         by_id = {row["id"]: row for row in rows}
         for w in waiting:

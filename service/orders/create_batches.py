@@ -20,9 +20,9 @@ commit cannot take the connections every other call needs; creates beyond
 that wait for the next batch, which grows instead, and one that waits
 longer than a call waits for a pooled connection fails as that call would
 (PoolExhausted: RESOURCE_EXHAUSTED, retryable).
-Point reads gain nothing from this (the service's loop, not the database,
-limits them: docs/benchmarks.md says why the same idea was dropped for
-GetOrder).
+Point reads share statements the same way, for another reason
+(service/db/point_reads.py: there the service's loop is the limit, and a
+round trip is what a read costs it most).
 
 What each call keeps as its own:
 - its outcome: each order runs under its own subtransaction, so one the
@@ -47,6 +47,7 @@ from typing import Any
 
 import asyncpg
 
+from service.db.batches import LongestDeadline, fail
 from service.db.failures import PoolExhausted
 from service.db.runner import Call, Database
 from service.orders import sql
@@ -93,25 +94,6 @@ class _Queued:
     call: Call
     outcome: asyncio.Future[asyncpg.Record]
     since: float  # the loop's time when it was queued
-
-
-class _Batch:
-    """The deadline a batch's statement runs under: the longest of its
-    calls' (none if any call has none)."""
-
-    __slots__ = ("_calls",)
-
-    def __init__(self, calls: list[Call]) -> None:
-        self._calls = calls
-
-    def time_remaining(self) -> float | None:
-        longest = 0.0
-        for call in self._calls:
-            remaining = call.time_remaining()
-            if remaining is None:
-                return None
-            longest = max(longest, remaining)
-        return longest
 
 
 class _Statement:
@@ -221,16 +203,10 @@ class CreateBatches:
         )
         try:
             rows = await self._db.fetch(
-                _Batch([q.call for q in batch]), sql.CREATE_ORDERS, *_columns(batch)
+                LongestDeadline([q.call for q in batch]), sql.CREATE_ORDERS, *_columns(batch)
             )
         except BaseException as exc:
-            for queued in batch:
-                if queued.outcome.done():
-                    continue
-                if isinstance(exc, asyncio.CancelledError):  # the server stopping
-                    queued.outcome.cancel()
-                else:
-                    queued.outcome.set_exception(exc)
+            fail((q.outcome for q in batch), exc)
             if not isinstance(exc, Exception):
                 raise
         else:
