@@ -21,7 +21,12 @@ def check_port_free(host: str, port: int) -> None:
     bind next to any of them, so binding one first, and closing it, tells
     a taken port from a free one. It sets SO_REUSEADDR, as gRPC's own
     sockets do, so that the connections of a process that just stopped
-    (TIME_WAIT) do not count as holding the port. Port 0 is always free."""
+    (TIME_WAIT) do not count as holding the port. Port 0 is always free.
+
+    What it leaves open: a process that shares the port too and binds it in
+    the moment between this check and the first acceptor's bind. Two
+    services started by mistake within that moment on one port is the one
+    case that still shares it silently."""
     if port != 0:
         bound(host, port, socket.SO_REUSEADDR).close()
 
