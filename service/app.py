@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from orderstream.events.v1 import event_service_pb2
 from orderstream.orders.v1 import order_service_pb2
@@ -237,14 +237,20 @@ class App:
         # a database outage makes pods unready instead of restarting them.
         await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         for server in servers:
+            generic = registry.GenericOnly(server)
             for servicer, descriptor in observed:
                 registry.add_service(
-                    server, servicer, descriptor, max_message_bytes=settings.max_message_bytes
+                    generic, servicer, descriptor, max_message_bytes=settings.max_message_bytes
                 )
-            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, generic)
             if settings.reflection:
-                reflection.enable_server_reflection(
-                    (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+                # What reflection.enable_server_reflection does for a grpc.aio
+                # server, which it recognises by type (GenericOnly is not one).
+                reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                    reflection.aio.ReflectionServicer(
+                        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+                    ),
+                    generic,
                 )
         port = servers.listen(
             lambda server, port: _listen(

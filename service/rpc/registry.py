@@ -99,10 +99,15 @@ HANDLER_KINDS = {
 
 
 def add_service(
-    server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor, *, max_message_bytes: int
+    server: grpc.aio.Server | GenericOnly,
+    servicer: Any,
+    service: ServiceDescriptor,
+    *,
+    max_message_bytes: int,
 ) -> None:
     """Registers `servicer`'s methods of `service`, as the generated
-    add_*Servicer_to_server would, but with tolerant deserializers."""
+    add_*Servicer_to_server would, but with tolerant deserializers and
+    generic handlers only (`GenericOnly`)."""
     handlers = {}
     for method in service.methods:
         behavior = getattr(servicer, method.name)
@@ -119,4 +124,32 @@ def add_service(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
-    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+class GenericOnly:
+    """Stands in for a grpc.aio server when registering handlers, so that
+    every method is served through the generic handlers only.
+
+    A grpc.aio server (grpcio 1.85) keeps one request with gRPC core open
+    for every registered method, plus one for the rest, and after each call
+    that arrives it waits again on all of them (`asyncio.wait`, a callback
+    added to and removed from each). With the 18 methods served here
+    (orders, events, health, reflection) that is 19 requests, and the wait
+    took about 7% of the event loop under GetOrder load. Served
+    generically, each acceptor keeps a single request open; a call's
+    handler is then found by one dict lookup per service
+    (docs/benchmarks.md#generic-handlers). gRPC orders no concurrent calls
+    either way, so nothing a caller may rely on changes.
+
+    The generated add_*Servicer_to_server functions register both ways;
+    this keeps only the generic half.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, handlers: Any) -> None:
+        """Left out on purpose (see the class)."""
