@@ -1,8 +1,9 @@
 """service/orders/wire.c against the protobuf runtime: for any order rows, the
 C encoder must write exactly the bytes protobuf serialises for the
 ListOrdersResponse (and, in messages bounded in bytes, the
-ExportOrdersResponses) built from order_from_row's messages, and refuse
-rows it cannot encode with an error instead of a wrong message."""
+ExportOrdersResponses) built from order_from_row's messages, and for one
+such message alone (GetOrder's), and refuse rows it cannot encode with an
+error instead of a wrong message."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orderstream.orders.v1 import order_service_pb2
+from orderstream.orders.v1 import order_pb2, order_service_pb2
 from service.orders.convert import STATUS_VALUES, order_from_row
-from service.orders.wire import encode_orders, encode_page
+from service.orders.wire import encode_order, encode_orders, encode_page
 from tests.support.packing import messages_of
 
 # google.protobuf.Timestamp's range, 0001-01-01 to 9999-12-31, in microseconds.
@@ -82,6 +83,12 @@ def test_bytes_are_what_protobuf_writes(rows, data, token):
     assert encode_page(rows, count, STATUS_VALUES, token) == protobuf_bytes(rows, count, token)
 
 
+@settings(derandomize=True, max_examples=400)
+@given(order_rows())
+def test_one_order_is_what_protobuf_writes_for_it(row):
+    assert encode_order(row, STATUS_VALUES) == order_from_row(Row(row)).SerializeToString()
+
+
 def entry_size(row: tuple) -> int:
     return len(encode_orders([row], 0, 0, 1 << 30, STATUS_VALUES)[0])
 
@@ -147,6 +154,9 @@ def test_an_order_without_items_is_written_without_items():
     assert page.orders[0].id == 1
     assert not page.orders[0].items
     assert page.orders[0].HasField("create_time")
+    order = order_pb2.Order.FromString(encode_order(row, STATUS_VALUES))
+    assert order.id == 1
+    assert not order.items
 
 
 GOOD = (1, "c", "EUR", "PENDING", 0, 1, 0, 0, ["a"], [1], [5])
@@ -176,6 +186,8 @@ def test_rows_it_cannot_encode_are_refused(row, error, says):
         encode_page([GOOD, row], 2, STATUS_VALUES, "")
     with pytest.raises(error, match=says):
         encode_orders([GOOD, row], 0, 0, 1 << 20, STATUS_VALUES)
+    with pytest.raises(error, match=says):
+        encode_order(row, STATUS_VALUES)
 
 
 def test_count_must_be_within_the_rows():

@@ -27,7 +27,7 @@ from service.orders.filters import order_filters, window_query
 from service.orders.imports import import_orders
 from service.orders.page_token import InvalidPageToken, PageTokens
 from service.orders.rules import body_digest, checked_create, item_columns
-from service.orders.wire import encode_page
+from service.orders.wire import encode_order, encode_page
 from service.rpc.boundary import rpc
 from service.rpc.encoded import Encoded
 from service.rpc.request_keys import body_digest as request_digest
@@ -129,12 +129,12 @@ class OrderService(order_service_pb2_grpc.OrderServiceServicer):
         return order_from_row(row)
 
     @rpc
-    async def GetOrder(
+    async def GetOrder(  # type: ignore[override]  # returns the order's bytes
         self, request: order_service_pb2.GetOrderRequest, context: grpc.aio.ServicerContext
-    ) -> order_pb2.Order:
+    ) -> Encoded:
         require_positive_id("id", request.id)
         row = await self._orders_by_id.get(context, request.id, order_not_found)
-        return order_from_row(row)
+        return Encoded(encode_order(row, STATUS_VALUES), 1)
 
     @rpc
     async def ListOrders(  # type: ignore[override]  # returns the response's bytes

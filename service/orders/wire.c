@@ -1,6 +1,6 @@
 /*
- * ListOrders' pages and ExportOrders' messages in C: order rows straight to
- * wire bytes.
+ * ListOrders' pages, ExportOrders' messages and GetOrder's order in C: order
+ * rows straight to wire bytes.
  *
  * Building a page of 50 orders through the protobuf Python API (an Order,
  * its LineItems and two Timestamps per row) and serialising it took about
@@ -31,9 +31,14 @@
  *   ExportOrdersResponse. `next` is the index of the first row not encoded
  *   (len(rows) when all were); with next < len(rows) the message is full.
  *
+ * encode_order(row, statuses) -> bytes
+ *
+ *   One such row as an Order message by itself: GetOrder's response.
+ *
  * Byte-identical to what the protobuf runtime serialises for a
- * ListOrdersResponse of service/orders/convert.py's order_from_row messages
- * (tests/test_order_wire.py holds it to that): fields in number order,
+ * ListOrdersResponse of service/orders/convert.py's order_from_row messages,
+ * and for one such message alone (tests/test_order_wire.py holds it to
+ * that): fields in number order,
  * proto3 scalars omitted at zero, both Timestamps always present.
  */
 
@@ -179,9 +184,8 @@ static int read_order(PyObject *row, PyObject *statuses, Buffer *items, Order *o
     return 0;
 }
 
-static void put_order(Buffer *buffer, const Order *order, const Item *items) {
-    char *out = buffer->data + buffer->size;
-    out = put_len(out, TAG(RESPONSE_ORDERS, WIRE_LEN), order->size);
+/* The Order's body: what an `orders` entry holds, and GetOrder's response. */
+static char *put_order_body(char *out, const Order *order, const Item *items) {
     out = put_int64_field(out, TAG(ORDER_ID, WIRE_VARINT), order->id);
     out = put_text_field(out, TAG(ORDER_CUSTOMER_ID, WIRE_LEN), order->customer_id);
     out = put_text_field(out, TAG(ORDER_CURRENCY, WIRE_LEN), order->currency);
@@ -196,7 +200,13 @@ static void put_order(Buffer *buffer, const Order *order, const Item *items) {
     out = put_int64_field(out, TAG(ORDER_TOTAL_CENTS, WIRE_VARINT), order->total_cents);
     out = put_int64_field(out, TAG(ORDER_VERSION, WIRE_VARINT), order->version);
     out = put_stamp_field(out, TAG(ORDER_CREATE_TIME, WIRE_LEN), order->create_time);
-    out = put_stamp_field(out, TAG(ORDER_UPDATE_TIME, WIRE_LEN), order->update_time);
+    return put_stamp_field(out, TAG(ORDER_UPDATE_TIME, WIRE_LEN), order->update_time);
+}
+
+static void put_order(Buffer *buffer, const Order *order, const Item *items) {
+    char *out = buffer->data + buffer->size;
+    out = put_len(out, TAG(RESPONSE_ORDERS, WIRE_LEN), order->size);
+    out = put_order_body(out, order, items);
     buffer->size = (size_t)(out - buffer->data);
 }
 
@@ -314,7 +324,36 @@ static PyObject *encode_orders(PyObject *Py_UNUSED(module), PyObject *args) {
     return result;
 }
 
+static PyObject *encode_order(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *row, *statuses;
+    if (!PyArg_ParseTuple(args, "OO!:encode_order", &row, &PyDict_Type, &statuses)) {
+        return NULL;
+    }
+    Buffer items = {NULL, 0, 0};
+    Order order;
+    PyObject *keep[TEXT_COLUMNS] = {NULL, NULL, NULL};
+    PyObject *arrays[ARRAY_COLUMNS] = {NULL, NULL, NULL};
+    PyObject *encoded = NULL;
+    if (!read_order(row, statuses, &items, &order, keep, arrays)) {
+        encoded = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)order.size);
+        if (encoded != NULL) {
+            put_order_body(PyBytes_AS_STRING(encoded), &order, (const Item *)items.data);
+        }
+    }
+    for (int i = 0; i < TEXT_COLUMNS; i++) {
+        Py_XDECREF(keep[i]);
+    }
+    for (int i = 0; i < ARRAY_COLUMNS; i++) {
+        Py_XDECREF(arrays[i]);
+    }
+    PyMem_Free(items.data);
+    return encoded;
+}
+
 static PyMethodDef methods[] = {
+    {"encode_order", encode_order, METH_VARARGS,
+     "encode_order(row, statuses) -> bytes\n\n"
+     "One row as an Order message (GetOrder's response)."},
     {"encode_page", encode_page, METH_VARARGS,
      "encode_page(rows, count, statuses, next_page_token) -> bytes\n\n"
      "The ListOrdersResponse holding rows[:count] as its orders (each row's\n"
@@ -329,7 +368,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "service.orders.wire",
-    .m_doc = "Order rows to ListOrders and ExportOrders wire bytes (see wire.c).",
+    .m_doc = "Order rows to ListOrders, ExportOrders and GetOrder wire bytes (see wire.c).",
     .m_size = 0,
     .m_methods = methods,
 };

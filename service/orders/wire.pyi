@@ -2,6 +2,7 @@
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+def encode_order(row: Sequence[Any], statuses: Mapping[str, int]) -> bytes: ...
 def encode_page(
     rows: Sequence[Sequence[Any]], count: int, statuses: Mapping[str, int], next_page_token: str
 ) -> bytes: ...

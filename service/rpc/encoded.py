@@ -1,7 +1,7 @@
 """Response messages a handler has already serialised.
 
-StreamEvents and ExportOrders write their rows, and ListOrders returns its
-page, as protobuf wire bytes built in C (service/events/wire.c,
+StreamEvents and ExportOrders write their rows, and ListOrders and GetOrder
+return their page or order, as protobuf wire bytes built in C (service/events/wire.c,
 service/orders/wire.c) rather than as message objects. Their registered
 serializers take an `Encoded` message's bytes as they are; every other
 method keeps protobuf's own serializer, so no other call pays for this.
@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 ENCODED_METHODS = frozenset(
     {
         "orderstream.events.v1.EventService.StreamEvents",
+        "orderstream.orders.v1.OrderService.GetOrder",
         "orderstream.orders.v1.OrderService.ListOrders",
         "orderstream.orders.v1.OrderService.ExportOrders",
     }
