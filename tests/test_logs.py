@@ -5,15 +5,21 @@ their queries only when the OTEL_* variables ask for them."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
+import pytest
 
 from devcluster.process import ServiceProcess, process_env, service_process
 from orderstream.orders.v1 import order_service_pb2, order_service_pb2_grpc
+from service.ops import logs
 from tests.support.polling import eventually
 from tests.support.requests import create_request
 from tests.support.status import rpc_error
@@ -76,6 +82,53 @@ async def test_access_lines_are_written_while_the_process_serves(service_env, mi
     assert [line["request_id"] for line in rpc_lines(child.records)] == [
         f"req-running-{n}" for n in range(3)
     ]
+
+
+@pytest.fixture
+def access_lines(monkeypatch) -> Iterator[io.StringIO]:
+    """Where access lines go, as `logs.configure` would send them, in memory."""
+    stream = io.StringIO()
+    monkeypatch.setattr(logs, "_json_handler", logging.StreamHandler(stream))
+    access_logger = logging.getLogger("service.access")
+    previous = access_logger.level
+    access_logger.setLevel(logging.INFO)  # setLevel, not the attribute: it clears the caches
+    yield stream
+    access_logger.setLevel(previous)
+
+
+async def test_waiting_calls_are_written_at_the_bound_without_waiting_for_the_timer(
+    access_lines,
+):
+    """A call only records its fields; at FLUSH_CALLS waiting calls their
+    lines are built and written at once, in order, each with its own time."""
+    stream = access_lines
+    access = logs.AccessLog()
+    count = logs.AccessLog.FLUSH_CALLS
+    for n in range(count - 1):
+        access.rpc(GET_ORDER, "OK", 0.0012345, f"req-{n}", None)
+    assert stream.getvalue() == ""  # waiting for the timer
+    access.rpc(GET_ORDER, "NOT_FOUND", 0.5, CALLERS_REQUEST_ID, "billing")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["request_id"] for line in lines] == [
+        *(f"req-{n}" for n in range(count - 1)),
+        CALLERS_REQUEST_ID,
+    ]
+    last = lines[-1]
+    assert last.pop("time").endswith("Z")
+    assert last == {
+        "level": "INFO",
+        "logger": "service.access",
+        "message": "rpc",
+        "pid": os.getpid(),
+        "request_id": CALLERS_REQUEST_ID,
+        "method": GET_ORDER,
+        "code": "NOT_FOUND",
+        "duration_ms": 500.0,
+        "caller": "billing",
+    }
+    assert lines[0]["duration_ms"] == 1.234  # rounded to the microsecond
+    access.flush()  # nothing left: the timer was cancelled with the flush
+    assert len(stream.getvalue().splitlines()) == count
 
 
 async def _logged(child: ServiceProcess, count: int) -> bool:

@@ -67,25 +67,27 @@ class AccessLog:
     Through logging that line cost more than a database point read (about
     80 µs of server CPU per GetOrder on the benchmark machine: the caller's
     frame looked up, a LogRecord, a lock and a write system call per line).
-    Here it is built directly, and lines leave together: every
-    `FLUSH_INTERVAL` (50 ms), or as soon as `FLUSH_BYTES` (64 KiB) wait, or
-    at `flush` (the server's stop calls it). One write per event-loop turn
-    still cost GetOrder about 12% of its calls a second at 16 in flight
-    (docs/benchmarks.md): at one call per turn that is a write per call,
-    each waking whoever reads the log. So an access line may reach the log
-    up to 50 ms after the lines other loggers wrote meanwhile; each carries
-    its own time. Without `configure` (the service embedded, as in the
-    tests) it goes through logging, at once.
+    Here a call only records its fields; the lines are built and written
+    together: every `FLUSH_INTERVAL` (50 ms), or as soon as `FLUSH_CALLS`
+    (512) wait, or at `flush` (the server's stop calls it). Building each
+    line in the call, even with the write deferred, still cost GetOrder
+    11-13% of its calls a second against building them at the flush
+    (docs/benchmarks.md#the-access-line). So an access line may reach the
+    log up to 50 ms after the lines other loggers wrote meanwhile; each
+    carries the time its call ended. Without `configure` (the service
+    embedded, as in the tests) it goes through logging, at once.
     """
 
     FLUSH_INTERVAL = 0.05
-    FLUSH_BYTES = 64 * 1024
+    # At most this many calls wait: a bound on memory (a caller's request
+    # id is at most 128 characters) and on how long one flush holds the loop.
+    FLUSH_CALLS = 512
 
     def __init__(self) -> None:
         self._logger = logging.getLogger("service.access")
         self._pid = os.getpid()
-        self._pending: list[str] = []
-        self._pending_bytes = 0
+        # (time, method, code, seconds, request id, caller) of each call
+        self._pending: list[tuple[float, str, str, float, str | None, str | None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
@@ -97,41 +99,48 @@ class AccessLog:
         None for an anonymous call."""
         if not self._logger.isEnabledFor(logging.INFO):
             return
-        duration_ms = round(seconds * 1000, 3)
-        handler = _json_handler
-        if handler is None:
+        if _json_handler is None:
             self._logger.info(
                 "rpc",
                 extra={
                     "method": method,
                     "code": code,
-                    "duration_ms": duration_ms,
+                    "duration_ms": round(seconds * 1000, 3),
                     "caller": caller,
                 },
             )
             return
-        entry = {
-            "time": self._time(),
-            "level": "INFO",
-            "logger": "service.access",
-            "message": "rpc",
-            "pid": self._pid,
-            "request_id": request,
-            "method": method,
-            "code": code,
-            "duration_ms": duration_ms,
-            "caller": caller,
-        }
-        line = json.dumps(entry)
-        self._pending.append(line)
-        self._pending_bytes += len(line) + 1
-        if self._pending_bytes >= self.FLUSH_BYTES:
+        self._pending.append((time.time(), method, code, seconds, request, caller))
+        if len(self._pending) >= self.FLUSH_CALLS:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.FLUSH_INTERVAL, self.flush)
 
-    def _time(self) -> str:
-        now = time.time()
+    def _line(
+        self,
+        now: float,
+        method: str,
+        code: str,
+        seconds: float,
+        request: str | None,
+        caller: str | None,
+    ) -> str:
+        return json.dumps(
+            {
+                "time": self._time(now),
+                "level": "INFO",
+                "logger": "service.access",
+                "message": "rpc",
+                "pid": self._pid,
+                "request_id": request,
+                "method": method,
+                "code": code,
+                "duration_ms": round(seconds * 1000, 3),
+                "caller": caller,
+            }
+        )
+
+    def _time(self, now: float) -> str:
         whole = int(now)
         if whole != self._second:
             self._second = whole
@@ -139,14 +148,15 @@ class AccessLog:
         return f"{self._stamp}.{int((now - whole) * 1000):03d}Z"
 
     def flush(self) -> None:
-        """Writes every line still waiting."""
+        """Writes a line for every call still waiting."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         handler = _json_handler
         if not self._pending or handler is None:
             return
-        lines, self._pending, self._pending_bytes = self._pending, [], 0
+        calls, self._pending = self._pending, []
+        text = "\n".join([self._line(*call) for call in calls]) + "\n"
         with handler.lock:  # type: ignore[union-attr]
-            handler.stream.write("\n".join(lines) + "\n")
+            handler.stream.write(text)
             handler.flush()
