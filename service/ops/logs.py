@@ -70,9 +70,9 @@ class AccessLog:
     Here a call only records its fields; the lines are built and written
     together: every `FLUSH_INTERVAL` (50 ms), or as soon as `FLUSH_CALLS`
     (512) wait, or at `flush` (the server's stop calls it). Building each
-    line in the call, even with the write deferred, still cost GetOrder
-    11-13% of its calls a second against building them at the flush
-    (docs/benchmarks.md#the-access-line). So an access line may reach the
+    line in the call, even with the write deferred, cost GetOrder 10-12%
+    of its calls a second at 16 in flight against building them at the
+    flush (docs/benchmarks.md#the-access-line). So an access line may reach the
     log up to 50 ms after the lines other loggers wrote meanwhile; each
     carries the time its call ended. Without `configure` (the service
     embedded, as in the tests) it goes through logging, at once.
