@@ -184,6 +184,16 @@ static int read_order(PyObject *row, PyObject *statuses, Buffer *items, Order *o
     return 0;
 }
 
+/* Drops what read_order kept alive for the order's bytes. */
+static void release_order(PyObject *keep[TEXT_COLUMNS], PyObject *arrays[ARRAY_COLUMNS]) {
+    for (int i = 0; i < TEXT_COLUMNS; i++) {
+        Py_XDECREF(keep[i]);
+    }
+    for (int i = 0; i < ARRAY_COLUMNS; i++) {
+        Py_XDECREF(arrays[i]);
+    }
+}
+
 /* The Order's body: what an `orders` entry holds, and GetOrder's response. */
 static char *put_order_body(char *out, const Order *order, const Item *items) {
     out = put_int64_field(out, TAG(ORDER_ID, WIRE_VARINT), order->id);
@@ -233,12 +243,7 @@ static int encode_row(PyObject *rows, Py_ssize_t index, PyObject *statuses, Buff
             put_order(buffer, &order, (const Item *)items->data);
         }
     }
-    for (int i = 0; i < TEXT_COLUMNS; i++) {
-        Py_XDECREF(keep[i]);
-    }
-    for (int i = 0; i < ARRAY_COLUMNS; i++) {
-        Py_XDECREF(arrays[i]);
-    }
+    release_order(keep, arrays);
     Py_DECREF(row);
     return outcome;
 }
@@ -340,12 +345,7 @@ static PyObject *encode_order(PyObject *Py_UNUSED(module), PyObject *args) {
             put_order_body(PyBytes_AS_STRING(encoded), &order, (const Item *)items.data);
         }
     }
-    for (int i = 0; i < TEXT_COLUMNS; i++) {
-        Py_XDECREF(keep[i]);
-    }
-    for (int i = 0; i < ARRAY_COLUMNS; i++) {
-        Py_XDECREF(arrays[i]);
-    }
+    release_order(keep, arrays);
     PyMem_Free(items.data);
     return encoded;
 }
