@@ -44,9 +44,11 @@ class CountingDatabase(Database):
     def __init__(self, app: App) -> None:
         super().__init__(app.pool, acquire_timeout=5, command_timeout=10)
         self.statements: list[list[int]] = []
+        self.started = asyncio.Event()  # a statement began
 
     async def fetch(self, context: Any, query: str, *args: Any) -> list[Any]:
         self.statements.append(sorted(args[0]))
+        self.started.set()
         return await super().fetch(context, query, *args)
 
 
@@ -95,17 +97,21 @@ async def test_concurrent_get_event_calls_each_get_their_own_event(events):
     assert [(e.id, e.subject) for e in got] == [(i, f"s/{ids.index(i)}") for i in asked]
 
 
-async def test_calls_arriving_during_a_read_share_the_next_statement(app, orders):
+async def test_calls_arriving_together_share_a_statement_and_later_ones_the_next(app, orders):
     ids = await some_orders(orders, 31)
     db = CountingDatabase(app)
     reads = PointReads(db, sql.GET_ORDERS)
 
-    rows = await asyncio.gather(*(reads.get(Deadline(None), i, Missing) for i in ids))
+    together = asyncio.gather(*(reads.get(Deadline(None), i, Missing) for i in ids[:10]))
+    await db.started.wait()  # their statement is under way
+    later = asyncio.gather(*(reads.get(Deadline(None), i, Missing) for i in ids[10:]))
 
-    assert [row["id"] for row in rows] == ids
-    # The first call found nothing under way and read alone; the other 30
-    # arrived meanwhile and shared the next statement.
-    assert db.statements == [ids[:1], sorted(ids[1:])]
+    assert [row["id"] for row in await together] == ids[:10]
+    assert [row["id"] for row in await later] == ids[10:]
+    # The first ten, taken in in the same turn of the loop, shared the first
+    # statement (it takes its calls when it begins, not when the first call
+    # started it); the 21 that arrived while it ran shared the next.
+    assert db.statements == [sorted(ids[:10]), sorted(ids[10:])]
 
 
 async def test_a_call_whose_deadline_passes_fails_alone(app, orders):

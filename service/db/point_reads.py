@@ -82,11 +82,16 @@ class PointReads:
         return row
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-        self._reading = loop.create_task(self._read(batch, loop))
+        self._reading = loop.create_task(self._read(loop))
 
-    async def _read(self, batch: list[_Waiting], loop: asyncio.AbstractEventLoop) -> None:
+    async def _read(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
+            # The batch is taken when the task first runs, a turn of the loop
+            # after it was started, not when it was started: the calls taken
+            # in during that turn ride along. It made 7-15% more GetOrder calls
+            # a second at 16 in flight (docs/benchmarks.md#point-reads), with
+            # about 8.5 calls a statement instead of 7.
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             waiting = [w for w in batch if not w.future.done()]  # left before it began
             if waiting:
                 await self._answer(waiting)
