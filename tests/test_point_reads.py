@@ -143,7 +143,7 @@ class BehindASlowRead:
     async def start(self) -> None:
         first, second, third = self.ids
         self.lone = asyncio.create_task(self.get(first))
-        await asyncio.sleep(0)  # its statement is under way
+        await self.db.started.wait()  # its statement is under way
         self.kept = asyncio.create_task(self.get(second))
         self.cancelled = asyncio.create_task(self.get(third))
 
