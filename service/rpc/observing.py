@@ -4,7 +4,8 @@ line, Prometheus metrics and, when tracing is on, a span.
 It sits on the hot path of every unary call, so the work per method is done
 once, at registration: the wrapped handler, its metric children and how to
 count its rows; a call only pays for a clock read, a contextvar,
-two metric updates and one log line (see `logs.AccessLog`).
+two metric updates and the record of its access line, which is built
+later with the others waiting (see `logs.AccessLog`).
 """
 
 from __future__ import annotations
