@@ -439,9 +439,12 @@ def report(results: dict[str, Any], measured: dict[str, float]) -> None:
         f"\nGetOrder, servers, PostgreSQL and h2load on both CPUs ({results['workers_placement']}):"
     )
     for name, points in results["workers"].items():
+        workers = int(name.rpartition("_")[2])
         line = ", ".join(
             f"{p['rps']:,.0f} calls/s at {p['concurrency']} "
-            f"(servers busy {p['rps'] * p['server_cpu_us_per_call'] / 1e6:.2f} CPUs)"
+            f"({p['server_cpu_us_per_call']:,.0f} µs of server CPU a call; servers busy "
+            f"{p['rps'] * p['server_cpu_us_per_call'] / 1e6:.2f} CPUs, "
+            f"{p['rps'] * p['server_cpu_us_per_call'] / 1e6 / workers:.2f} per worker)"
             for p in points
         )
         print(f"  {name:<16}{line}")
