@@ -226,31 +226,36 @@ class App:
             max_calls=settings.max_concurrent_rpcs,
             client_certificates=settings.tls is not None and settings.tls.client_ca is not None,
         )
-        # Not the generated add_*Servicer_to_server: a request that does not
-        # parse must be INVALID_ARGUMENT, not UNKNOWN (service/rpc/registry.py).
-        observed = [
-            (observer.servicer(servicer, descriptor), descriptor)
-            for servicer, descriptor in ((orders, ORDER_SERVICE), (events, EVENT_SERVICE))
-        ]
         health_servicer = HealthServicer(settings.max_health_watches, metrics.count_refusal)
         # For liveness probes: SERVING while the process answers at all, so
         # a database outage makes pods unready instead of restarting them.
         await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        # Not the generated add_*Servicer_to_server: a request that does not
+        # parse must be INVALID_ARGUMENT, not UNKNOWN (service/rpc/registry.py).
+        handlers = tuple(
+            registry.generic_handler(
+                observer.servicer(servicer, descriptor),
+                descriptor,
+                max_message_bytes=settings.max_message_bytes,
+            )
+            for servicer, descriptor in ((orders, ORDER_SERVICE), (events, EVENT_SERVICE))
+        )
+        # What reflection.enable_server_reflection registers for a grpc.aio
+        # server, which it recognises by type (GenericOnly is not one).
+        reflection_servicer = (
+            reflection.aio.ReflectionServicer(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            )
+            if settings.reflection
+            else None
+        )
         for server in servers:
+            server.add_generic_rpc_handlers(handlers)
             generic = registry.GenericOnly(server)
-            for servicer, descriptor in observed:
-                registry.add_service(
-                    generic, servicer, descriptor, max_message_bytes=settings.max_message_bytes
-                )
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, generic)
-            if settings.reflection:
-                # What reflection.enable_server_reflection does for a grpc.aio
-                # server, which it recognises by type (GenericOnly is not one).
+            if reflection_servicer is not None:
                 reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-                    reflection.aio.ReflectionServicer(
-                        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
-                    ),
-                    generic,
+                    reflection_servicer, generic
                 )
         port = servers.listen(
             lambda server, port: _listen(

@@ -1,5 +1,6 @@
-"""Point reads by id, coalesced: calls that arrive while a read is under
-way share the next statement (`WHERE id = ANY($1)`).
+"""Point reads by id, coalesced: calls taken in together share a statement
+(`WHERE id = ANY($1)`), and calls that arrive while it is under way share
+the next.
 
 Why: on this service a database round trip costs the event loop far more
 than the SQL it carries (docs/benchmarks.md, "What stands in the way"):

@@ -2,9 +2,10 @@
 event loop, each accepting calls on its own (ORDERSTREAM_ACCEPTORS).
 
 Why more than one: a grpc.aio server (grpcio 1.85) asks gRPC core for the
-next call of a method only once the loop has run the arrival of the previous
-one, so it takes in at most one new call per method per turn of the loop,
-and each arrival is its own trip from gRPC's completion-queue thread to the
+next call (of each registered method, or, for the generic handlers the
+service uses, of any method) only once the loop has run the arrival of the
+previous one, so it takes in at most one new call per turn of the loop, and
+each arrival is its own trip from gRPC's completion-queue thread to the
 loop. Servers that share the port (SO_REUSEPORT: the kernel spreads new
 connections over their sockets) each have a call request out, so calls
 arriving on different connections are taken in side by side and their

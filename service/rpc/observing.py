@@ -150,7 +150,7 @@ class Observer:
 
     def servicer(self, servicer: Any, service: ServiceDescriptor) -> Any:
         """An object with `servicer`'s methods of `service`, observed, to
-        register (service/rpc/registry.py's add_service)."""
+        register (service/rpc/registry.py's generic_handler)."""
         observed = SimpleNamespace()
         for descriptor in service.methods:
             behavior = getattr(servicer, descriptor.name)

@@ -98,16 +98,12 @@ HANDLER_KINDS = {
 }
 
 
-def add_service(
-    server: grpc.aio.Server | GenericOnly,
-    servicer: Any,
-    service: ServiceDescriptor,
-    *,
-    max_message_bytes: int,
-) -> None:
-    """Registers `servicer`'s methods of `service`, as the generated
-    add_*Servicer_to_server would, but with tolerant deserializers and
-    generic handlers only (`GenericOnly`)."""
+def generic_handler(
+    servicer: Any, service: ServiceDescriptor, *, max_message_bytes: int
+) -> grpc.GenericRpcHandler:
+    """`servicer`'s methods of `service` as one generic handler, with tolerant
+    deserializers, built once and added to every acceptor. Generic only,
+    never registered per method: see `GenericOnly`."""
     handlers = {}
     for method in service.methods:
         behavior = getattr(servicer, method.name)
@@ -121,14 +117,13 @@ def add_service(
                 method, message_factory.GetMessageClass(method.output_type)
             ),
         )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 class GenericOnly:
-    """Stands in for a grpc.aio server when registering handlers, so that
-    every method is served through the generic handlers only.
+    """Stands in for a grpc.aio server when the generated
+    add_*Servicer_to_server functions (health, reflection) register their
+    handlers, so that they too are served through generic handlers only.
 
     A grpc.aio server (grpcio 1.85) keeps one request with gRPC core open
     for every registered method, plus one for the rest, and after each call
@@ -141,8 +136,7 @@ class GenericOnly:
     (docs/benchmarks.md#generic-handlers). gRPC orders no concurrent calls
     either way, so nothing a caller may rely on changes.
 
-    The generated add_*Servicer_to_server functions register both ways;
-    this keeps only the generic half.
+    Those functions register both ways; this keeps only the generic half.
     """
 
     def __init__(self, server: grpc.aio.Server) -> None:
