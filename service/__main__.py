@@ -16,7 +16,7 @@ from service.app import App
 from service.db.migrate import migrate
 from service.db.pool import direct_session
 from service.errors import StartupError
-from service.ops import logs, memory, workers
+from service.ops import garbage, logs, memory, workers
 from service.ops.tracing import Tracing
 from service.rpc.exposure import refuse_unauthenticated
 from service.settings import Settings, SettingsError
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     # Until the server can act on it, a SIGHUP (a reload request) must not
     # end the process, as its default action would.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    garbage.settle()  # before the workers fork: they share the frozen pages
     if settings.workers > 1:
         try:
             # Once, before forking: one error rather than one per worker.

@@ -13,9 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orderstream.events.v1 import event_pb2, event_service_pb2, event_service_pb2_grpc
 from orderstream.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
+from service.ops import garbage
 from tests.support.apps import app_with_channel, running_app
 from tests.support.database import row_locked
 from tests.support.polling import eventually
+from tests.support.processes import serve_env, serving_process
 from tests.support.requests import create_request, unique
 from tests.support.status import rpc_error
 
@@ -146,3 +148,19 @@ async def test_pool_figures_under_contention(service_env, admin_db):
         after = await scrape(app.metrics_port)
     assert value(after, "orderstream_pool_waiting") == 0
     assert value(after, "orderstream_pool_in_use") == 0
+
+
+async def test_a_served_process_freezes_its_start_up_objects_and_spaces_collections(
+    service_env, login
+):
+    """The process as deployed (service/ops/garbage.py): what exists once
+    the modules are imported is out of the collector's reach, young
+    collections are spaced out, and the collections are counted by
+    generation."""
+    env = serve_env(service_env, login, grace=1, event_loop=None)
+    env["ORDERSTREAM_METRICS_PORT"] = "0"
+    async with serving_process(env) as (child, _, _):
+        samples = await scrape((await child.record("serving"))["metrics_port"])
+    assert value(samples, "orderstream_gc_frozen_objects") > 10_000
+    assert value(samples, "orderstream_gc_threshold", generation="0") == garbage.YOUNG_THRESHOLD
+    assert ("python_gc_collections_total", (("generation", "2"),)) in samples

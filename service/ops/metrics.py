@@ -8,13 +8,21 @@ tracked on every acquire.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
 import asyncpg
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -72,6 +80,27 @@ class _ReplicaCollector(Collector):
             )
 
 
+class _FrozenCollector(Collector):
+    """How the cycle collector is set (service/ops/garbage.py), read at
+    scrape time; prometheus-client's own GC collector counts the
+    collections by generation beside it."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "orderstream_gc_frozen_objects",
+            "Objects moved out of the cycle collector's reach at start-up.",
+            value=gc.get_freeze_count(),
+        )
+        thresholds = GaugeMetricFamily(
+            "orderstream_gc_threshold",
+            "The cycle collector's threshold, by generation.",
+            labels=("generation",),
+        )
+        for generation, threshold in enumerate(gc.get_threshold()):
+            thresholds.add_metric((str(generation),), threshold)
+        yield thresholds
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -119,6 +148,8 @@ class Metrics:
             ("method", "database"),
             registry=self.registry,
         )
+        self.registry.register(GC_COLLECTOR)
+        self.registry.register(_FrozenCollector())
 
     def watch_pool(self, pool: asyncpg.Pool) -> None:
         self.registry.register(_PoolCollector(pool))
