@@ -21,7 +21,9 @@ event and `--warmup` has passed, a step has two phases of `--seconds`:
    application_name 'orderstream': all of them, and those not idle apart
    from the writer's INSERT: the followers' own), sampled every 50 ms;
 2. writer + followers + GetOrder from h2load (16 concurrent): its calls/s,
-   as a ratio to the first step, which has no followers (0).
+   as a ratio to the first step, which has no followers (0), and the
+   delivery lag beside it (the feed's rounds come further apart while
+   other work keeps the event loop busy, service/events/pacing.py).
 
 The service's VmRSS is sampled throughout. Prints a table per step and the
 issue's targets PASS/FAIL (with the largest step), writes
@@ -188,6 +190,19 @@ class Writer:
             self.last = max(self.last, offset)
 
 
+def split_lags(values: array.array, width: int, phase: int) -> tuple[list[float], list[float]]:
+    """The followers' lags (`width` offsets each, in turn), sorted, of the
+    first `phase` offsets and of the rest; offsets without an event (-1)
+    and events not received (NaN, counted as missing) left out."""
+    first: list[float] = []
+    rest: list[float] = []
+    for start in range(0, len(values), width):
+        for offset, lag in enumerate(values[start : start + width]):
+            if lag >= 0:  # False for NaN
+                (first if offset < phase else rest).append(lag)
+    return sorted(first), sorted(rest)
+
+
 @dataclass
 class Samples:
     rss_kib: list[int] = field(default_factory=list)
@@ -279,6 +294,7 @@ async def step(
                 )
             writer.stop = True
             await writing
+            end = writer.last + 1
             result: dict[str, Any] = {
                 "lags": array.array("d"),
                 "missing": 0,
@@ -286,11 +302,11 @@ async def step(
                 "ended": {},
             }
             if clients:
-                result = await clients.collect(lo, hi, writer.last, writer.acks, binary.parent)
+                result = await clients.collect(lo, end, writer.last, writer.acks, binary.parent)
         finally:
             if clients:
                 clients.stop()
-    lags = sorted(result["lags"])
+    lags, busy_lags = split_lags(result["lags"], end - lo, hi - lo)
     rss = alone.rss_kib + loaded.rss_kib
     return {
         "followers": followers,
@@ -302,6 +318,8 @@ async def step(
         "publish_failed": writer.failed,
         "lag_p50_ms": percentile(lags, 0.50) * 1000 if lags else None,
         "lag_p99_ms": percentile(lags, 0.99) * 1000 if lags else None,
+        "busy_lag_p50_ms": percentile(busy_lags, 0.50) * 1000 if busy_lags else None,
+        "busy_lag_p99_ms": percentile(busy_lags, 0.99) * 1000 if busy_lags else None,
         "rss_mib_max": max(rss) / 1024,
         "connections_max": max(alone.connections),
         "follower_connections_max": max(alone.follower_connections),
@@ -389,8 +407,10 @@ def checks(figures: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 HEADER = (
     "| followers | live | refused | lag p50 / p99 ms | service RSS MiB (max) "
-    "| DB conns: all / followers' (max) | GetOrder calls/s | / none |"
+    "| DB conns: all / followers' (max) | GetOrder calls/s | / none "
+    "| lag p50 / p99 ms beside GetOrder |"
 )
+RULE = "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 
 
 def row(f: dict[str, Any], first: dict[str, Any]) -> str:
@@ -400,19 +420,24 @@ def row(f: dict[str, Any], first: dict[str, Any]) -> str:
         else f"{f['lag_p50_ms']:.1f} / {f['lag_p99_ms']:.1f}"
         + (f" ({f['missing']:,} missing)" if f["missing"] else "")
     )
+    busy_lag = (
+        "-"
+        if f["busy_lag_p50_ms"] is None
+        else f"{f['busy_lag_p50_ms']:.1f} / {f['busy_lag_p99_ms']:.1f}"
+    )
     none = first["get_order"]["rps"]
     ratio = f["get_order"]["rps"] / none if none else 0.0
     failed = f" ({f['get_order']['failed']:,} failed)" if f["get_order"]["failed"] else ""
     return (
         f"| {f['followers']:,} | {f['live']:,} | {f['refused']:,} | {lag} "
         f"| {f['rss_mib_max']:.0f} | {f['connections_max']} / {f['follower_connections_max']} "
-        f"| {f['get_order']['rps']:,.0f}{failed} | {ratio:.2f} |"
+        f"| {f['get_order']['rps']:,.0f}{failed} | {ratio:.2f} | {busy_lag} |"
     )
 
 
 def table(results: dict[str, Any]) -> list[str]:
     first = results["steps"][0]
-    lines = [HEADER, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [HEADER, RULE]
     lines += [row(f, first) for f in results["steps"]]
     lines += ["", "| target (largest step) | measured | target | |", "|---|---:|---:|---|"]
     for key, check in results["checks"].items():
@@ -439,7 +464,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=4, help="connections the followers share")
     args = parser.parse_args()
     print(HEADER)
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print(RULE, flush=True)
     with cluster() as db:
         results = asyncio.run(measure(db, args))
     print("\n".join(table(results)[len(results["steps"]) + 2 :]))

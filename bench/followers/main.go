@@ -14,8 +14,10 @@
 //	<- collect LO HI LAST ACKS OUT (ACKS: float64 acknowledgement times by offset)
 //	-> {"missing":..,"refused":..,"ended":{..}}
 //
-// and writes to OUT the lags (float64 seconds) of offsets [LO, HI) over all
-// followers, once each has the event at offset LAST (or DRAIN_TIMEOUT passed).
+// and writes to OUT the lags (float64 seconds) of offsets [LO, HI) for each
+// follower in turn, once each has the event at offset LAST (or DRAIN_TIMEOUT
+// passed): NaN for an event the follower did not receive, -1 for an offset
+// with no event.
 package main
 
 import (
@@ -46,6 +48,7 @@ const (
 	retryAfter   = 100 * time.Millisecond // a refused follower's wait before it asks again
 	liveTimeout  = 60 * time.Second
 	drainTimeout = 60 * time.Second
+	noEvent      = -1.0 // the lag written for an offset without an event
 )
 
 // rawCodec passes message bytes through: requests are built and responses
@@ -279,15 +282,16 @@ func main() {
 			ended[f.ended]++
 		}
 		for offset := lo; offset < hi; offset++ {
-			if offset >= len(acks) || acks[offset] == 0 {
-				continue // no event at this offset (an id the sequence skipped)
+			lag := noEvent // an id the sequence skipped
+			if offset < len(acks) && acks[offset] != 0 {
+				if got := f.received[offset]; got != 0 {
+					lag = math.Max(0, got-acks[offset])
+				} else {
+					lag = math.NaN()
+					missing++
+				}
 			}
-			got := f.received[offset]
-			if got == 0 {
-				missing++
-				continue
-			}
-			lags = binary.LittleEndian.AppendUint64(lags, math.Float64bits(math.Max(0, got-acks[offset])))
+			lags = binary.LittleEndian.AppendUint64(lags, math.Float64bits(lag))
 		}
 	}
 	if err := os.WriteFile(outPath, lags, 0o644); err != nil {
