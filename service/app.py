@@ -191,6 +191,7 @@ class App:
         feed = EventFeed(
             lambda: connect_direct(settings),
             Tail(settings.feed_buffer_bytes),
+            busy_interval=settings.feed_busy_interval,
             poll_interval=settings.follow_poll_interval,
         )
         streams = StreamSlots(settings.max_streams, "stream")

@@ -144,6 +144,7 @@ class Settings:
     max_streams: int
     max_followers: int
     feed_buffer_bytes: int
+    feed_busy_interval: float
     stream_batch_bytes: int
     max_upload_events: int
     follow_poll_interval: float
@@ -241,6 +242,9 @@ class Settings:
             max_followers=max_followers,
             feed_buffer_bytes=env.integer(
                 "ORDERSTREAM_FEED_BUFFER_BYTES", 64 << 20, low=4 << 20, high=16 << 30
+            ),
+            feed_busy_interval=env.seconds(
+                "ORDERSTREAM_FEED_BUSY_INTERVAL", 0.5, at_least=0.02, below=10.0
             ),
             stream_batch_bytes=env.integer(
                 "ORDERSTREAM_STREAM_BATCH_BYTES", 1 << 20, low=1024, high=3 << 20

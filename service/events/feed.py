@@ -14,11 +14,12 @@ direct connection anyway) does all of the feed's reading:
   the tail (service/events/tail.py), which wakes the followers. Wake-ups
   that arrive during a round, or within the round interval after it, make
   one more round: under a steady stream of commits followers are woken at
-  most once per interval, however many commits there were. The interval is
-  `notify_interval` (20 ms), stretched with the number of followers up to
-  `max_interval` (50 ms): each round costs every follower a message write,
-  and on a busy process a thousand writes every 20 ms would crowd out the
-  unary calls, for little gain in delay.
+  most once per interval, however many commits there were. The base
+  interval is `notify_interval` (20 ms), stretched with the number of
+  followers up to `max_interval` (50 ms): each round costs every follower
+  a message write, for little gain in delay. While other work keeps the
+  event loop busy, rounds come further apart, up to `busy_interval`
+  (service/events/pacing.py).
 - Announcements. This process's commits are sent to the other replicas as
   one NOTIFY per round, outside the writers' transactions (a NOTIFY inside
   every write would serialise all commits on PostgreSQL's notify queue lock).
@@ -39,6 +40,7 @@ import asyncpg
 
 from service.db.pool import DATABASE_FAILURES
 from service.events import sql
+from service.events.pacing import RoundPacer
 from service.events.retention import TRUNCATED_UPTO
 from service.events.tail import Tail
 
@@ -56,12 +58,14 @@ class EventFeed:
         *,
         notify_interval: float = 0.02,
         max_interval: float = 0.05,
+        busy_interval: float = 0.5,
         poll_interval: float = 1.0,
     ) -> None:
         self._connect = connect
         self.tail = tail
         self._notify_interval = notify_interval
         self._max_interval = max_interval
+        self._pacer = RoundPacer(busy_interval)
         self.poll_interval = poll_interval
         self._work = asyncio.Event()
         self._announce_pending = False
@@ -137,11 +141,15 @@ class EventFeed:
             if self._announce_pending:
                 self._announce_pending = False
                 await conn.execute("SELECT pg_notify($1, '')", CHANNEL, timeout=STATEMENT_TIMEOUT)
+            generation = self.tail.generation
             await self._read_new_events(conn)
+            interval = self._base_interval()
+            if self.tail.generation != generation:  # followers were woken
+                interval = self._pacer.round_made(self.tail.settled_at, interval)
             # Coalesces the wake-ups of a steady stream of commits.
-            await asyncio.sleep(self._round_interval())
+            await asyncio.sleep(interval)
 
-    def _round_interval(self) -> float:
+    def _base_interval(self) -> float:
         """20 ms up to 400 followers, then 50 µs more per follower, up to
         `max_interval` (from 1,000 followers on)."""
         stretched = self.tail.followers * 0.00005

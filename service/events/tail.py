@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import math
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +44,11 @@ ENTRY_OVERHEAD = 200
 # matches its filter, before it yields to the loop (a rare filter far
 # behind the horizon must not hold the loop for a whole buffer's scan).
 SCAN_ROWS = 5000
+
+# The fan-out of a round has ended once this share of the followers it
+# woke are waiting again (`settled_at`, for the feed's pacing,
+# service/events/pacing.py): the others may have slow readers.
+SETTLED = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +91,9 @@ class Tail:
         # followers further back must not read on past the gap.
         self.truncated_upto = 0
         self._changed = asyncio.Event()
+        self._waiting = 0  # followers waiting in `wait`
+        self._settle_mark = -1  # `_waiting` at which the fan-out has ended
+        self.settled_at = 0.0  # time.monotonic() when the last fan-out ended
         # (position, filter, budget) -> the message that follows: built once
         # per generation for all followers that ask the same.
         self._shared: dict[
@@ -193,11 +203,18 @@ class Tail:
         connection lost or regained, shutdown), or after `timeout`."""
         if self.generation != seen:
             return
-        if timeout is None:  # a follower at the live end: every round
-            await self._changed.wait()
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+        self._waiting += 1
+        if self._waiting == self._settle_mark:
+            self.settled_at = time.monotonic()
+            self._settle_mark = -1
+        try:
+            if timeout is None:  # a follower at the live end: every round
+                await self._changed.wait()
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+        finally:
+            self._waiting -= 1
 
     def next_message(
         self, position: int, wanted: Filter, budget: int
@@ -246,6 +263,9 @@ class Tail:
 
     def _wake(self) -> None:
         self.generation += 1
+        # The waiting followers are counted out as each resumes, and back
+        # in as each waits again.
+        self._settle_mark = math.ceil(SETTLED * self._waiting) if self._waiting else -1
         self._shared.clear()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
