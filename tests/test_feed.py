@@ -21,6 +21,7 @@ from service.events.tail import Filter, Tail
 from service.settings import Settings
 from service.streams.limits import StreamSlots
 from tests.support.calls import publish
+from tests.support.feeds import holds, running_feed
 from tests.support.polling import eventually
 from tests.support.requests import unique
 
@@ -53,17 +54,8 @@ async def tail() -> Tail:
 
 @pytest.fixture
 async def feed(connections: Connections, tail: Tail) -> AsyncIterator[EventFeed]:
-    feed = EventFeed(connections.connect, tail, poll_interval=0.05)
-    await feed.start()
-    await eventually(lambda: _true(tail.live and tail.ready), what="the feed to connect")
-    try:
+    async with running_feed(connections.connect, tail, poll_interval=0.05) as feed:
         yield feed
-    finally:
-        await feed.close()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 def held(tail: Tail, subject: str) -> list[int]:
@@ -86,7 +78,7 @@ async def test_a_range_is_read_once_for_every_follower_in_order(feed, tail, even
         floor = tail.horizon - 1
         published = await publish(events, subject, 5)
         published += await publish(events, subject, 3)
-        await eventually(lambda: _true(tail.horizon > published[-1]), what="the tail to read")
+        await eventually(lambda: holds(tail.horizon > published[-1]), what="the tail to read")
         assert tail.floor <= floor
         assert held(tail, subject) == published
 
@@ -102,7 +94,7 @@ async def test_a_late_commit_holds_the_tail_back_until_it_lands(feed, tail, even
             )
             after = await publish(events, subject, 2)  # committed, above `late`
             assert tail.horizon <= late  # the open writer holds it back
-        await eventually(lambda: _true(tail.horizon > after[-1]), what="the late commit")
+        await eventually(lambda: holds(tail.horizon > after[-1]), what="the late commit")
         assert held(tail, subject) == [late, *after]
 
 
@@ -110,18 +102,18 @@ async def test_a_lost_connection_loses_nothing(feed, tail, events, connections, 
     subject = unique("lost/")
     with tail.following():
         before = await publish(events, subject, 2)
-        await eventually(lambda: _true(tail.horizon > before[-1]), what="the tail to read")
+        await eventually(lambda: holds(tail.horizon > before[-1]), what="the tail to read")
         connections.refuse = True
         seen = tail.generation
         await admin_db.execute(
             "SELECT pg_terminate_backend($1)", connections.opened[-1].get_server_pid()
         )
         await asyncio.wait_for(tail.wait(seen), 10)
-        await eventually(lambda: _true(not tail.live), what="the tail to notice")
+        await eventually(lambda: holds(not tail.live), what="the tail to notice")
         during = await publish(events, subject, 2)
         assert tail.horizon <= during[0]
         connections.refuse = False
-        await eventually(lambda: _true(tail.horizon > during[-1]), what="the tail to go on")
+        await eventually(lambda: holds(tail.horizon > during[-1]), what="the tail to go on")
         assert held(tail, subject) == before + during
 
 
@@ -130,18 +122,18 @@ async def test_the_tail_is_bounded_in_bytes_and_empty_without_followers(connecti
     feed = EventFeed(connections.connect, tail, poll_interval=0.05)
     await feed.start()
     try:
-        await eventually(lambda: _true(tail.live and tail.ready), what="the feed to connect")
+        await eventually(lambda: holds(tail.live and tail.ready), what="the feed to connect")
         subject = unique("bounded/")
         with tail.following():
             ids: list[int] = []
             for _ in range(12):  # ~6 MiB of events
                 ids += await publish_large(events, subject, 10, 50_000)
-            await eventually(lambda: _true(tail.horizon > ids[-1]), what="the tail to read")
+            await eventually(lambda: holds(tail.horizon > ids[-1]), what="the tail to read")
             assert tail.size <= 4 << 20
             assert ids[0] <= tail.floor < ids[-1]  # the oldest were dropped
             assert held(tail, subject) == [i for i in ids if i > tail.floor]
         more = await publish(events, subject, 1)
-        await eventually(lambda: _true(tail.horizon > more[-1]), what="the tail to move on")
+        await eventually(lambda: holds(tail.horizon > more[-1]), what="the tail to move on")
         assert tail.size == 0 and tail.floor == tail.horizon - 1
     finally:
         await feed.close()
@@ -168,7 +160,7 @@ async def test_followers_asking_the_same_share_one_message(feed, tail, events):
     with tail.following():
         position = tail.horizon - 1
         ids = await publish(events, subject, 3)
-        await eventually(lambda: _true(tail.horizon > ids[-1]), what="the tail to read")
+        await eventually(lambda: holds(tail.horizon > ids[-1]), what="the tail to read")
         first = tail.next_message(position, Filter(subject=subject), 1 << 20)
         again = tail.next_message(position, Filter(subject=subject), 1 << 20)
         other = tail.next_message(position, Filter(subject=unique("none/")), 1 << 20)

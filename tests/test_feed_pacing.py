@@ -10,6 +10,7 @@ read the shared tail and a task that keeps the event loop busy."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from service.events.pacing import BUSY, JUDGED_WINDOW, SHARE, RoundPacer
 from service.events.tail import Filter, Tail
 from service.settings import Settings
 from tests.support.calls import publish
+from tests.support.feeds import holds, running_feed
 from tests.support.polling import eventually
 from tests.support.requests import unique
 
@@ -137,19 +139,9 @@ WRITE_CPU = 0.0004  # seconds of CPU a follower's write takes here
 
 @pytest.fixture
 async def paced_feed(service_env, app) -> AsyncIterator[EventFeed]:
-    settings = Settings.from_env(service_env)
-    tail = Tail(8 << 20)
-    feed = EventFeed(lambda: connect_direct(settings), tail, busy_interval=LONGEST)
-    await feed.start()
-    await eventually(lambda: _true(tail.live and tail.ready), what="the feed to connect")
-    try:
+    connect = functools.partial(connect_direct, Settings.from_env(service_env))
+    async with running_feed(connect, Tail(8 << 20), busy_interval=LONGEST) as feed:
         yield feed
-    finally:
-        await feed.close()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 def spin(seconds: float) -> None:
@@ -208,7 +200,7 @@ async def test_a_busy_loop_gets_fewer_larger_messages_and_every_event(paced_feed
     try:
         busy_ids = await publish_steadily(events, subject, 40)
         await eventually(
-            lambda: _true(all(f.position >= busy_ids[-1] for f in followers)),
+            lambda: holds(all(f.position >= busy_ids[-1] for f in followers)),
             what="every follower to read every event",
         )
         stop.set()
@@ -216,7 +208,7 @@ async def test_a_busy_loop_gets_fewer_larger_messages_and_every_event(paced_feed
         busy_messages = len(followers[0].messages)
         quiet_ids = await publish_steadily(events, subject, 40)
         await eventually(
-            lambda: _true(all(f.position >= quiet_ids[-1] for f in followers)),
+            lambda: holds(all(f.position >= quiet_ids[-1] for f in followers)),
             what="every follower to read every event",
         )
     finally:
