@@ -1,7 +1,8 @@
 """The feed's pacing (service/events/pacing.py): rounds at the base interval
 while the event loop has time to spare; further apart, in proportion to the
 fan-out's length, while other work keeps it busy; back at once when it has
-time again.
+time again. A paced round does not delay the process's announcements to
+the other replicas.
 
 The pacer's rule is checked against a clock and a CPU clock the test sets;
 the feed's behaviour against the session's database, with followers that
@@ -222,3 +223,44 @@ async def test_a_busy_loop_gets_fewer_larger_messages_and_every_event(paced_feed
     # Rounds at the base interval would make a message of one or two events.
     assert busy_messages <= len(busy_ids) / 5
     assert quiet_messages > busy_messages
+
+
+PAUSE = 3.0  # seconds between the rounds of a process kept busy, here
+
+
+class Unhurried(RoundPacer):
+    """Paces every round PAUSE apart, as a busy process's pacer would."""
+
+    def round_made(self, settled_at: float, base: float) -> float:
+        return PAUSE
+
+
+async def insert_event(admin_db, subject: str) -> int:
+    """An event committed by another writer: only an announcement (or a
+    look at the table) tells a feed of it."""
+    return await admin_db.fetchval(
+        "INSERT INTO events (type, source, subject, time, payload) "
+        "VALUES ('test.paced', '/tests', $1, now(), '{}') RETURNING id",
+        subject,
+    )
+
+
+async def test_a_paced_process_still_announces_its_commits_at_once(service_env, app, admin_db):
+    connect = functools.partial(connect_direct, Settings.from_env(service_env))
+    subject = unique("announced/")
+    paced_tail, other_tail = Tail(8 << 20), Tail(8 << 20)
+    async with (
+        running_feed(connect, paced_tail, pacer=Unhurried(LONGEST)) as paced,
+        running_feed(connect, other_tail, poll_interval=30.0),  # another replica's
+    ):
+        first = await insert_event(admin_db, subject)
+        paced.announce()
+        await eventually(lambda: holds(paced_tail.horizon > first), what="the paced round")
+        # The paced feed now waits PAUSE before its next round; what this
+        # process commits meanwhile is announced to the others all the same.
+        second = await insert_event(admin_db, subject)
+        paced.announce()
+        await eventually(
+            lambda: holds(other_tail.horizon > second), timeout=PAUSE / 2, what="the announcement"
+        )
+        assert paced_tail.horizon <= second  # its own next round is still to come

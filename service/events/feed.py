@@ -22,7 +22,8 @@ direct connection anyway) does all of the feed's reading:
   (service/events/pacing.py).
 - Announcements. This process's commits are sent to the other replicas as
   one NOTIFY per round, outside the writers' transactions (a NOTIFY inside
-  every write would serialise all commits on PostgreSQL's notify queue lock).
+  every write would serialise all commits on PostgreSQL's notify queue lock),
+  and every base interval while a paced round waits.
 
 While the connection is down the tail stays where it was (nothing is lost:
 it goes on from its horizon after reconnecting) and `live` is False, so
@@ -60,12 +61,13 @@ class EventFeed:
         max_interval: float = 0.05,
         busy_interval: float = 0.5,
         poll_interval: float = 1.0,
+        pacer: RoundPacer | None = None,
     ) -> None:
         self._connect = connect
         self.tail = tail
         self._notify_interval = notify_interval
         self._max_interval = max_interval
-        self._pacer = RoundPacer(busy_interval)
+        self._pacer = pacer or RoundPacer(busy_interval)
         self.poll_interval = poll_interval
         self._work = asyncio.Event()
         self._announce_pending = False
@@ -138,16 +140,32 @@ class EventFeed:
             if lost.is_set():
                 return
             self._work.clear()
-            if self._announce_pending:
-                self._announce_pending = False
-                await conn.execute("SELECT pg_notify($1, '')", CHANNEL, timeout=STATEMENT_TIMEOUT)
+            await self._announce(conn)
             generation = self.tail.generation
             await self._read_new_events(conn)
-            interval = self._base_interval()
+            base = self._base_interval()
+            interval = base
             if self.tail.generation != generation:  # followers were woken
-                interval = self._pacer.round_made(self.tail.settled_at, interval)
-            # Coalesces the wake-ups of a steady stream of commits.
-            await asyncio.sleep(interval)
+                interval = self._pacer.round_made(self.tail.settled_at, base)
+            await self._pause(conn, interval, base)
+
+    async def _announce(self, conn: asyncpg.Connection) -> None:
+        """Tells the other replicas of this process's commits, if any since
+        the last time."""
+        if self._announce_pending:
+            self._announce_pending = False
+            await conn.execute("SELECT pg_notify($1, '')", CHANNEL, timeout=STATEMENT_TIMEOUT)
+
+    async def _pause(self, conn: asyncpg.Connection, interval: float, base: float) -> None:
+        """Waits `interval` before the next round, which coalesces the
+        wake-ups of a steady stream of commits. Meanwhile this process's
+        commits are still announced every `base`: a round paced for this
+        process's load must not hold back the other replicas' followers."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + interval
+        while (left := until - loop.time()) > 0:
+            await asyncio.sleep(min(left, base))
+            await self._announce(conn)
 
     def _base_interval(self) -> float:
         """20 ms up to 400 followers, then 50 µs more per follower, up to
