@@ -7,7 +7,10 @@ about 30 µs of CPU on one, most of it on the event loop's thread). With
 1,000 followers and a round every 50 ms that is 20,000 messages a second:
 unary calls beside them kept 0.3 of their rate (bench/fanout.py). Rounds
 further apart carry more events per message, and the feed's cost per event
-falls with them; what rises is the followers' delay.
+falls with them; what rises is the followers' delay. Paced as below,
+GetOrder beside 1,000 followers kept 0.91-0.96 of its rate, and their lag
+p99 was 63 ms with no other load, 0.41-0.45 s beside GetOrder
+(docs/benchmarks.md#pacing).
 
 So the interval depends on what else the loop has to do:
 
@@ -22,8 +25,8 @@ So the interval depends on what else the loop has to do:
   a short fan-out and keep short rounds; a thousand make a long one.
 
 The fan-out's duration is measured from the moment a round wakes the
-followers to the moment most of them (SETTLED of those woken) are waiting
-again (`Tail.settled_at`): a follower whose reader is slow does not stretch
+followers to the moment most of them (90% of those woken, `tail.SETTLED`)
+are waiting again (`Tail.settled_at`): a follower whose reader is slow does not stretch
 it. The loop counts as busy through the fan-out, so the work measured is
 what ran between the fan-out's end and the next round, added up until it
 covers JUDGED_WINDOW. A round whose fan-out has not ended by the next one
