@@ -80,7 +80,7 @@ class _ReplicaCollector(Collector):
             )
 
 
-class _FrozenCollector(Collector):
+class _CycleCollectorSettings(Collector):
     """How the cycle collector is set (service/ops/garbage.py), read at
     scrape time; prometheus-client's own GC collector counts the
     collections by generation beside it."""
@@ -149,7 +149,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(GC_COLLECTOR)
-        self.registry.register(_FrozenCollector())
+        self.registry.register(_CycleCollectorSettings())
 
     def watch_pool(self, pool: asyncpg.Pool) -> None:
         self.registry.register(_PoolCollector(pool))
