@@ -40,6 +40,7 @@ from service.db.runner import Database
 from service.errors import StartupError
 from service.events.feed import EventFeed
 from service.events.lag import ConsumerLag
+from service.events.pacing import RoundPacer
 from service.events.retention import Retention
 from service.events.service import EventService
 from service.events.tail import Tail
@@ -191,7 +192,7 @@ class App:
         feed = EventFeed(
             lambda: connect_direct(settings),
             Tail(settings.feed_buffer_bytes),
-            busy_interval=settings.feed_busy_interval,
+            pacer=RoundPacer(settings.feed_busy_interval),
             poll_interval=settings.follow_poll_interval,
         )
         streams = StreamSlots(settings.max_streams, "stream")

@@ -141,7 +141,7 @@ WRITE_CPU = 0.0004  # seconds of CPU a follower's write takes here
 @pytest.fixture
 async def paced_feed(service_env, app) -> AsyncIterator[EventFeed]:
     connect = functools.partial(connect_direct, Settings.from_env(service_env))
-    async with running_feed(connect, Tail(8 << 20), busy_interval=LONGEST) as feed:
+    async with running_feed(connect, Tail(8 << 20), pacer=RoundPacer(LONGEST)) as feed:
         yield feed
 
 
@@ -253,14 +253,17 @@ async def test_a_paced_process_still_announces_its_commits_at_once(service_env, 
         running_feed(connect, paced_tail, pacer=Unhurried(LONGEST)) as paced,
         running_feed(connect, other_tail, poll_interval=30.0),  # another replica's
     ):
-        first = await insert_event(admin_db, subject)
-        paced.announce()
-        await eventually(lambda: holds(paced_tail.horizon > first), what="the paced round")
-        # The paced feed now waits PAUSE before its next round; what this
-        # process commits meanwhile is announced to the others all the same.
-        second = await insert_event(admin_db, subject)
-        paced.announce()
-        await eventually(
-            lambda: holds(other_tail.horizon > second), timeout=PAUSE / 2, what="the announcement"
-        )
-        assert paced_tail.horizon <= second  # its own next round is still to come
+        with paced_tail.following():  # rounds with a follower are paced
+            first = await insert_event(admin_db, subject)
+            paced.announce()
+            await eventually(lambda: holds(paced_tail.horizon > first), what="the paced round")
+            # The paced feed now waits PAUSE before its next round; what this
+            # process commits meanwhile is announced to the others all the same.
+            second = await insert_event(admin_db, subject)
+            paced.announce()
+            await eventually(
+                lambda: holds(other_tail.horizon > second),
+                timeout=PAUSE / 2,
+                what="the announcement",
+            )
+            assert paced_tail.horizon <= second  # its own next round is still to come

@@ -17,9 +17,9 @@ direct connection anyway) does all of the feed's reading:
   most once per interval, however many commits there were. The base
   interval is `notify_interval` (20 ms), stretched with the number of
   followers up to `max_interval` (50 ms): each round costs every follower
-  a message write, for little gain in delay. While other work keeps the
-  event loop busy, rounds come further apart, up to `busy_interval`
-  (service/events/pacing.py).
+  a message write, for little gain in delay. With a `pacer` (the service
+  always has one), rounds come further apart while other work keeps the
+  event loop busy (service/events/pacing.py).
 - Announcements. This process's commits are sent to the other replicas as
   one NOTIFY per round, outside the writers' transactions (a NOTIFY inside
   every write would serialise all commits on PostgreSQL's notify queue lock),
@@ -59,7 +59,6 @@ class EventFeed:
         *,
         notify_interval: float = 0.02,
         max_interval: float = 0.05,
-        busy_interval: float = 0.5,
         poll_interval: float = 1.0,
         pacer: RoundPacer | None = None,
     ) -> None:
@@ -67,7 +66,7 @@ class EventFeed:
         self.tail = tail
         self._notify_interval = notify_interval
         self._max_interval = max_interval
-        self._pacer = pacer or RoundPacer(busy_interval)
+        self._pacer = pacer  # None: every round at the base interval
         self.poll_interval = poll_interval
         self._work = asyncio.Event()
         self._announce_pending = False
@@ -141,13 +140,9 @@ class EventFeed:
                 return
             self._work.clear()
             await self._announce(conn)
-            generation = self.tail.generation
             await self._read_new_events(conn)
             base = self._base_interval()
-            interval = base
-            if self.tail.generation != generation:  # followers were woken
-                interval = self._pacer.round_made(self.tail.settled_at, base)
-            await self._pause(conn, interval, base)
+            await self._pause(conn, self._paced(base), base)
 
     async def _announce(self, conn: asyncpg.Connection) -> None:
         """Tells the other replicas of this process's commits, if any since
@@ -166,6 +161,15 @@ class EventFeed:
         while (left := until - loop.time()) > 0:
             await asyncio.sleep(min(left, base))
             await self._announce(conn)
+
+    def _paced(self, base: float) -> float:
+        """The interval after this round. The pacer hears of every round,
+        so that each fan-out it measures starts at the round that woke it;
+        with nobody following there is nothing to pace."""
+        if self._pacer is None:
+            return base
+        paced = self._pacer.round_made(self.tail.settled_at, base)
+        return paced if self.tail.followers else base
 
     def _base_interval(self) -> float:
         """20 ms up to 400 followers, then 50 µs more per follower, up to

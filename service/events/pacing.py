@@ -51,8 +51,9 @@ JUDGED_WINDOW = 0.1
 
 
 class RoundPacer:
-    """The feed's interval between rounds; `round_made` is called as each
-    round has woken the followers, on the event loop's thread."""
+    """The feed's interval between rounds; `round_made` is called at the
+    end of each round (after it woke the followers, if it had news), on the
+    event loop's thread."""
 
     def __init__(
         self,
